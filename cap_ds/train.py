@@ -1,0 +1,292 @@
+"""CAP pruning (or dense teacher fine-tuning) of a pre-trained encoder on a GLUE task, with DeepSpeed.
+
+    deepspeed cap_ds/train.py --deepspeed ds_configs/zero2.json --mode finetune --output_dir out/teacher
+    deepspeed cap_ds/train.py --deepspeed ds_configs/zero2.json --teacher_name_or_path out/teacher/final \
+        --pruning_method movement --target_sparsity 0.9 --cap prc,snc,fic --output_dir out/cap
+
+The recipe, top to bottom: args -> data -> models -> compression -> engine -> banks -> loop -> export.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script (the DeepSpeed launcher does): import the package, not sibling files as top-level modules.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import logging
+import math
+import random
+import socket
+import time
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("cap_ds.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """A plain ``python cap_ds/train.py`` is a world of one: skip DeepSpeed's MPI discovery."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, score_lr: float) -> list[dict]:
+    """Scores get their own LR and no decay; biases and LayerNorm get no decay (HF convention)."""
+    scores, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("mask_scores"):
+            scores.append(p)
+        elif name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if scores:
+        groups.append({"params": scores, "weight_decay": 0.0, "lr": score_lr})
+    return [g for g in groups if g["params"]]
+
+
+def sparse_section(pargs, offset: int, offset_end: int) -> dict:
+    """The compression_training section the pruning flags stand for."""
+    return {"sparse_pruning": {
+        "shared_parameters": {
+            "enabled": True, "method": pargs.pruning_method, "schedule_offset": offset,
+            "schedule_offset_end": offset_end, "mask_init": pargs.mask_init, "mask_scale": pargs.mask_scale,
+            "final_threshold": pargs.final_threshold, "final_lambda": pargs.final_lambda,
+        },
+        "different_groups": {"sp1": {"params": {"dense_ratio": round(1.0 - pargs.target_sparsity, 10)},
+                                     "modules": [pargs.prune_modules]}},
+    }}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from cap_ds.args import parse_args
+
+    margs, dargs, rargs, pargs, cargs = parse_args(argv)
+    _single_process_env()
+
+    import deepspeed
+    import transformers
+    from torch.utils.data import DataLoader, DistributedSampler
+    from transformers import get_linear_schedule_with_warmup
+
+    from cap_ds.cap import CapObjective, MemoryBank
+    from cap_ds.compression import (
+        CompressionScheduler,
+        init_compression,
+        parse_compression_config,
+        sparsity_report,
+        warmup_offsets,
+    )
+    from cap_ds.config import build_ds_config
+    from cap_ds.data import GlueCollator, get_task, load_glue_split, tokenize_dataset
+    from cap_ds.export import export_pretrained, write_json_atomic
+    from cap_ds.models import (
+        SentenceVectorHook,
+        check_teacher,
+        check_tokenizers,
+        default_model_path,
+        load_student,
+        load_teacher,
+        load_tokenizer,
+    )
+    from cap_ds.trainer import CapTrainer, LoopSettings, steps_per_epoch
+
+    # ---- distributed world (DeepSpeed picks gloo on CPU, nccl on GPUs)
+    deepspeed.init_distributed()
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    is_rank0 = rank == 0
+    logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not is_rank0:
+        transformers.logging.set_verbosity_error()
+    set_seed(rargs.seed)
+    os.makedirs(rargs.output_dir, exist_ok=True)
+
+    # ---- data
+    task = get_task(dargs.task_name)
+    model_path = margs.model_name_or_path or default_model_path()
+    tokenizer = load_tokenizer(model_path)
+    train_ds = tokenize_dataset(load_glue_split(task, "train", dargs.data_dir, dargs.max_train_samples), task,
+                                tokenizer, dargs.max_seq_length)
+    eval_ds = tokenize_dataset(load_glue_split(task, "validation", dargs.data_dir, dargs.max_eval_samples), task,
+                               tokenizer, dargs.max_seq_length)
+    collate = GlueCollator(tokenizer, is_regression=task.is_regression)
+    train_sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=rargs.seed)
+    train_loader = DataLoader(train_ds, batch_size=rargs.per_device_train_batch_size, sampler=train_sampler,
+                              collate_fn=collate, num_workers=rargs.dataloader_num_workers)
+
+    def ordered_loader(ds, batch_size):
+        return DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=rargs.dataloader_num_workers,
+                          sampler=DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False))
+
+    eval_loader = ordered_loader(eval_ds, rargs.per_device_eval_batch_size)
+    encode_loader = ordered_loader(train_ds, rargs.per_device_eval_batch_size)
+    labels_tensor = None if task.is_regression else torch.tensor(train_ds["labels"], dtype=torch.long)
+
+    spe = steps_per_epoch(len(train_loader), rargs.gradient_accumulation_steps)
+    total_steps = rargs.max_steps if rargs.max_steps > 0 else math.ceil(rargs.num_train_epochs * spe)
+    num_epochs = math.ceil(total_steps / spe)
+    warmup = rargs.warmup_steps or math.ceil(rargs.warmup_ratio * total_steps)
+
+    # ---- models
+    prune = rargs.mode == "prune"
+    student = load_student(model_path, task.num_labels, task.label_names, margs.config_overrides)
+    teacher = None
+    if prune and margs.teacher_name_or_path:
+        teacher = load_teacher(margs.teacher_name_or_path)
+        check_teacher(teacher.config, task.num_labels, task.label_names, margs.teacher_name_or_path)
+        check_tokenizers(tokenizer, load_tokenizer(margs.teacher_name_or_path), model_path,
+                         margs.teacher_name_or_path)
+    modules = cargs.modules if prune else []
+    if "fic" in modules and teacher.config.hidden_size != student.config.hidden_size:
+        raise ValueError(f"--cap fic: teacher hidden size {teacher.config.hidden_size} differs from the student's "
+                         f"{student.config.hidden_size}; FiC compares their sentence vectors")
+    kd_weight = cargs.kd_weight if teacher is not None else 0.0
+    ce_weight = cargs.ce_weight if cargs.ce_weight is not None else (0.1 if kd_weight > 0 else 1.0)
+
+    # ---- compression (before deepspeed.initialize, so score parameters reach the optimizer)
+    ds_config, compression = build_ds_config(
+        rargs.deepspeed, micro_batch=rargs.per_device_train_batch_size, grad_accum=rargs.gradient_accumulation_steps,
+        world_size=world, max_grad_norm=rargs.max_grad_norm, output_dir=rargs.output_dir)
+    scheduler = None
+    if prune:
+        comp_cfg = parse_compression_config({"compression_training": compression}) if compression else None
+        if comp_cfg is None or not comp_cfg.enabled:
+            offset, offset_end = warmup_offsets(total_steps, warmup, pargs.initial_warmup, pargs.final_warmup)
+            compression = sparse_section(pargs, offset, offset_end)
+            comp_cfg = parse_compression_config({"compression_training": compression})
+        elif is_rank0:
+            logger.info("using the compression_training section of %s (pruning flags ignored)", rargs.deepspeed)
+        init_compression(student, comp_cfg)
+        scheduler = CompressionScheduler(student, comp_cfg)
+        for p in student.base_model.embeddings.parameters():
+            p.requires_grad_(False)  # reference: embeddings stay frozen (and dense) while pruning
+
+    # ---- engine
+    optimizer = torch.optim.AdamW(optimizer_groups(student, rargs.weight_decay, rargs.mask_scores_learning_rate),
+                                  lr=rargs.learning_rate, eps=rargs.adam_epsilon)
+    engine, _, _, _ = deepspeed.initialize(
+        model=student, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total_steps))
+    device = engine.device
+
+    # ---- banks (teacher encode pass: FiC vectors + cached logits; student before any update: PrC)
+    settings = LoopSettings(total_steps=total_steps, num_epochs=num_epochs, steps_per_epoch=spe, ce_weight=ce_weight,
+                            kd_weight=kd_weight, kd_temperature=cargs.kd_temperature,
+                            snapshot_steps=cargs.snapshot_steps, snapshot_mode=cargs.snapshot_mode,
+                            logging_steps=rargs.logging_steps, eval_steps=rargs.eval_steps,
+                            show_progress=not rargs.disable_tqdm)
+    trainer = CapTrainer(engine=engine, task=task, train_loader=train_loader, eval_loader=eval_loader,
+                         encode_loader=encode_loader, num_train=len(train_ds), settings=settings,
+                         scheduler=scheduler, is_rank0=is_rank0)
+    hook = SentenceVectorHook(engine.module, margs.sentence_vector) if modules else None
+    trainer.hook = hook
+    bank_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cargs.bank_dtype]
+    dim = student.config.hidden_size
+    banks: dict[str, MemoryBank] = {}
+    teacher_metrics = None
+    t_enc = time.perf_counter()
+    if teacher is not None:
+        teacher.to(device)
+        teacher_metrics = trainer.evaluate(teacher)
+        if cargs.teacher_mode == "cached" or "fic" in modules:
+            t_hook = SentenceVectorHook(teacher, margs.sentence_vector) if "fic" in modules else None
+            if t_hook is not None:
+                out = trainer.encode_vectors(teacher, t_hook, train_mode=False, with_logits=True, desc="FiC bank")
+                banks["fic"] = MemoryBank("fic", len(train_ds), dim, bank_dtype)
+                banks["fic"].add_column(out["vectors"])
+                t_hook.remove()
+            else:
+                out = encode_teacher_logits(trainer, teacher)
+            trainer.teacher_logits = out["logits"]
+        if cargs.teacher_mode == "live" and kd_weight > 0:
+            trainer.live_teacher = teacher
+        else:
+            del teacher
+    if "prc" in modules:
+        banks["prc"] = MemoryBank("prc", len(train_ds), dim, bank_dtype)
+        banks["prc"].add_column(trainer.encode_vectors(engine.module, hook, train_mode=False, desc="PrC bank")["vectors"])
+    if "snc" in modules:
+        banks["snc"] = MemoryBank("snc", len(train_ds), dim, bank_dtype, max_columns=cargs.max_snapshots)
+    encode_seconds = time.perf_counter() - t_enc
+    if modules:
+        trainer.objective = CapObjective(
+            {k: banks[k] for k in modules}, labels_tensor, temperature=cargs.contrastive_temperature,
+            extra_negatives=cargs.extra_negatives, unsup_weight=cargs.cap_unsup_weight,
+            sup_weight=cargs.cap_sup_weight, reduction=cargs.cap_reduction, seed=rargs.seed + rank)
+
+    # ---- loop
+    t0 = time.perf_counter()
+    eval_metrics = trainer.train()
+    runtime = time.perf_counter() - t0
+
+    # ---- export
+    report = sparsity_report(engine.module) if prune else None
+    result = {
+        "task": task.name, "mode": rargs.mode, "eval": eval_metrics, "primary_metric": task.primary_metric,
+        "steps": trainer.global_step, "epochs": num_epochs, "train_runtime_s": runtime,
+        "train_examples_per_second": trainer.examples_seen / max(trainer.train_time, 1e-9),
+        "bank_encode_s": encode_seconds, "world_size": world,
+        "model_name_or_path": model_path, "teacher_name_or_path": margs.teacher_name_or_path,
+        "teacher_eval": teacher_metrics, "cap_modules": modules, "ce_weight": ce_weight, "kd_weight": kd_weight,
+    }
+    if prune:
+        result.update({"pruning_method": pargs.pruning_method, "target_sparsity": pargs.target_sparsity,
+                       "sparsity": report["sparsity"], "sparsity_per_module": report["per_module"],
+                       "snapshots": banks["snc"].num_columns if "snc" in banks else 0})
+    if is_rank0:
+        if hook is not None:
+            hook.remove()
+        export_pretrained(engine.module, tokenizer, os.path.join(rargs.output_dir, "final"))
+        write_json_atomic(os.path.join(rargs.output_dir, "metrics.json"), result)
+        logger.info("final eval %s%s", eval_metrics,
+                    f", sparsity {report['sparsity']:.4f}" if report else "")
+    torch.distributed.barrier()
+    return result
+
+
+def encode_teacher_logits(trainer, teacher) -> dict:
+    """Teacher logits for every training example (KD without FiC): one forward pass, cached."""
+    from cap_ds.cap import encode_dataset
+    from cap_ds.trainer import gather_bank_rows, model_inputs, to_device
+
+    def run(batch):
+        batch = to_device(batch, trainer.device)
+        return {"logits": teacher(**model_inputs(batch)).logits.float()}
+
+    out = encode_dataset(run, trainer.encode_loader, trainer.num_train, desc="teacher logits",
+                         show_progress=trainer.s.show_progress and trainer.is_rank0)
+    return gather_bank_rows(out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
