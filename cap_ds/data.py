@@ -160,6 +160,11 @@ def _features(task: TaskSpec) -> datasets.Features:
     return datasets.Features(feats)
 
 
+def resolve_local_file(task: TaskSpec, split: str, data_dir: str | os.PathLike) -> Path:
+    """Public: the local TSV ``load_glue_split`` would read (raises the same FileNotFoundError)."""
+    return _resolve_local_file(task, split, data_dir)
+
+
 def _split_file(task: TaskSpec, split: str) -> str:
     return "train.tsv" if split == "train" else task.eval_file
 

@@ -82,11 +82,32 @@ def sparse_section(pargs, offset: int, offset_end: int) -> dict:
     }}
 
 
+def preflight(margs, dargs, rargs, pargs, cargs) -> None:
+    """Checks that need files (data, teacher config, tokenizers) but no model weights or processes, so a bad
+    run fails in seconds with a message naming the problem, before any distributed setup or training."""
+    from transformers import AutoConfig
+
+    from cap_ds.data import get_task, resolve_local_file
+    from cap_ds.models import check_teacher, check_tokenizers, default_model_path, load_tokenizer
+
+    task = get_task(dargs.task_name)
+    if dargs.data_dir is not None:
+        for split in ("train", "validation"):
+            resolve_local_file(task, split, dargs.data_dir)
+    model_path = margs.model_name_or_path or default_model_path()
+    if rargs.mode == "prune" and margs.teacher_name_or_path:
+        t_cfg = AutoConfig.from_pretrained(margs.teacher_name_or_path)
+        check_teacher(t_cfg, task.num_labels, task.label_names, margs.teacher_name_or_path)
+        check_tokenizers(load_tokenizer(model_path), load_tokenizer(margs.teacher_name_or_path), model_path,
+                         margs.teacher_name_or_path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from cap_ds.args import parse_args
 
     margs, dargs, rargs, pargs, cargs = parse_args(argv)
+    preflight(margs, dargs, rargs, pargs, cargs)
     _single_process_env()
 
     import deepspeed
@@ -107,8 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
     from cap_ds.export import export_pretrained, write_json_atomic
     from cap_ds.models import (
         SentenceVectorHook,
-        check_teacher,
-        check_tokenizers,
         default_model_path,
         load_student,
         load_teacher,
@@ -158,10 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     student = load_student(model_path, task.num_labels, task.label_names, margs.config_overrides)
     teacher = None
     if prune and margs.teacher_name_or_path:
-        teacher = load_teacher(margs.teacher_name_or_path)
-        check_teacher(teacher.config, task.num_labels, task.label_names, margs.teacher_name_or_path)
-        check_tokenizers(tokenizer, load_tokenizer(margs.teacher_name_or_path), model_path,
-                         margs.teacher_name_or_path)
+        teacher = load_teacher(margs.teacher_name_or_path)  # labels and tokenizer checked in preflight()
     modules = cargs.modules if prune else []
     if "fic" in modules and teacher.config.hidden_size != student.config.hidden_size:
         raise ValueError(f"--cap fic: teacher hidden size {teacher.config.hidden_size} differs from the student's "
@@ -263,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         if hook is not None:
             hook.remove()
         export_pretrained(engine.module, tokenizer, os.path.join(rargs.output_dir, "final"))
+        if trainer.last_eval_logits is not None:
+            np.save(os.path.join(rargs.output_dir, "eval_logits.npy"), trainer.last_eval_logits)
         write_json_atomic(os.path.join(rargs.output_dir, "metrics.json"), result)
         logger.info("final eval %s%s", eval_metrics,
                     f", sparsity {report['sparsity']:.4f}" if report else "")

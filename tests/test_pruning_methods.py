@@ -1,0 +1,130 @@
+"""Unstructured pruning pieces used by the CAP trainer: cubic schedule, exact top-k masks, STE gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cap_ds.compression import (
+    CompressionScheduler,
+    MaskedLinear,
+    bake_masks,
+    cubic_schedule,
+    init_compression,
+    sparsity_report,
+    warmup_offsets,
+)
+from cap_ds.compression.methods import num_kept, sigmoid_threshold_mask, topk_mask
+
+
+def test_cubic_schedule_reference_values():
+    # Reference GLUE: iw=2, fw=3, warmup 11000, total 114000 -> dense to 22000, final from 81000.
+    off, end = warmup_offsets(114000, 11000, 2, 3)
+    assert (off, end) == (22000, 81000)
+    assert cubic_schedule(0, off, end, 1.0, 0.1) == 1.0
+    assert cubic_schedule(22000, off, end, 1.0, 0.1) == 1.0
+    assert cubic_schedule(81000, off, end, 1.0, 0.1) == pytest.approx(0.1)
+    assert cubic_schedule(100000, off, end, 1.0, 0.1) == pytest.approx(0.1)
+    mid = cubic_schedule(51500, off, end, 1.0, 0.1)  # progress 0.5 -> 0.1 + 0.9 * 0.125
+    assert mid == pytest.approx(0.2125)
+    with pytest.raises(ValueError, match="schedule is empty"):
+        warmup_offsets(10, 5, 2, 3)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.1, 0.03, 0.0])
+def test_topk_mask_keeps_exact_count(keep):
+    torch.manual_seed(0)
+    w = torch.randn(37, 53)
+    mask = topk_mask(w.abs(), keep)
+    assert int(mask.sum()) == num_kept(w.numel(), keep) == int(keep * w.numel() + 1e-6)
+    if 0 < keep < 1:
+        assert w.abs()[mask.bool()].min() >= w.abs()[~mask.bool()].max()
+
+
+def test_soft_movement_floor():
+    scores = torch.full((20, 20), -10.0)
+    scores[0, 0] = 5.0
+    mask = sigmoid_threshold_mask(scores, 0.1)
+    assert int(mask.sum()) == int(0.005 * 400) + 1  # floor of 0.5 % + 1 entries
+
+
+def test_movement_ste_gradient_is_grad_times_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    m = MaskedLinear.from_linear(lin, "movement")
+    m.threshold = 0.5
+    x = torch.randn(3, 6)
+    m(x).pow(2).sum().backward()
+    mask = m.get_mask().detach()
+    # dL/dW' for W' = W * mask, computed by hand:
+    w_eff = (lin.weight * mask).detach().requires_grad_(True)
+    F.linear(x, w_eff, lin.bias.detach()).pow(2).sum().backward()
+    assert torch.allclose(m.mask_scores.grad, w_eff.grad * lin.weight.detach(), atol=1e-6)
+    assert torch.allclose(m.weight.grad, w_eff.grad * mask, atol=1e-6)
+    assert int(mask.sum()) == 12
+
+
+def test_magnitude_mask_has_no_score_and_keeps_largest():
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -5.0, 0.1, 2.0], [-3.0, 0.2, 4.0, 0.3]]))
+    m = MaskedLinear.from_linear(lin, "magnitude")
+    m.threshold = 0.5
+    assert m.mask_scores is None
+    assert m.get_mask().tolist() == [[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
+
+
+def test_mask_in_weight_dtype_bf16():
+    m = MaskedLinear.from_linear(nn.Linear(8, 8).to(torch.bfloat16), "movement")
+    m.threshold = 0.5
+    out = m(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and m.get_mask().dtype == torch.bfloat16
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList([nn.ModuleDict({"a": nn.Linear(16, 16), "b": nn.Linear(16, 8)})
+                                            for _ in range(2)])
+        self.head = nn.Linear(8, 2)
+
+
+def _section(method="movement", ratio=0.1, offset=2, end=6, **extra):
+    return {"compression_training": {"sparse_pruning": {
+        "shared_parameters": {"enabled": True, "method": method, "schedule_offset": offset,
+                              "schedule_offset_end": end, **extra},
+        "different_groups": {"sp1": {"params": {"dense_ratio": ratio}, "modules": [r"encoder\.layer\.\d+\."]}}}}}
+
+
+def test_scheduler_drives_all_modules_to_target_and_bake():
+    model = Tiny()
+    init_compression(model, _section())
+    sched = CompressionScheduler(model, _section())
+    assert isinstance(model.encoder.layer[0]["a"], MaskedLinear) and not isinstance(model.head, MaskedLinear)
+    assert sparsity_report(model)["sparsity"] == 0.0
+    for _ in range(6):
+        sched.step()
+    rep = sparsity_report(model)
+    total = 2 * (16 * 16 + 16 * 8)
+    assert rep["total"] == total
+    assert rep["zeros"] == total - 2 * (int(0.1 * 256) + int(0.1 * 128))
+    x = torch.randn(3, 16)
+    before = model.encoder.layer[1]["a"](x)
+    bake_masks(model)
+    assert type(model.encoder.layer[1]["a"]) is nn.Linear
+    assert torch.equal(model.encoder.layer[1]["a"](x), before)
+    assert sparsity_report(model)["zeros"] == rep["zeros"]
+
+
+def test_soft_movement_regulariser_follows_threshold():
+    model = Tiny()
+    cfg = _section("soft_movement", final_lambda=10.0, final_threshold=0.1)
+    init_compression(model, cfg)
+    sched = CompressionScheduler(model, cfg)
+    model.encoder.layer[0]["a"](torch.randn(1, 16))  # forward stashes mean(sigmoid(scores))
+    assert sched.regularization().item() == 0.0  # threshold 0 at step 0 -> lambda_t 0
+    sched.set_step(6)
+    assert sched.regularization_lambda == pytest.approx(10.0)
+    # sigmoid(0) = 0.5 for every score -> regulariser = lambda * 0.5
+    assert sched.regularization().item() == pytest.approx(5.0)

@@ -1,0 +1,113 @@
+"""End to end on the real pre-trained model (2 layers) and real SST-2 rows: fine-tune a teacher, CAP-prune it,
+check metrics.json, TensorBoard tags, and that final/ reloads with plain transformers at the target sparsity,
+predicting exactly what the in-training masked model predicted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, free_port
+
+COMMON = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "320",
+          "--max_eval_samples", "128", "--max_seq_length", "64", "--per_device_train_batch_size", "16",
+          "--disable_tqdm", "--logging_steps", "5", "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
+
+
+def run(cmd, **env):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port()), **env}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, glue_dir, model_path):
+    out = tmp_path_factory.mktemp("teacher")
+    run([sys.executable, "cap_ds/train.py", "--mode", "finetune", "--data_dir", str(glue_dir), "--output_dir",
+         str(out), "--num_train_epochs", "4", "--learning_rate", "5e-4", "--warmup_ratio", "0.05", *COMMON,
+         "--max_train_samples", "512"])
+    return out
+
+
+def test_finetune_teacher_learns(teacher_dir):
+    metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    assert metrics["mode"] == "finetune" and metrics["steps"] == 128
+    assert metrics["eval"]["accuracy"] > 0.6  # 512 real rows: well above the 0.52 majority rate
+    assert (teacher_dir / "final" / "model.safetensors").is_file()
+
+
+def test_cap_prune_end_to_end(teacher_dir, glue_dir, tmp_path):
+    out = tmp_path / "cap"
+    # Through the DeepSpeed launcher (single rank): it appends --local_rank, which train.py must accept.
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
+                "--master_port", str(free_port()), "cap_ds/train.py"]
+    run([*launcher, "--teacher_name_or_path", str(teacher_dir / "final"), "--cap", "prc,snc,fic",
+         "--pruning_method", "movement", "--target_sparsity", "0.9", "--data_dir", str(glue_dir),
+         "--output_dir", str(out), "--num_train_epochs", "3", "--extra_negatives", "256", *COMMON])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cap_modules"] == ["prc", "snc", "fic"]
+    assert metrics["snapshots"] == 2  # one per epoch from epoch 1 on
+    assert abs(metrics["sparsity"] - 0.9) < 0.01
+    assert all(abs(v - 0.9) < 0.01 for v in metrics["sparsity_per_module"].values())
+    assert len(metrics["sparsity_per_module"]) == 2 * 6  # 6 encoder linears per layer
+    assert set(metrics["eval"]) == {"accuracy"} and 0.0 <= metrics["eval"]["accuracy"] <= 1.0
+    assert metrics["teacher_eval"]["accuracy"] > 0.6
+
+    scalars = tb_scalars(out / "runs" / "cap")
+    for tag in ("ce", "kd", "prc", "snc", "fic", "loss", "sparsity", "threshold", "lr", "examples_per_second"):
+        assert f"Train/{tag}" in scalars, sorted(scalars)
+    assert "Eval/accuracy" in scalars
+    assert scalars["Train/sparsity"][-1] == pytest.approx(metrics["sparsity"], abs=1e-6)
+    assert scalars["Train/threshold"][0] == 1.0 and scalars["Train/threshold"][-1] == pytest.approx(0.1)
+
+    # final/ loads with plain transformers (no cap_ds code) and predicts what the masked model predicted.
+    code = (
+        "import sys, numpy as np, torch, json\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        "m = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "lin = [mod for n, mod in m.named_modules() if 'encoder.layer' in n and isinstance(mod, torch.nn.Linear)]\n"
+        "z = sum(int((l.weight == 0).sum()) for l in lin) / sum(l.weight.numel() for l in lin)\n"
+        "rows = [l.split('\\t') for l in open(sys.argv[2]).read().splitlines()[1:129]]\n"
+        "enc = tok([r[0].strip() for r in rows], truncation=True, max_length=64, padding=True, return_tensors='pt')\n"
+        "with torch.no_grad(): logits = m(**enc).logits.numpy()\n"
+        "np.save(sys.argv[3], logits); print(json.dumps({'sparsity': z}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(out / "final"), str(glue_dir / "SST-2" / "dev.tsv"),
+                           str(tmp_path / "reloaded.npy")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["sparsity"] == pytest.approx(metrics["sparsity"], abs=1e-4)
+    reloaded = np.load(tmp_path / "reloaded.npy")
+    in_training = np.load(out / "eval_logits.npy")
+    np.testing.assert_allclose(reloaded, in_training, atol=1e-4)
+    assert (reloaded.argmax(1) == in_training.argmax(1)).all()
+
+
+def test_soft_movement_logs_regulariser_and_reports_sparsity(teacher_dir, glue_dir, tmp_path):
+    out = tmp_path / "soft"
+    run([sys.executable, "cap_ds/train.py", "--teacher_name_or_path", str(teacher_dir / "final"), "--cap", "snc",
+         "--pruning_method", "soft_movement", "--final_lambda", "200", "--mask_scores_learning_rate", "0.3",
+         "--snapshot_steps", "5",
+         "--data_dir", str(glue_dir), "--output_dir", str(out), "--max_steps", "20", *COMMON])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["snapshots"] == 3  # steps 5, 10, 15 (none at the last step)
+    assert 0.0 < metrics["sparsity"] < 1.0
+    scalars = tb_scalars(out / "runs" / "cap")
+    assert "Train/regularizer" in scalars and scalars["Train/regularizer"][-1] > 0
+    assert "Train/prc" not in scalars and "Train/fic" not in scalars
+    from safetensors.torch import load_file
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert not any("mask_scores" in k for k in weights)
