@@ -66,6 +66,10 @@ class RunArguments:
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only on signal)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
+    resume: str = field(default="none", metadata={
+        "help": "auto: resume from <output_dir>/checkpoints/latest if present; a tag (e.g. step200); none."})
     dataloader_num_workers: int = 0
     disable_tqdm: bool = False
 
@@ -104,6 +108,9 @@ class CapArguments:
         "help": "cached: teacher logits from the encode pass; live: teacher forward every step.",
         "choices": ["cached", "live"]})
     bank_dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16"]})
+    teacher_offload: str = field(default="auto", metadata={
+        "help": "Teacher engine: cpu = ZeRO-3 with params offloaded to CPU, none = stage 0, auto = cpu for "
+                ">= 300M parameters.", "choices": ["auto", "none", "cpu"]})
 
     @property
     def modules(self) -> list[str]:

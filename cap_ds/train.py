@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 import logging
 import math
 import random
+import signal
 import socket
 import time
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     from torch.utils.data import DataLoader, DistributedSampler
     from transformers import get_linear_schedule_with_warmup
 
-    from cap_ds.cap import CapObjective, MemoryBank
+    from cap_ds.cap import CapObjective, MemoryBank, Shard, ShardSampler
+    from cap_ds.checkpoint import Checkpointer
     from cap_ds.compression import (
         CompressionScheduler,
         init_compression,
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_teacher,
         load_tokenizer,
     )
+    from cap_ds.teachers import teacher_engine
     from cap_ds.trainer import CapTrainer, LoopSettings, steps_per_epoch
 
     # ---- distributed world (DeepSpeed picks gloo on CPU, nccl on GPUs)
@@ -155,16 +158,19 @@ def main(argv: list[str] | None = None) -> dict:
     eval_ds = tokenize_dataset(load_glue_split(task, "validation", dargs.data_dir, dargs.max_eval_samples), task,
                                tokenizer, dargs.max_seq_length)
     collate = GlueCollator(tokenizer, is_regression=task.is_regression)
-    train_sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=rargs.seed)
+    # Rank r trains on and encodes the examples it owns (idx % world == r): bank rows stay local (cap/shards.py).
+    train_sampler = ShardSampler(len(train_ds), rank, world, shuffle=True, seed=rargs.seed)
+    # Own generators: creating a loader iterator must not draw from the global RNG (dropout), or a resumed
+    # run would diverge from an uninterrupted one.
+    loader_kw = {"collate_fn": collate, "num_workers": rargs.dataloader_num_workers}
     train_loader = DataLoader(train_ds, batch_size=rargs.per_device_train_batch_size, sampler=train_sampler,
-                              collate_fn=collate, num_workers=rargs.dataloader_num_workers)
-
-    def ordered_loader(ds, batch_size):
-        return DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=rargs.dataloader_num_workers,
-                          sampler=DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False))
-
-    eval_loader = ordered_loader(eval_ds, rargs.per_device_eval_batch_size)
-    encode_loader = ordered_loader(train_ds, rargs.per_device_eval_batch_size)
+                              generator=torch.Generator().manual_seed(rargs.seed), **loader_kw)
+    encode_loader = DataLoader(train_ds, batch_size=rargs.per_device_eval_batch_size,
+                               sampler=ShardSampler(len(train_ds), rank, world, shuffle=False, pad=False),
+                               generator=torch.Generator().manual_seed(rargs.seed), **loader_kw)
+    eval_loader = DataLoader(eval_ds, batch_size=rargs.per_device_eval_batch_size,
+                             sampler=DistributedSampler(eval_ds, num_replicas=world, rank=rank, shuffle=False),
+                             generator=torch.Generator().manual_seed(rargs.seed), **loader_kw)
     labels_tensor = None if task.is_regression else torch.tensor(train_ds["labels"], dtype=torch.long)
 
     spe = steps_per_epoch(len(train_loader), rargs.gradient_accumulation_steps)
@@ -209,57 +215,77 @@ def main(argv: list[str] | None = None) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=student, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total_steps))
-    device = engine.device
 
-    # ---- banks (teacher encode pass: FiC vectors + cached logits; student before any update: PrC)
+    # ---- resume point (DeepSpeed checkpoint + CAP state)
+    checkpointer = Checkpointer(rargs.output_dir, engine, rank, keep=rargs.save_total_limit)
+    resume_tag = None
+    if rargs.resume == "auto":
+        resume_tag = checkpointer.latest_tag()
+    elif rargs.resume != "none":
+        resume_tag = rargs.resume
     settings = LoopSettings(total_steps=total_steps, num_epochs=num_epochs, steps_per_epoch=spe, ce_weight=ce_weight,
                             kd_weight=kd_weight, kd_temperature=cargs.kd_temperature,
                             snapshot_steps=cargs.snapshot_steps, snapshot_mode=cargs.snapshot_mode,
                             logging_steps=rargs.logging_steps, eval_steps=rargs.eval_steps,
-                            show_progress=not rargs.disable_tqdm)
+                            save_steps=rargs.save_steps, show_progress=not rargs.disable_tqdm)
     trainer = CapTrainer(engine=engine, task=task, train_loader=train_loader, eval_loader=eval_loader,
                          encode_loader=encode_loader, num_train=len(train_ds), settings=settings,
-                         scheduler=scheduler, is_rank0=is_rank0)
+                         scheduler=scheduler, is_rank0=is_rank0, checkpointer=checkpointer)
     hook = SentenceVectorHook(engine.module, margs.sentence_vector) if modules else None
     trainer.hook = hook
+
+    # ---- banks (teacher encode pass: FiC vectors + cached logits; student before any update: PrC)
     bank_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cargs.bank_dtype]
     dim = student.config.hidden_size
-    banks: dict[str, MemoryBank] = {}
-    teacher_metrics = None
-    t_enc = time.perf_counter()
-    if teacher is not None:
-        teacher.to(device)
-        teacher_metrics = trainer.evaluate(teacher)
-        if cargs.teacher_mode == "cached" or "fic" in modules:
-            t_hook = SentenceVectorHook(teacher, margs.sentence_vector) if "fic" in modules else None
-            if t_hook is not None:
-                out = trainer.encode_vectors(teacher, t_hook, train_mode=False, with_logits=True, desc="FiC bank")
-                banks["fic"] = MemoryBank("fic", len(train_ds), dim, bank_dtype)
-                banks["fic"].add_column(out["vectors"])
-                t_hook.remove()
-            else:
-                out = encode_teacher_logits(trainer, teacher)
-            trainer.teacher_logits = out["logits"]
-        if cargs.teacher_mode == "live" and kd_weight > 0:
-            trainer.live_teacher = teacher
-        else:
-            del teacher
-    if "prc" in modules:
-        banks["prc"] = MemoryBank("prc", len(train_ds), dim, bank_dtype)
-        banks["prc"].add_column(trainer.encode_vectors(engine.module, hook, train_mode=False, desc="PrC bank")["vectors"])
-    if "snc" in modules:
-        banks["snc"] = MemoryBank("snc", len(train_ds), dim, bank_dtype, max_columns=cargs.max_snapshots)
-    encode_seconds = time.perf_counter() - t_enc
+    shard = Shard(len(train_ds), rank, world)
+    banks = {name: MemoryBank(name, len(train_ds), dim, bank_dtype, shard=shard,
+                              max_columns=cargs.max_snapshots if name == "snc" else None) for name in modules}
     if modules:
         trainer.objective = CapObjective(
-            {k: banks[k] for k in modules}, labels_tensor, temperature=cargs.contrastive_temperature,
+            banks, labels_tensor, temperature=cargs.contrastive_temperature,
             extra_negatives=cargs.extra_negatives, unsup_weight=cargs.cap_unsup_weight,
             sup_weight=cargs.cap_sup_weight, reduction=cargs.cap_reduction, seed=rargs.seed + rank)
+    need_live = teacher is not None and cargs.teacher_mode == "live" and kd_weight > 0
+    t_enc = time.perf_counter()
+    if resume_tag is not None:
+        trainer.load_state_dict(checkpointer.load(resume_tag))
+        if is_rank0:
+            logger.info("resumed from %s at step %d", resume_tag, trainer.global_step)
+    if teacher is not None and (resume_tag is None or need_live):
+        bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+        teacher = teacher_engine(teacher, cargs.teacher_offload, rargs.per_device_eval_batch_size, bf16)
+    if teacher is not None and resume_tag is None:
+        trainer.teacher_metrics = trainer.evaluate(teacher)
+        if "fic" in modules:
+            t_hook = SentenceVectorHook(teacher.module, margs.sentence_vector)
+            out = trainer.encode_vectors(teacher, t_hook, train_mode=False, with_logits=True, desc="FiC bank")
+            banks["fic"].add_column(out["vectors"])
+            t_hook.remove()
+            trainer.teacher_logits = out["logits"]
+        elif kd_weight > 0 and not need_live:
+            trainer.teacher_logits = encode_teacher_logits(trainer, teacher)["logits"]
+    if need_live:
+        trainer.live_teacher = teacher
+    teacher = None  # a cached teacher is released here
+    if "prc" in modules and resume_tag is None:
+        banks["prc"].add_column(trainer.encode_vectors(engine.module, hook, train_mode=False, desc="PrC bank")["vectors"])
+    encode_seconds = time.perf_counter() - t_enc
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, trainer.request_stop)
+    trainer.restore_rng()  # last: everything above may have drawn random numbers
 
     # ---- loop
     t0 = time.perf_counter()
     eval_metrics = trainer.train()
     runtime = time.perf_counter() - t0
+    if trainer.preempted:
+        if is_rank0:
+            write_json_atomic(os.path.join(rargs.output_dir, "train_state.json"),
+                              {"status": "preempted", "step": trainer.global_step})
+            logger.info("stopped on signal at step %d after writing a checkpoint", trainer.global_step)
+        torch.distributed.barrier()
+        return {"status": "preempted", "steps": trainer.global_step}
 
     # ---- export
     report = sparsity_report(engine.module) if prune else None
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_examples_per_second": trainer.examples_seen / max(trainer.train_time, 1e-9),
         "bank_encode_s": encode_seconds, "world_size": world,
         "model_name_or_path": model_path, "teacher_name_or_path": margs.teacher_name_or_path,
-        "teacher_eval": teacher_metrics, "cap_modules": modules, "ce_weight": ce_weight, "kd_weight": kd_weight,
+        "teacher_eval": trainer.teacher_metrics, "cap_modules": modules, "ce_weight": ce_weight, "kd_weight": kd_weight,
     }
     if prune:
         result.update({"pruning_method": pargs.pruning_method, "target_sparsity": pargs.target_sparsity,
@@ -282,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.last_eval_logits is not None:
             np.save(os.path.join(rargs.output_dir, "eval_logits.npy"), trainer.last_eval_logits)
         write_json_atomic(os.path.join(rargs.output_dir, "metrics.json"), result)
+        write_json_atomic(os.path.join(rargs.output_dir, "train_state.json"),
+                          {"status": "completed", "step": trainer.global_step})
         logger.info("final eval %s%s", eval_metrics,
                     f", sparsity {report['sparsity']:.4f}" if report else "")
     torch.distributed.barrier()
@@ -289,17 +317,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def encode_teacher_logits(trainer, teacher) -> dict:
-    """Teacher logits for every training example (KD without FiC): one forward pass, cached."""
+    """Teacher logits for this rank's training examples (KD without FiC): one forward pass, cached."""
     from cap_ds.cap import encode_dataset
-    from cap_ds.trainer import gather_bank_rows, model_inputs, to_device
+    from cap_ds.trainer import model_inputs, to_device
 
     def run(batch):
         batch = to_device(batch, trainer.device)
         return {"logits": teacher(**model_inputs(batch)).logits.float()}
 
-    out = encode_dataset(run, trainer.encode_loader, trainer.num_train, desc="teacher logits",
-                         show_progress=trainer.s.show_progress and trainer.is_rank0)
-    return gather_bank_rows(out)
+    return encode_dataset(run, trainer.encode_loader, trainer.num_train, desc="teacher logits",
+                          show_progress=trainer.s.show_progress and trainer.is_rank0, shard=trainer.shard)
 
 
 if __name__ == "__main__":

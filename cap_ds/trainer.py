@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cap import CapObjective, MemoryBank, encode_dataset, kd_loss
-from .cap.distributed import all_gather_cat, is_distributed
+from .cap import CapObjective, Shard, encode_dataset, kd_loss
+from .cap.distributed import all_gather_cat, rank, world_size
 from .compression import CompressionScheduler, sparsity_report
 from .data import TaskSpec, compute_metrics
 from .models import SentenceVectorHook
@@ -39,6 +39,7 @@ class LoopSettings:
     snapshot_mode: str = "train"
     logging_steps: int = 10
     eval_steps: int = 0
+    save_steps: int = 0
     show_progress: bool = True
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -58,7 +59,7 @@ class CapTrainer:
                  settings: LoopSettings, scheduler: CompressionScheduler | None = None,
                  objective: CapObjective | None = None, hook: SentenceVectorHook | None = None,
                  teacher_logits: torch.Tensor | None = None, live_teacher: torch.nn.Module | None = None,
-                 is_rank0: bool = True) -> None:
+                 is_rank0: bool = True, checkpointer=None) -> None:
         self.engine = engine
         self.model = engine.module
         self.task = task
@@ -78,6 +79,15 @@ class CapTrainer:
         self.examples_seen = 0
         self.train_time = 0.0
         self.last_eval_logits: np.ndarray | None = None
+        self.shard = Shard(num_train, rank(), world_size())
+        self.checkpointer = checkpointer
+        # Loop position (restored on resume): micro-batches consumed in the current epoch.
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.snapshot_epoch = 0
+        self.teacher_metrics: dict[str, float] | None = None
+        self.stop_flag = False
+        self.preempted = False
 
     @property
     def device(self) -> torch.device:
@@ -99,11 +109,10 @@ class CapTrainer:
             return out
 
         try:
-            out = encode_dataset(encode_batch, self.encode_loader, self.num_train, desc=desc,
-                                 show_progress=self.s.show_progress and self.is_rank0)
+            return encode_dataset(encode_batch, self.encode_loader, self.num_train, desc=desc,
+                                  show_progress=self.s.show_progress and self.is_rank0, shard=self.shard)
         finally:
             model.train(was_training)
-        return gather_bank_rows(out)
 
     def snapshot(self) -> None:
         """Append the current student as a new SnC column."""
@@ -132,7 +141,7 @@ class CapTrainer:
                 with torch.no_grad():
                     t_logits = self.live_teacher(**model_inputs(batch)).logits
             else:
-                t_logits = self.teacher_logits.index_select(0, idx.cpu()).to(logits.device)
+                t_logits = self.teacher_logits.index_select(0, self.shard.local_rows(idx)).to(logits.device)
             terms["kd"] = kd_loss(logits, t_logits, self.s.kd_temperature, self.task.is_regression)
             loss = loss + self.s.kd_weight * terms["kd"]
         if self.objective is not None:
@@ -178,17 +187,38 @@ class CapTrainer:
         return compute_metrics(self.task, preds, gold)
 
     # ---------------------------------------------------------------- the loop
+    def request_stop(self, *_args) -> None:
+        """Signal handler (SIGTERM/SIGUSR1): checkpoint at the next optimizer step and stop."""
+        self.stop_flag = True
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_flag else 0.0], device=self.device)
+        if world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     def train(self) -> dict[str, float]:
         engine, s = self.engine, self.s
         engine.train()
-        progress = tqdm(total=s.total_steps, desc="train", disable=not (s.show_progress and self.is_rank0))
+        sampler = self.train_loader.sampler
+        bs = self.train_loader.batch_size
+        progress = tqdm(total=s.total_steps, initial=self.global_step, desc="train",
+                        disable=not (s.show_progress and self.is_rank0))
         window_t0, window_examples = time.perf_counter(), 0
         last_eval: dict[str, float] = {}
-        for epoch in range(s.num_epochs):
-            if hasattr(self.train_loader.sampler, "set_epoch"):
-                self.train_loader.sampler.set_epoch(epoch)
-            if self.snc_enabled and s.snapshot_steps == 0 and epoch >= 1:
+        start_epoch, skip = self.epoch, self.batch_in_epoch
+        for epoch in range(start_epoch, s.num_epochs):
+            if self.global_step >= s.total_steps:
+                break
+            self.epoch = epoch
+            self.batch_in_epoch = skip if epoch == start_epoch else 0
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            if hasattr(sampler, "start_index"):
+                sampler.start_index = self.batch_in_epoch * bs
+            if self.snc_enabled and s.snapshot_steps == 0 and epoch >= 1 and self.snapshot_epoch < epoch:
                 self.snapshot()
+                self.snapshot_epoch = epoch
             for batch in self.train_loader:
                 if self.global_step >= s.total_steps:
                     break
@@ -198,8 +228,9 @@ class CapTrainer:
                 engine.backward(loss)
                 before = engine.global_steps
                 engine.step()
+                self.batch_in_epoch += 1
                 self.train_time += time.perf_counter() - t0
-                n = int(batch["idx"].shape[0]) * (dist_world())
+                n = int(batch["idx"].shape[0]) * world_size()
                 self.examples_seen += n
                 window_examples += n
                 if engine.global_steps == before:
@@ -224,15 +255,60 @@ class CapTrainer:
                 if self.snc_enabled and s.snapshot_steps and self.global_step % s.snapshot_steps == 0 \
                         and self.global_step < s.total_steps:
                     self.snapshot()
+                if self._stop_agreed():
+                    self.save_checkpoint()
+                    self.preempted = True
+                    progress.close()
+                    return last_eval
+                if s.save_steps and self.global_step % s.save_steps == 0 and self.global_step < s.total_steps:
+                    self.save_checkpoint()
             if not s.eval_steps and self.global_step > 0:
                 last_eval = self._eval_and_log()
-            if self.global_step >= s.total_steps:
-                break
         progress.close()
         if s.eval_steps and self.global_step % s.eval_steps != 0:
             last_eval = self._eval_and_log()
         self.scalars.flush()
         return last_eval
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        from .checkpoint import rng_state
+
+        return {
+            "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "snapshot_epoch": self.snapshot_epoch, "examples_seen": self.examples_seen, "history": self.s.history,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "objective": self.objective.state_dict() if self.objective is not None else None,
+            "teacher_logits": self.teacher_logits, "teacher_metrics": self.teacher_metrics,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore everything but the RNG (call :meth:`restore_rng` last, right before :meth:`train`)."""
+        self.global_step = state["global_step"]
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.snapshot_epoch, self.examples_seen = state["snapshot_epoch"], state["examples_seen"]
+        self.s.history[:] = state["history"]
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.objective is not None:
+            self.objective.load_state_dict(state["objective"])
+        self.teacher_logits = state["teacher_logits"]
+        self.teacher_metrics = state["teacher_metrics"]
+        self._rng = state["rng"]
+
+    def restore_rng(self) -> None:
+        from .checkpoint import set_rng_state
+
+        if getattr(self, "_rng", None) is not None:
+            set_rng_state(self._rng)
+
+    def save_checkpoint(self) -> None:
+        if self.checkpointer is None:
+            return
+        path = self.checkpointer.save(f"step{self.global_step}", self.state_dict())
+        if self.is_rank0:
+            logger.info("checkpoint written: %s", path)
 
     def _eval_and_log(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -242,30 +318,9 @@ class CapTrainer:
         return metrics
 
 
-def dist_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if is_distributed() else 1
-
-
 def gather_padded(t: torch.Tensor) -> torch.Tensor:
-    """All-gather per-rank results of equal length (DistributedSampler pads shards to equal size)."""
+    """All-gather per-rank results (DistributedSampler pads shards to equal size)."""
     return all_gather_cat(t)
-
-
-def gather_bank_rows(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Merge per-rank encode results (NaN where another rank owns the row) into full tensors on every rank."""
-    if not is_distributed():
-        return out
-    merged = {}
-    for key, value in out.items():
-        stacked = all_gather_cat(value.unsqueeze(0))
-        merged[key] = torch.nan_to_num(stacked, nan=0.0).sum(0) / torch.isfinite(stacked).float().sum(0).clamp(min=1)
-    return merged
-
-
-def build_bank(name: str, num_examples: int, dim: int, dtype: torch.dtype, max_columns: int | None = None) -> MemoryBank:
-    return MemoryBank(name, num_examples, dim, dtype=dtype, max_columns=max_columns)
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:

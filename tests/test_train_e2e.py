@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port
+
+from tests.conftest import REPO, free_port
 
 COMMON = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "320",
           "--max_eval_samples", "128", "--max_seq_length", "64", "--per_device_train_batch_size", "16",

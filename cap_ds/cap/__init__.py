@@ -1,8 +1,17 @@
 """The paper's idea: memory banks (PrC, SnC, FiC) and the contrastive loss. Knows nothing about GLUE."""
 
 from .banks import MemoryBank, encode_dataset
-from .loss import REDUCTIONS, Candidates, build_candidates, contrastive_terms, kd_loss
+from .loss import (
+           REDUCTIONS,
+           Candidates,
+           build_candidates,
+           contrastive_terms,
+           kd_loss,
+           positive_stats,
+           reduce_stats,
+)
 from .objective import MODULES, CapObjective
+from .shards import Shard, ShardSampler
 
-__all__ = ["MODULES", "REDUCTIONS", "Candidates", "CapObjective", "MemoryBank", "build_candidates",
-           "contrastive_terms", "encode_dataset", "kd_loss"]
+__all__ = ["MODULES", "REDUCTIONS", "Candidates", "CapObjective", "MemoryBank", "Shard", "ShardSampler",
+           "build_candidates", "contrastive_terms", "encode_dataset", "kd_loss", "positive_stats", "reduce_stats"]

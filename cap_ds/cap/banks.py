@@ -1,8 +1,9 @@
 """Memory banks of frozen, L2-normalised sentence vectors addressed by global dataset index.
 
 One bank per CAP module: FiC (fine-tuned teacher, one column), PrC (student before any update, one column),
-SnC (one column appended per snapshot, never dropped). Rows are written by ``idx`` (never by loader order),
-so any sampler or sharding fills them correctly. Banks live on the CPU; lookups move rows to the device.
+SnC (one column appended per snapshot, never dropped unless ``max_columns`` is set). Rows are written by ``idx``
+(never by loader order), so any sampler fills them correctly. A bank is sharded over ranks (see ``shards``):
+each rank stores and encodes only the rows it owns. Banks live on the CPU; lookups move rows to the device.
 """
 
 from __future__ import annotations
@@ -13,17 +14,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .shards import Shard
+
 
 class MemoryBank:
-    """``num_examples x columns x dim`` vectors; a column is added whole by :meth:`add_column`."""
+    """``shard.size x columns x dim`` vectors of this rank's examples; a column is added whole."""
 
     def __init__(self, name: str, num_examples: int, dim: int, dtype: torch.dtype = torch.float32,
-                 max_columns: int | None = None) -> None:
+                 max_columns: int | None = None, shard: Shard | None = None) -> None:
         self.name = name
         self.num_examples = num_examples
         self.dim = dim
         self.dtype = dtype
         self.max_columns = max_columns
+        self.shard = shard if shard is not None else Shard(num_examples)
+        if self.shard.num_examples != num_examples:
+            raise ValueError(f"bank {name}: shard covers {self.shard.num_examples} examples, bank {num_examples}")
         self.columns: list[torch.Tensor] = []
 
     @property
@@ -34,9 +40,9 @@ class MemoryBank:
         return self.num_columns
 
     def add_column(self, vectors: torch.Tensor) -> None:
-        """Append one full snapshot (``num_examples x dim``); the oldest goes if ``max_columns`` is reached."""
-        if tuple(vectors.shape) != (self.num_examples, self.dim):
-            raise ValueError(f"bank {self.name}: column must be {(self.num_examples, self.dim)}, got {tuple(vectors.shape)}")
+        """Append one snapshot of this rank's rows (``shard.size x dim``); drops the oldest past ``max_columns``."""
+        if tuple(vectors.shape) != (self.shard.size, self.dim):
+            raise ValueError(f"bank {self.name}: column must be {(self.shard.size, self.dim)}, got {tuple(vectors.shape)}")
         if not torch.isfinite(vectors).all():
             raise ValueError(f"bank {self.name}: column has missing or non-finite rows")
         self.columns.append(vectors.detach().to("cpu", self.dtype).contiguous())
@@ -45,20 +51,23 @@ class MemoryBank:
 
     def lookup(self, idx: torch.Tensor, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows for dataset indices ``idx`` as ``len(idx) x columns x dim``."""
+        """Rows for (owned) global indices ``idx`` as ``len(idx) x columns x dim``."""
         if not self.columns:
             raise RuntimeError(f"bank {self.name} is empty")
-        cpu_idx = idx.detach().to("cpu", torch.long)
-        rows = torch.stack([col.index_select(0, cpu_idx) for col in self.columns], dim=1)
-        return rows.to(device=device if device is not None else idx.device, dtype=dtype)
+        rows = self.shard.local_rows(idx)
+        out = torch.stack([col.index_select(0, rows) for col in self.columns], dim=1)
+        return out.to(device=device if device is not None else idx.device, dtype=dtype)
 
     def memory_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.columns)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "columns": list(self.columns)}
+        return {"name": self.name, "columns": list(self.columns), "rank": self.shard.rank, "world": self.shard.world}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["rank"], state["world"]) != (self.shard.rank, self.shard.world):
+            raise ValueError(f"bank {self.name}: checkpoint shard {state['rank']}/{state['world']} does not match "
+                             f"this rank {self.shard.rank}/{self.shard.world}; resume with the same world size")
         self.columns = [c.to(self.dtype) for c in state["columns"]]
 
 
@@ -69,18 +78,21 @@ def encode_dataset(
     num_examples: int,
     desc: str = "encode",
     show_progress: bool = True,
+    shard: Shard | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run ``encode_batch`` over ``loader`` and scatter each output into an ``num_examples x ...`` CPU tensor.
+    """Run ``encode_batch`` over ``loader`` and place each output row by the batch's ``idx``.
 
-    ``encode_batch`` returns named per-example tensors (e.g. ``vectors``, ``logits``); rows are placed by the
-    batch's ``idx``. Rows never written stay NaN so a partial pass cannot go unnoticed.
+    Returns ``shard.size x ...`` CPU tensors (the whole dataset without a shard). ``encode_batch`` returns named
+    per-example tensors (e.g. ``vectors``, ``logits``). Rows never written stay NaN, so a partial pass is caught
+    by ``MemoryBank.add_column``.
     """
+    shard = shard if shard is not None else Shard(num_examples)
     out: dict[str, torch.Tensor] = {}
     for batch in tqdm(loader, desc=desc, disable=not show_progress, leave=False):
-        idx = batch["idx"].to("cpu", torch.long)
+        rows = shard.local_rows(batch["idx"])
         for key, value in encode_batch(batch).items():
             value = value.detach().float().cpu()
             if key not in out:
-                out[key] = torch.full((num_examples, *value.shape[1:]), float("nan"))
-            out[key].index_copy_(0, idx, value)
+                out[key] = torch.full((shard.size, *value.shape[1:]), float("nan"))
+            out[key].index_copy_(0, rows, value)
     return out

@@ -1,8 +1,10 @@
 """The CAP contrastive objective: one memory-bank loss per module (PrC, SnC, FiC), each with its own
 candidate set and softmax, summed with weight 1 each (as the reference code does).
 
-Module total = w_unsup * L_unsup + w_sup * L_sup. Extra negatives: ``extra_negatives // R`` examples drawn
-uniformly without replacement from the whole training set per module and step (R = the bank's columns).
+Module total = w_unsup * L_unsup + w_sup * L_sup. Per step each rank looks up its batch's bank rows and draws
+``extra_negatives // (R * world)`` extra examples from its own shard; keys, indices and labels of all ranks are
+gathered so every rank scores its anchors against the same global candidate set. At world size 1 this is
+exactly the reference: ``extra_negatives // R`` extras drawn from the whole training set.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 import torch
 
 from .banks import MemoryBank
-from .loss import build_candidates, contrastive_terms
+from .distributed import all_gather_cat, all_reduce_sum, gather_offset, world_size
+from .loss import build_candidates, positive_stats, reduce_stats
 
 MODULES = ("prc", "snc", "fic")
 
@@ -36,28 +39,41 @@ class CapObjective:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample_extra(self, bank: MemoryBank) -> torch.Tensor:
-        n = min(bank.num_examples, self.extra_negatives // max(bank.num_columns, 1))
-        return torch.randperm(bank.num_examples, generator=self.generator)[:n]
+        """This rank's extra examples (global indices from its own shard)."""
+        per_rank = self.extra_negatives // max(bank.num_columns, 1) // world_size()
+        return bank.shard.sample(per_rank, self.generator)
 
     def module_loss(self, bank: MemoryBank, anchors: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor | None,
                     extra_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Unweighted unsup/sup terms and the weighted total of one module."""
+        """Unsup/sup terms and the weighted total of one module for this rank's anchors (a collective call)."""
+        device = anchors.device
         if extra_idx is None:
             extra_idx = self.sample_extra(bank)
-        batch_rows = bank.lookup(idx, device=anchors.device)
-        extra_rows = bank.lookup(extra_idx, device=anchors.device)
-        extra_labels = None
-        if labels is not None and self.dataset_labels is not None:
-            extra_labels = self.dataset_labels.index_select(0, extra_idx).to(anchors.device)
-        else:
-            labels = None
-        cand = build_candidates(anchors, idx, labels, batch_rows, extra_idx, extra_rows, extra_labels)
-        loss_u, loss_s = contrastive_terms(anchors, idx, labels, cand, self.temperature, self.reduction)
-        total = self.unsup_weight * loss_u
+        use_labels = labels is not None and self.dataset_labels is not None
+        extra_labels = self.dataset_labels.index_select(0, extra_idx.cpu()).to(device) if use_labels else None
+        # Gather everything the candidate set needs from all ranks (detached keys; identity at world 1).
+        current = all_gather_cat(anchors.detach())
+        all_idx = all_gather_cat(idx)
+        all_rows = all_gather_cat(bank.lookup(idx, device=device))
+        all_extra_idx = all_gather_cat(extra_idx.to(device))
+        all_extra_rows = all_gather_cat(bank.lookup(extra_idx, device=device))
+        all_labels = all_gather_cat(labels) if use_labels else None
+        all_extra_labels = all_gather_cat(extra_labels) if use_labels else None
+        offset = gather_offset(anchors.shape[0], device)
+        self_index = torch.arange(anchors.shape[0], device=device) + offset
+        cand = build_candidates(current, all_idx, all_labels, all_rows, all_extra_idx, all_extra_rows,
+                                all_extra_labels, self_index)
+        unsup, sup = positive_stats(anchors, idx, labels if use_labels else None, cand, self.temperature)
+        world = world_size()
+        parts = [unsup] + ([sup] if sup is not None else [])
+        totals = all_reduce_sum(torch.stack([torch.stack([p.positives.float(), p.anchors.float()]) for p in parts]))
+        loss_u = reduce_stats(unsup, self.reduction, totals[0, 0], totals[0, 1], world)
         out = {"unsup": loss_u}
-        if loss_s is not None:
-            total = total + self.sup_weight * loss_s
+        total = self.unsup_weight * loss_u
+        if sup is not None:
+            loss_s = reduce_stats(sup, self.reduction, totals[1, 0], totals[1, 1], world)
             out["sup"] = loss_s
+            total = total + self.sup_weight * loss_s
         out["total"] = total
         return out
 
