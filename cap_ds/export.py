@@ -1,6 +1,11 @@
-"""Export: the pruned model with masks baked into plain linears, saved with ``save_pretrained`` (safetensors)
-plus the tokenizer, so ``AutoModelForSequenceClassification.from_pretrained`` loads it with no cap_ds code.
-Writes go to a temporary folder renamed into place: a failed export never leaves a half-written ``final/``.
+"""Export: the pruned model saved with ``save_pretrained`` (safetensors) plus the tokenizer.
+
+- Unstructured masks only: masks are baked into the weights of the *original* architecture, so plain
+  ``transformers.AutoModelForSequenceClassification.from_pretrained`` loads it with no cap_ds code.
+- Structured masks (heads / FFN neurons): the physically cleaned, smaller model
+  (``compression.save_clean_pretrained``; loads after ``import cap_ds`` or with ``trust_remote_code=True``).
+Both are collectives under ZeRO-3 (call on every rank); rank 0 writes to a temporary folder renamed into place,
+so a failed export never leaves a half-written directory.
 """
 
 from __future__ import annotations
@@ -15,25 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compression.layers import MaskedLinear
+from .cap.distributed import rank
+from .compression import baked_state, has_structured_masks, save_clean_pretrained
 
 
-@torch.no_grad()
-def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with ``weight * mask`` for every masked linear and no score parameters."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("mask_scores")}
-    for name, module in model.named_modules():
-        if isinstance(module, MaskedLinear):
-            state[f"{name}.weight"] = module.masked_weight().detach().clone()
-    return state
-
-
-def plain_model(model: nn.Module) -> nn.Module:
+def plain_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A fresh transformers model of the same config holding the baked weights."""
     from transformers import AutoModelForSequenceClassification
 
     plain = AutoModelForSequenceClassification.from_config(model.config)
-    plain.load_state_dict(baked_state_dict(model), strict=True)
+    plain.load_state_dict(state if state is not None else baked_state(model), strict=True)
     return plain.eval()
 
 
@@ -55,15 +51,21 @@ def _atomic_dir(target: Path, write) -> None:
 
 
 def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path) -> Path:
-    """Save the baked model + tokenizer to ``target`` atomically; returns the path."""
+    """Save the pruned model + tokenizer to ``target`` (collective; rank 0 writes); returns the path."""
     target = Path(target)
-    plain = plain_model(model)
+    if has_structured_masks(model):
+        return save_clean_pretrained(model, target, tokenizer)
+    state = baked_state(model)  # gathers partitioned parameters on every rank
+    if rank() == 0:
+        plain = plain_model(model, state)
 
-    def write(tmp: Path) -> None:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        def write(tmp: Path) -> None:
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
 
-    _atomic_dir(target, write)
+        _atomic_dir(target, write)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     return target
 
 

@@ -301,10 +301,10 @@ def main(argv: list[str] | None = None) -> dict:
         result.update({"pruning_method": pargs.pruning_method, "target_sparsity": pargs.target_sparsity,
                        "sparsity": report["sparsity"], "sparsity_per_module": report["per_module"],
                        "snapshots": banks["snc"].num_columns if "snc" in banks else 0})
+    if hook is not None:
+        hook.remove()
+    export_pretrained(engine.module, tokenizer, os.path.join(rargs.output_dir, "final"))  # collective
     if is_rank0:
-        if hook is not None:
-            hook.remove()
-        export_pretrained(engine.module, tokenizer, os.path.join(rargs.output_dir, "final"))
         if trainer.last_eval_logits is not None:
             np.save(os.path.join(rargs.output_dir, "eval_logits.npy"), trainer.last_eval_logits)
         write_json_atomic(os.path.join(rargs.output_dir, "metrics.json"), result)

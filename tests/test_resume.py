@@ -36,7 +36,9 @@ def start(cmd, world=2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        log = open(Path(cmd[-1]).parent / f"log_{Path(cmd[-1]).name}_{rank}_{time.time_ns()}.txt", "w")
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = open(out.parent / f"log_{out.name}_{rank}_{time.time_ns()}.txt", "w")
         procs.append(subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True))
     return procs

@@ -1,10 +1,19 @@
-"""cap_ds's home for DeepSpeed's former compression API: ``init_compression``, a scheduler, masked layers.
+"""cap_ds's home for DeepSpeed's former compression API: ``init_compression``, a scheduler, masked layers,
+structured (row/head) pruning, first-order pruning and ``redundancy_clean`` with a loadable export.
 
 Same JSON schema (``compression_training``) and call shapes as ``deepspeed.compression`` (removed in 0.19.7),
-fixed: gradual cubic sparsity, masks in the weight dtype, top-k without a full sort, masking in forward (ZeRO
-safe). ``compression/`` knows nothing about CAP.
+fixed: gradual cubic sparsity, masks in the weight dtype, top-k without a full sort, masking in forward and
+gathered reads / master-copy writes (ZeRO 2/3 safe). ``compression/`` knows nothing about CAP.
+Importing this package registers the pruned BERT/RoBERTa classes with transformers' Auto API.
 """
 
+from .clean import (
+    baked_state,
+    has_structured_masks,
+    parameter_counts,
+    redundancy_clean,
+    save_clean_pretrained,
+)
 from .compress import bake_masks, init_compression, masked_modules
 from .config import (
     COMPRESSION_KEY,
@@ -13,13 +22,29 @@ from .config import (
     parse_compression_config,
     strip_compression_section,
 )
+from .first_order import FirstOrderPruner, first_order_section
 from .layers import MaskedLinear
+from .pruned_modeling import (
+    CapPrunedBertConfig,
+    CapPrunedBertForSequenceClassification,
+    CapPrunedBertModel,
+    CapPrunedRobertaConfig,
+    CapPrunedRobertaForSequenceClassification,
+    CapPrunedRobertaModel,
+    register_auto_classes,
+)
 from .schedule import cubic_schedule, warmup_offsets
 from .scheduler import CompressionScheduler, compression_scheduler
 from .stats import ENCODER_LINEAR_PATTERN, sparsity_report
 
+register_auto_classes()
+
 __all__ = [
-    "COMPRESSION_KEY", "CompressionConfig", "CompressionConfigError", "CompressionScheduler", "ENCODER_LINEAR_PATTERN",
-    "MaskedLinear", "bake_masks", "compression_scheduler", "cubic_schedule", "init_compression", "masked_modules",
-    "parse_compression_config", "sparsity_report", "strip_compression_section", "warmup_offsets",
+    "baked_state", "has_structured_masks",
+    "COMPRESSION_KEY", "CapPrunedBertConfig", "CapPrunedBertForSequenceClassification", "CapPrunedBertModel",
+    "CapPrunedRobertaConfig", "CapPrunedRobertaForSequenceClassification", "CapPrunedRobertaModel",
+    "CompressionConfig", "CompressionConfigError", "CompressionScheduler", "ENCODER_LINEAR_PATTERN",
+    "FirstOrderPruner", "MaskedLinear", "bake_masks", "compression_scheduler", "cubic_schedule",
+    "first_order_section", "init_compression", "masked_modules", "parameter_counts", "parse_compression_config",
+    "redundancy_clean", "save_clean_pretrained", "sparsity_report", "strip_compression_section", "warmup_offsets",
 ]

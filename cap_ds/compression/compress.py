@@ -6,14 +6,25 @@ and the swap sees full, unpartitioned weights. The swap shares the original para
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from .config import CompressionConfig, CompressionConfigError, parse_compression_config
+from .config import (
+    HEAD_PRUNING,
+    ROW_PRUNING,
+    SPARSE_PRUNING,
+    CompressionConfig,
+    CompressionConfigError,
+    as_compression_config,
+)
+from .groups import linear_modules, resolve, unwrap
 from .layers import MaskedLinear
+from .zero import gathered, model_is_zero3, module_params, write_param
+
+CONFIG_ATTR = "_cap_compression_config"
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -27,48 +38,83 @@ def init_compression(model: nn.Module, deepspeed_config: str | Path | dict[str, 
     """Replace the linears matched by ``compression_training`` groups with ``MaskedLinear``; returns ``model``.
 
     Signature of DeepSpeed's former ``deepspeed.compression.compress.init_compression``. ``teacher_model`` and
-    ``mpu`` are accepted for compatibility (layer reduction / model parallelism are not supported).
-    Each module may belong to one group only; a group regex that matches no linear is an error.
+    ``mpu`` are accepted for compatibility (layer reduction / model parallelism are not supported). A module may
+    carry a sparse, a row and a head mask at once (one group per technique). The parsed config is kept on the
+    model for ``redundancy_clean`` / ``save_clean_pretrained``.
     """
-    cfg = deepspeed_config if isinstance(deepspeed_config, CompressionConfig) else parse_compression_config(
-        deepspeed_config)
-    sp = cfg.sparse_pruning
-    if not sp.enabled:
+    cfg = as_compression_config(deepspeed_config)
+    target = unwrap(model)
+    plan = resolve(target, cfg)
+    if not plan:
         return model
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    excluded = [re.compile(p) for p in sp.excluded_modules]
-    owner: dict[str, str] = {}
-    for group in sp.groups:
-        patterns = [re.compile(p) for p in group.modules]
-        hits = [n for n, _ in linears if any(p.search(n) for p in patterns) and not any(e.search(n) for e in excluded)]
-        if not hits:
-            raise CompressionConfigError(
-                f"compression_training.sparse_pruning.different_groups.{group.name}.modules {group.modules} "
-                "matches no linear layer of the model")
-        for name in hits:
-            if name in owner:
+    if model_is_zero3(target):
+        raise RuntimeError("init_compression must run before deepspeed.initialize (and outside zero.Init): "
+                           "ZeRO-3 partitioned modules cannot be swapped")
+    linears = linear_modules(target)
+    sp, rp, hp = cfg.sparse_pruning, cfg.row_pruning, cfg.head_pruning
+    by_tech = {tech: {a.name: a for a in assignments} for tech, assignments in plan.items()}
+    touched = [n for n in linears if any(n in owners for owners in by_tech.values())]
+    for name in touched:
+        module = linears[name]
+        sparse = by_tech.get(SPARSE_PRUNING, {}).get(name)
+        if not isinstance(module, MaskedLinear):
+            if sparse is not None and sp.block is not None and module.in_features % sp.block[1]:
                 raise CompressionConfigError(
-                    f"module {name!r} is matched by sparse_pruning groups {owner[name]!r} and {group.name!r}; "
-                    "each module may belong to one group")
-            owner[name] = group.name
-    for name, module in linears:
-        if name not in owner:
-            continue
-        if isinstance(module, MaskedLinear):
-            module.group = owner[name]
-            continue
-        new = MaskedLinear.from_linear(module, sp.canonical_method, sp.mask_init, sp.mask_scale)
-        new.group = owner[name]
-        _set_submodule(model, name, new)
+                    f"{sp.key}.shared_parameters.block_pattern {sp.block[0]}:{sp.block[1]}: module {name!r} has "
+                    f"in_features {module.in_features}, not divisible by {sp.block[1]}")
+            new = MaskedLinear.from_linear(module, sp.canonical_method if sparse else None, sp.mask_init,
+                                           sp.mask_scale, sp.block if sparse else None)
+            _set_submodule(target, name, new)
+            module = new
+        if sparse is not None:
+            module.group = sparse.group
+        row = by_tech.get(ROW_PRUNING, {}).get(name)
+        if row is not None:
+            if module.row_method != rp.method:
+                module.enable_row_pruning(rp.method, rp.mask_init, rp.mask_scale)
+            module.row_group = row.group
+        head = by_tech.get(HEAD_PRUNING, {}).get(name)
+        if head is not None:
+            if module.in_features % hp.num_heads:
+                raise CompressionConfigError(
+                    f"{hp.key}.shared_parameters.num_heads {hp.num_heads} does not divide the in_features "
+                    f"{module.in_features} of {name!r}")
+            if module.head_method != hp.method:
+                module.enable_head_pruning(hp.method, hp.num_heads, hp.mask_init, hp.mask_scale)
+            module.head_group = head.group
+    setattr(target, CONFIG_ATTR, cfg)
     return model
 
 
 def masked_modules(model: nn.Module) -> dict[str, MaskedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, MaskedLinear)}
 
 
+def stored_config(model: nn.Module) -> CompressionConfig | None:
+    """The config ``init_compression`` applied to ``model`` (None if it never ran)."""
+    return getattr(unwrap(model), CONFIG_ATTR, None)
+
+
+@torch.no_grad()
 def bake_masks(model: nn.Module) -> nn.Module:
-    """Replace every ``MaskedLinear`` by a plain ``nn.Linear`` holding weight * mask (in place)."""
-    for name, module in list(masked_modules(model).items()):
-        _set_submodule(model, name, module.to_linear())
+    """Make the current masks permanent in the weights (in place); returns ``model``.
+
+    Plain models: every ``MaskedLinear`` is replaced by a plain ``nn.Linear`` holding weight * mask and the masked
+    bias. Models inside a ZeRO engine: the baked values go through the fp32 master copy
+    (``safe_set_full_fp32_param``) and the live parameters on every rank (collective), and the modules stay but
+    stop masking (ZeRO-3 hooks are bound to them), so training can go on from the baked weights.
+    """
+    target = unwrap(model)
+    zero = model_is_zero3(target) or any(hasattr(p, "_hp_mapping") for p in target.parameters())
+    for name, module in list(masked_modules(target).items()):
+        if not zero:
+            _set_submodule(target, name, module.to_linear())
+            continue
+        with gathered(module_params(module)):
+            weight = module.masked_weight().detach().clone()
+            bias = module.masked_bias().detach().clone() if module.bias is not None else None
+        write_param(module.weight, weight)
+        if bias is not None:
+            write_param(module.bias, bias)
+        module.pruning_enabled = False
     return model

@@ -1,7 +1,20 @@
 """The ``compression_training`` section of a DeepSpeed config (the schema of DeepSpeed's former library).
 
 DeepSpeed >= 0.19.7 rejects this key in ``deepspeed.initialize``; we parse it here and the trainer strips it
-from the dict it hands to DeepSpeed. Errors name the offending key path and what is allowed.
+from the dict it hands to DeepSpeed. Supported techniques: ``sparse_pruning``, ``row_pruning`` and
+``head_pruning``; the others of the old schema are accepted while disabled. Errors name the offending key path
+and what is allowed.
+
+Keys beyond DeepSpeed's (all optional):
+
+- every technique: ``schedule_offset_end`` (cubic ramp from dense at ``schedule_offset`` to ``dense_ratio`` here;
+  missing = switch on at once at ``schedule_offset``, DeepSpeed's behaviour) and ``schedule_offset_stride``.
+- ``sparse_pruning``: methods ``magnitude`` (= ``l1``), ``movement`` (= ``topk``), ``soft_movement``;
+  ``block_pattern: "N:M"`` keeps the top N of every M consecutive weights along the input dim (ranked by |W| for
+  l1/magnitude, by learned scores for topk/movement); ``mask_init``/``mask_scale`` for the score init;
+  ``initial_threshold``/``final_threshold``/``final_lambda`` for soft movement.
+- ``row_pruning`` / ``head_pruning``: method ``first_order`` (masks set by ``FirstOrderPruner``, no schedule;
+  ``dense_ratio`` optional and unused), ``mask_init``/``mask_scale`` for topk scores (default kaiming, as DeepSpeed).
 """
 
 from __future__ import annotations
@@ -12,24 +25,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .methods import SPARSE_METHODS, canonical_method
+from .methods import HEAD_METHODS, ROW_METHODS, SPARSE_METHODS, canonical_method
 
 COMPRESSION_KEY = "compression_training"
 SPARSE_PRUNING = "sparse_pruning"
+ROW_PRUNING = "row_pruning"
+HEAD_PRUNING = "head_pruning"
 KNOWN_TECHNIQUES = (
     "weight_quantization", "activation_quantization", "sparse_pruning", "row_pruning", "head_pruning",
     "channel_pruning", "layer_reduction",
 )
-SUPPORTED_TECHNIQUES = (SPARSE_PRUNING,)
+SUPPORTED_TECHNIQUES = (SPARSE_PRUNING, ROW_PRUNING, HEAD_PRUNING)
 
-SPARSE_SHARED_KEYS = {
-    # DeepSpeed's keys
-    "enabled", "method", "schedule_offset", "schedule_offset_end", "schedule_offset_stride",
-    "block_pattern", "dense_ratio", "excluded_modules",
-    # ours
-    "mask_init", "mask_scale", "initial_threshold", "final_threshold", "final_lambda",
+_COMMON_SHARED_KEYS = {
+    "enabled", "method", "schedule_offset", "schedule_offset_end", "schedule_offset_stride", "dense_ratio",
+    "mask_init", "mask_scale",
 }
+SHARED_KEYS = {
+    SPARSE_PRUNING: _COMMON_SHARED_KEYS | {
+        "block_pattern", "excluded_modules", "initial_threshold", "final_threshold", "final_lambda"},
+    ROW_PRUNING: set(_COMMON_SHARED_KEYS),
+    HEAD_PRUNING: _COMMON_SHARED_KEYS | {"num_heads"},
+}
+SPARSE_SHARED_KEYS = SHARED_KEYS[SPARSE_PRUNING]
+METHODS = {SPARSE_PRUNING: SPARSE_METHODS, ROW_PRUNING: ROW_METHODS, HEAD_PRUNING: HEAD_METHODS}
+DEFAULT_METHOD = {SPARSE_PRUNING: "l1", ROW_PRUNING: "l1", HEAD_PRUNING: "topk"}
 GROUP_KEYS = {"params", "modules", "related_modules"}
+MASK_INITS = ("constant", "uniform", "kaiming")
 
 
 class CompressionConfigError(ValueError):
@@ -37,15 +59,21 @@ class CompressionConfigError(ValueError):
 
 
 @dataclass
-class SparseGroup:
+class PruningGroup:
     name: str
     dense_ratio: float
     modules: list[str]
     related_modules: list[list[str]] | None = None
 
 
+SparseGroup = PruningGroup  # former name
+
+
 @dataclass
-class SparsePruningConfig:
+class TechniqueConfig:
+    """Shared parameters + groups of one pruning technique."""
+
+    technique: str = SPARSE_PRUNING
     enabled: bool = False
     method: str = "l1"
     schedule_offset: int = 1000
@@ -53,11 +81,7 @@ class SparsePruningConfig:
     schedule_offset_stride: int = 1
     mask_init: str = "constant"
     mask_scale: float = 0.0
-    initial_threshold: float = 0.0  # soft movement: sigmoid threshold at the start
-    final_threshold: float = 0.1  # soft movement: sigmoid threshold at the end
-    final_lambda: float = 0.0  # soft movement: L1 weight of sigmoid(scores) at the end
-    excluded_modules: list[str] = field(default_factory=list)
-    groups: list[SparseGroup] = field(default_factory=list)
+    groups: list[PruningGroup] = field(default_factory=list)
 
     @property
     def canonical_method(self) -> str:
@@ -67,14 +91,58 @@ class SparsePruningConfig:
     def offset_end(self) -> int:
         return self.schedule_offset if self.schedule_offset_end is None else self.schedule_offset_end
 
+    @property
+    def key(self) -> str:
+        return f"{COMPRESSION_KEY}.{self.technique}"
+
+
+@dataclass
+class SparsePruningConfig(TechniqueConfig):
+    initial_threshold: float = 0.0  # soft movement: sigmoid threshold at the start
+    final_threshold: float = 0.1  # soft movement: sigmoid threshold at the end
+    final_lambda: float = 0.0  # soft movement: L1 weight of sigmoid(scores) at the end
+    excluded_modules: list[str] = field(default_factory=list)
+    block: tuple[int, int] | None = None  # N:M pattern, None = unstructured
+
+    @property
+    def canonical_method(self) -> str:
+        return canonical_method(self.method)
+
+
+@dataclass
+class RowPruningConfig(TechniqueConfig):
+    technique: str = ROW_PRUNING
+    mask_init: str = "kaiming"
+
+    @property
+    def canonical_method(self) -> str:
+        return self.method
+
+
+@dataclass
+class HeadPruningConfig(TechniqueConfig):
+    technique: str = HEAD_PRUNING
+    method: str = "topk"
+    mask_init: str = "kaiming"
+    num_heads: int = 0
+
+    @property
+    def canonical_method(self) -> str:
+        return self.method
+
 
 @dataclass
 class CompressionConfig:
     sparse_pruning: SparsePruningConfig = field(default_factory=SparsePruningConfig)
+    row_pruning: RowPruningConfig = field(default_factory=RowPruningConfig)
+    head_pruning: HeadPruningConfig = field(default_factory=HeadPruningConfig)
 
     @property
     def enabled(self) -> bool:
-        return self.sparse_pruning.enabled
+        return any(t.enabled for t in self.techniques())
+
+    def techniques(self) -> list[TechniqueConfig]:
+        return [self.sparse_pruning, self.row_pruning, self.head_pruning]
 
 
 def load_ds_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +175,8 @@ def _number(value: Any, key: str, kind: type, lo: float | None = None, hi: float
 def _regex_list(value: Any, key: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise CompressionConfigError(f"{key} must be a list of regular expressions, got {value!r}")
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise CompressionConfigError(f"{key} must be a non-empty list of regular expressions, got {value!r}")
     for pattern in value:
         try:
             re.compile(pattern)
@@ -117,24 +185,30 @@ def _regex_list(value: Any, key: str) -> list[str]:
     return value
 
 
-def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
-    base = f"{COMPRESSION_KEY}.{SPARSE_PRUNING}"
-    unknown = set(section) - {"shared_parameters", "different_groups"}
-    if unknown:
+def parse_block_pattern(value: Any, key: str) -> tuple[int, int] | None:
+    """``"N:M"`` -> (N, M); ``"1x1"``/None -> None (unstructured)."""
+    if value in (None, "1x1"):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value) if isinstance(value, str) else None
+    if not match:
         raise CompressionConfigError(
-            f"{base}: unknown key(s) {sorted(unknown)}; allowed: shared_parameters, different_groups")
-    shared = section.get("shared_parameters", {})
-    bad = set(shared) - SPARSE_SHARED_KEYS
-    if bad:
-        raise CompressionConfigError(
-            f"{base}.shared_parameters: unknown key(s) {sorted(bad)}; allowed: {', '.join(sorted(SPARSE_SHARED_KEYS))}")
-    cfg = SparsePruningConfig()
-    cfg.enabled = bool(shared.get("enabled", False))
-    cfg.method = shared.get("method", cfg.method)
-    if cfg.method not in SPARSE_METHODS:
-        raise CompressionConfigError(
-            f"{base}.shared_parameters.method: unknown method {cfg.method!r}; allowed: {', '.join(SPARSE_METHODS)}")
-    sp = f"{base}.shared_parameters"
+            f"{key}: {value!r} is not supported; allowed: \"1x1\" (unstructured) or \"N:M\" (e.g. \"2:4\")")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n <= m:
+        raise CompressionConfigError(f"{key}: {value!r} needs 0 < N <= M")
+    return n, m
+
+
+def _parse_common(cfg: TechniqueConfig, shared: dict[str, Any]) -> None:
+    sp = f"{cfg.key}.shared_parameters"
+    enabled = shared.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise CompressionConfigError(f"{sp}.enabled must be true or false, got {enabled!r}")
+    cfg.enabled = enabled
+    cfg.method = shared.get("method", DEFAULT_METHOD[cfg.technique])
+    allowed = METHODS[cfg.technique]
+    if cfg.method not in allowed:
+        raise CompressionConfigError(f"{sp}.method: unknown method {cfg.method!r}; allowed: {', '.join(allowed)}")
     cfg.schedule_offset = _number(shared.get("schedule_offset", cfg.schedule_offset), f"{sp}.schedule_offset", int, 0)
     if shared.get("schedule_offset_end") is not None:
         cfg.schedule_offset_end = _number(shared["schedule_offset_end"], f"{sp}.schedule_offset_end", int,
@@ -142,22 +216,19 @@ def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
     cfg.schedule_offset_stride = _number(shared.get("schedule_offset_stride", 1), f"{sp}.schedule_offset_stride",
                                          int, 1)
     cfg.mask_init = shared.get("mask_init", cfg.mask_init)
-    if cfg.mask_init not in ("constant", "uniform", "kaiming"):
-        raise CompressionConfigError(f"{sp}.mask_init: {cfg.mask_init!r}; allowed: constant, uniform, kaiming")
-    cfg.mask_scale = _number(shared.get("mask_scale", 0.0), f"{sp}.mask_scale", float)
-    cfg.initial_threshold = _number(shared.get("initial_threshold", 0.0), f"{sp}.initial_threshold", float, 0, 1)
-    cfg.final_threshold = _number(shared.get("final_threshold", 0.1), f"{sp}.final_threshold", float, 0, 1)
-    cfg.final_lambda = _number(shared.get("final_lambda", 0.0), f"{sp}.final_lambda", float, 0)
-    cfg.excluded_modules = _regex_list(shared.get("excluded_modules", []), f"{sp}.excluded_modules")
-    if "block_pattern" in shared and shared["block_pattern"] not in ("1x1", None):
-        raise CompressionConfigError(
-            f"{sp}.block_pattern: {shared['block_pattern']!r} is not supported; allowed: 1x1 (unstructured)")
+    if cfg.mask_init not in MASK_INITS:
+        raise CompressionConfigError(f"{sp}.mask_init: {cfg.mask_init!r}; allowed: {', '.join(MASK_INITS)}")
+    cfg.mask_scale = _number(shared.get("mask_scale", cfg.mask_scale), f"{sp}.mask_scale", float)
 
+
+def _parse_groups(cfg: TechniqueConfig, section: dict[str, Any], shared: dict[str, Any],
+                  ratio_optional: bool, fixed_ratio: float | None = None) -> None:
+    base = cfg.key
     groups = section.get("different_groups", {})
-    if cfg.enabled and not groups:
-        raise CompressionConfigError(f"{base}.different_groups: enabled but no group defined")
     if not isinstance(groups, dict):
         raise CompressionConfigError(f"{base}.different_groups must be an object of named groups")
+    if cfg.enabled and not groups:
+        raise CompressionConfigError(f"{base}.different_groups: enabled but no group defined")
     for name, group in groups.items():
         gk = f"{base}.different_groups.{name}"
         if not isinstance(group, dict):
@@ -165,20 +236,94 @@ def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
         bad = set(group) - GROUP_KEYS
         if bad:
             raise CompressionConfigError(f"{gk}: unknown key(s) {sorted(bad)}; allowed: {', '.join(sorted(GROUP_KEYS))}")
-        params = group.get("params", {})
-        if "dense_ratio" not in params and "dense_ratio" not in shared:
-            raise CompressionConfigError(f"{gk}.params.dense_ratio is required (the fraction of weights KEPT)")
-        ratio = _number(params.get("dense_ratio", shared.get("dense_ratio")), f"{gk}.params.dense_ratio", float,
-                        0.0, 1.0, lo_open=True)
+        params = group.get("params", {}) or {}
+        if not isinstance(params, dict):
+            raise CompressionConfigError(f"{gk}.params must be an object (e.g. {{\"dense_ratio\": 0.5}})")
+        bad = set(params) - {"dense_ratio"}
+        if bad:
+            raise CompressionConfigError(f"{gk}.params: unknown key(s) {sorted(bad)}; allowed: dense_ratio")
+        raw = params.get("dense_ratio", shared.get("dense_ratio"))
+        if raw is None:
+            if fixed_ratio is None and not ratio_optional:
+                raise CompressionConfigError(f"{gk}.params.dense_ratio is required (the fraction of weights KEPT)")
+            ratio = fixed_ratio if fixed_ratio is not None else 1.0
+        else:
+            ratio = _number(raw, f"{gk}.params.dense_ratio", float, 0.0, 1.0, lo_open=True)
+            if fixed_ratio is not None and abs(ratio - fixed_ratio) > 1e-9:
+                raise CompressionConfigError(
+                    f"{gk}.params.dense_ratio is {ratio} but block_pattern keeps {fixed_ratio:g} of the weights; "
+                    "omit dense_ratio or set it to N/M")
         if "modules" not in group:
             raise CompressionConfigError(f"{gk}.modules is required (regexes matched against module names)")
         modules = _regex_list(group["modules"], f"{gk}.modules")
         related = group.get("related_modules")
         if related is not None:
-            if not isinstance(related, list):
-                raise CompressionConfigError(f"{gk}.related_modules must be a list of regex lists")
-            related = [_regex_list(r, f"{gk}.related_modules") for r in related]
-        cfg.groups.append(SparseGroup(name=name, dense_ratio=ratio, modules=modules, related_modules=related))
+            if not isinstance(related, list) or not all(isinstance(r, (list, str)) for r in related):
+                raise CompressionConfigError(f"{gk}.related_modules must be a list of regex lists, got {related!r}")
+            related = [_regex_list(r, f"{gk}.related_modules[{i}]") for i, r in enumerate(related)]
+            if len(related) != len(modules):
+                raise CompressionConfigError(
+                    f"{gk}.related_modules has {len(related)} list(s) but modules has {len(modules)} regex(es); "
+                    "give one list of related regexes per entry of modules")
+            if cfg.technique == SPARSE_PRUNING:
+                raise CompressionConfigError(f"{gk}.related_modules: only row_pruning and head_pruning use it")
+        cfg.groups.append(PruningGroup(name=name, dense_ratio=ratio, modules=modules, related_modules=related))
+
+
+def _section(section: Any, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not isinstance(section, dict):
+        raise CompressionConfigError(f"{key} must be an object with shared_parameters and different_groups")
+    unknown = set(section) - {"shared_parameters", "different_groups"}
+    if unknown:
+        raise CompressionConfigError(
+            f"{key}: unknown key(s) {sorted(unknown)}; allowed: shared_parameters, different_groups")
+    shared = section.get("shared_parameters", {}) or {}
+    if not isinstance(shared, dict):
+        raise CompressionConfigError(f"{key}.shared_parameters must be an object")
+    return section, shared
+
+
+def _check_shared_keys(technique: str, shared: dict[str, Any]) -> None:
+    bad = set(shared) - SHARED_KEYS[technique]
+    if bad:
+        raise CompressionConfigError(
+            f"{COMPRESSION_KEY}.{technique}.shared_parameters: unknown key(s) {sorted(bad)}; "
+            f"allowed: {', '.join(sorted(SHARED_KEYS[technique]))}")
+
+
+def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
+    section, shared = _section(section, f"{COMPRESSION_KEY}.{SPARSE_PRUNING}")
+    _check_shared_keys(SPARSE_PRUNING, shared)
+    cfg = SparsePruningConfig()
+    _parse_common(cfg, shared)
+    sp = f"{cfg.key}.shared_parameters"
+    cfg.initial_threshold = _number(shared.get("initial_threshold", 0.0), f"{sp}.initial_threshold", float, 0, 1)
+    cfg.final_threshold = _number(shared.get("final_threshold", 0.1), f"{sp}.final_threshold", float, 0, 1)
+    cfg.final_lambda = _number(shared.get("final_lambda", 0.0), f"{sp}.final_lambda", float, 0)
+    cfg.excluded_modules = _regex_list(shared["excluded_modules"], f"{sp}.excluded_modules") \
+        if shared.get("excluded_modules") else []
+    cfg.block = parse_block_pattern(shared.get("block_pattern"), f"{sp}.block_pattern")
+    if cfg.block is not None and cfg.canonical_method == "soft_movement":
+        raise CompressionConfigError(
+            f"{sp}.block_pattern {shared['block_pattern']!r} needs a ranked method (l1, magnitude, topk, movement), "
+            "not soft_movement")
+    fixed = cfg.block[0] / cfg.block[1] if cfg.block is not None else None
+    _parse_groups(cfg, section, shared, ratio_optional=cfg.canonical_method == "soft_movement", fixed_ratio=fixed)
+    return cfg
+
+
+def _parse_structured(technique: str, section: dict[str, Any]) -> TechniqueConfig:
+    key = f"{COMPRESSION_KEY}.{technique}"
+    section, shared = _section(section, key)
+    _check_shared_keys(technique, shared)
+    cfg: TechniqueConfig = RowPruningConfig() if technique == ROW_PRUNING else HeadPruningConfig()
+    _parse_common(cfg, shared)
+    if isinstance(cfg, HeadPruningConfig):
+        if cfg.enabled and "num_heads" not in shared:
+            raise CompressionConfigError(f"{key}.shared_parameters.num_heads is required (heads per attention layer)")
+        if "num_heads" in shared:
+            cfg.num_heads = _number(shared["num_heads"], f"{key}.shared_parameters.num_heads", int, 1)
+    _parse_groups(cfg, section, shared, ratio_optional=cfg.method == "first_order")
     return cfg
 
 
@@ -191,14 +336,25 @@ def parse_compression_config(ds_config: str | Path | dict[str, Any]) -> Compress
     if unknown:
         raise CompressionConfigError(
             f"{COMPRESSION_KEY}: unknown technique(s) {sorted(unknown)}; allowed: {', '.join(KNOWN_TECHNIQUES)}")
-    for tech in section:
-        if tech not in SUPPORTED_TECHNIQUES and section[tech].get("shared_parameters", {}).get("enabled", False):
+    for tech, body in section.items():
+        if tech in SUPPORTED_TECHNIQUES or not isinstance(body, dict):
+            continue
+        enabled = body.get("enabled", False) or (body.get("shared_parameters") or {}).get("enabled", False)
+        if enabled:
             raise CompressionConfigError(
-                f"{COMPRESSION_KEY}.{tech} is enabled but not supported yet; supported: {', '.join(SUPPORTED_TECHNIQUES)}")
+                f"{COMPRESSION_KEY}.{tech} is enabled but not supported; supported: {', '.join(SUPPORTED_TECHNIQUES)}")
     out = CompressionConfig()
     if SPARSE_PRUNING in section:
         out.sparse_pruning = _parse_sparse(section[SPARSE_PRUNING])
+    if ROW_PRUNING in section:
+        out.row_pruning = _parse_structured(ROW_PRUNING, section[ROW_PRUNING])
+    if HEAD_PRUNING in section:
+        out.head_pruning = _parse_structured(HEAD_PRUNING, section[HEAD_PRUNING])
     return out
+
+
+def as_compression_config(config: str | Path | dict[str, Any] | CompressionConfig) -> CompressionConfig:
+    return config if isinstance(config, CompressionConfig) else parse_compression_config(config)
 
 
 def strip_compression_section(ds_config: dict[str, Any]) -> dict[str, Any]:

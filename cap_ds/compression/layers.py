@@ -1,25 +1,42 @@
-"""The compressed linear layer: a ``nn.Linear`` whose weight is multiplied by a keep-mask in every forward.
+"""The compressed linear layer: a ``nn.Linear`` whose weight is multiplied by keep-masks in every forward.
 
-Masking happens inside ``forward`` (never by editing ``weight.data``), which keeps it correct under ZeRO 2/3:
-the fp32 master copy owned by the optimizer would overwrite in-place edits at the next step, and under ZeRO-3
-parameters only hold data inside their module's forward. The mask is built in the weight's dtype (bf16 safe).
+Three masks, applied in DeepSpeed's order: sparse (per weight, optionally N:M) -> row (output rows and their
+bias, e.g. FFN neurons of ``intermediate.dense``) -> head (input columns grouped per head, on the attention output
+projection: zeroing a head's columns is exactly zeroing that head's context). Masking happens inside ``forward``
+(never by editing ``weight.data``), which keeps it correct under ZeRO 2/3: the fp32 master copy owned by the
+optimizer would overwrite in-place edits at the next step, and under ZeRO-3 parameters only hold data inside their
+module's forward. Masks are built in the weight's dtype (bf16 safe); fixed masks are non-persistent buffers.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods import SCORE_METHODS, canonical_method, compute_mask
+from .methods import HEAD_METHODS, ROW_METHODS, SCORE_METHODS, canonical_method, compute_mask, unit_mask
+
+
+def _init_scores(scores: torch.Tensor, mask_init: str, mask_scale: float) -> None:
+    if mask_init == "constant":
+        nn.init.constant_(scores, mask_scale)
+    elif mask_init == "uniform":
+        nn.init.uniform_(scores, -mask_scale, mask_scale)
+    elif mask_init == "kaiming":
+        nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
+    else:
+        raise ValueError(f"unknown mask_init {mask_init!r}; allowed: constant, uniform, kaiming")
 
 
 class MaskedLinear(nn.Linear):
-    """Linear layer with an unstructured keep-mask from weights (magnitude) or learned scores (movement).
+    """Linear layer with optional sparse, row and head keep-masks.
 
-    ``threshold`` is set by the compression scheduler: kept fraction for magnitude/movement, sigmoid
-    threshold for soft movement. ``mask_scores`` (if any) is a regular parameter so DeepSpeed shards and
-    updates it like any other (with its own learning rate group).
+    ``threshold`` (sparse), ``row_threshold`` and ``head_threshold`` are set by the compression scheduler: kept
+    fraction for magnitude/movement/l1/topk, sigmoid threshold for soft movement. Learned scores
+    (``mask_scores``, ``row_mask_scores`` [out, 1], ``head_mask_scores`` [1, heads]) are regular parameters so
+    DeepSpeed shards and updates them like any other; their names all end in ``mask_scores``.
     """
 
     def __init__(
@@ -27,60 +44,156 @@ class MaskedLinear(nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        method: str = "movement",
+        method: str | None = "movement",
         mask_init: str = "constant",
         mask_scale: float = 0.0,
         device=None,
         dtype=None,
+        block: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(method, mask_init, mask_scale)
+        self._setup(method, mask_init, mask_scale, block)
 
-    def _setup(self, method: str, mask_init: str, mask_scale: float) -> None:
-        self.method = canonical_method(method)
+    def _setup(self, method: str | None, mask_init: str, mask_scale: float,
+               block: tuple[int, int] | None = None) -> None:
+        self.method = canonical_method(method) if method is not None else None
         # Dense until the scheduler says otherwise (kept fraction 1 / sigmoid threshold 0 keep everything).
         self.threshold = 1.0 if self.method != "soft_movement" else 0.0
+        self.block = block
+        if block is not None and self.in_features % block[1]:
+            raise ValueError(f"block pattern {block[0]}:{block[1]} needs in_features ({self.in_features}) "
+                             f"divisible by {block[1]}")
         self.pruning_enabled = True
         self.last_regularization: torch.Tensor | None = None
+        self.group: str | None = None
+        self.row_method: str | None = None
+        self.row_group: str | None = None
+        self.row_threshold = 1.0
+        self.head_method: str | None = None
+        self.head_group: str | None = None
+        self.head_threshold = 1.0
+        self.num_heads = 0
+        self.register_parameter("row_mask_scores", None)
+        self.register_parameter("head_mask_scores", None)
+        self.register_buffer("row_mask_fixed", None, persistent=False)
+        self.register_buffer("head_mask_fixed", None, persistent=False)
         if self.method in SCORE_METHODS:
-            scores = torch.empty_like(self.weight, requires_grad=True)
-            if mask_init == "constant":
-                nn.init.constant_(scores, mask_scale)
-            elif mask_init == "uniform":
-                nn.init.uniform_(scores, -mask_scale, mask_scale)
-            elif mask_init == "kaiming":
-                nn.init.kaiming_uniform_(scores, a=5**0.5)
-            else:
-                raise ValueError(f"unknown mask_init {mask_init!r}; allowed: constant, uniform, kaiming")
-            self.mask_scores = nn.Parameter(scores.detach())
+            scores = torch.empty_like(self.weight, requires_grad=False)
+            _init_scores(scores, mask_init, mask_scale)
+            self.mask_scores = nn.Parameter(scores)
         else:
             self.register_parameter("mask_scores", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method: str, mask_init: str = "constant", mask_scale: float = 0.0):
+    def from_linear(cls, linear: nn.Linear, method: str | None, mask_init: str = "constant", mask_scale: float = 0.0,
+                    block: tuple[int, int] | None = None) -> MaskedLinear:
         """Wrap an existing linear, sharing its weight and bias parameters (no copy)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
         new.bias = linear.bias
-        new._setup(method, mask_init, mask_scale)
+        new._setup(method, mask_init, mask_scale, block)
         new.train(linear.training)
         return new
 
+    # ---- structured pruning switches (DeepSpeed's ``enable_*_pruning`` names)
+    def enable_row_pruning(self, method: str, mask_init: str = "kaiming", mask_scale: float = 0.0) -> None:
+        """Mask whole output rows (and their bias): ``l1`` by row L1 norm, ``topk`` by learned [out, 1] scores,
+        ``first_order`` by a fixed mask the first-order pruner writes."""
+        if method not in ROW_METHODS:
+            raise ValueError(f"unknown row pruning method {method!r}; allowed: {', '.join(ROW_METHODS)}")
+        self.row_method = method
+        self.row_threshold = 1.0
+        if method == "topk":
+            scores = self.weight.new_empty(self.out_features, 1)
+            _init_scores(scores, mask_init, mask_scale)
+            self.row_mask_scores = nn.Parameter(scores)
+        if method == "first_order":
+            self.register_buffer("row_mask_fixed", torch.ones(self.out_features, device=self.weight.device),
+                                 persistent=False)
+
+    def enable_head_pruning(self, method: str, num_heads: int, mask_init: str = "kaiming",
+                            mask_scale: float = 0.0) -> None:
+        """Mask groups of input columns, one group per attention head (``in_features // num_heads`` each)."""
+        if method not in HEAD_METHODS:
+            raise ValueError(f"unknown head pruning method {method!r}; allowed: {', '.join(HEAD_METHODS)}")
+        if num_heads < 1 or self.in_features % num_heads:
+            raise ValueError(f"num_heads {num_heads} must divide in_features {self.in_features}")
+        self.head_method = method
+        self.num_heads = int(num_heads)
+        self.head_threshold = 1.0
+        if method == "topk":
+            scores = self.weight.new_empty(1, self.num_heads)
+            _init_scores(scores, mask_init, mask_scale)
+            self.head_mask_scores = nn.Parameter(scores)
+        if method == "first_order":
+            self.register_buffer("head_mask_fixed", torch.ones(self.num_heads, device=self.weight.device),
+                                 persistent=False)
+
+    @property
+    def head_size(self) -> int:
+        return self.in_features // self.num_heads if self.num_heads else 0
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, method={self.method}, threshold={self.threshold:.4f}"
+        out = f"{super().extra_repr()}, method={self.method}, threshold={self.threshold:.4f}"
+        if self.block is not None:
+            out += f", block={self.block[0]}:{self.block[1]}"
+        if self.row_method:
+            out += f", row={self.row_method}@{self.row_threshold:.4f}"
+        if self.head_method:
+            out += f", heads={self.num_heads} {self.head_method}@{self.head_threshold:.4f}"
+        return out
+
+    # ---- masks (all in the weight's dtype; differentiable w.r.t. scores where a method learns them)
+    def sparse_mask(self) -> torch.Tensor | None:
+        if self.method is None or not self.pruning_enabled:
+            return None
+        return compute_mask(self.method, self.weight, self.mask_scores, self.threshold, self.block).to(self.weight.dtype)
+
+    def row_mask(self) -> torch.Tensor | None:
+        """[out] keep-mask over output rows, or None."""
+        if self.row_method is None or not self.pruning_enabled:
+            return None
+        values = self.weight.detach().abs().sum(1) if self.row_method == "l1" else None
+        return unit_mask(self.row_method, values, self.row_mask_scores, self.row_threshold,
+                         self.row_mask_fixed).to(self.weight.dtype)
+
+    def head_mask(self) -> torch.Tensor | None:
+        """[num_heads] keep-mask over heads (input column groups), or None."""
+        if self.head_method is None or not self.pruning_enabled:
+            return None
+        values = None
+        if self.head_method == "l1":
+            values = self.weight.detach().abs().reshape(self.out_features, self.num_heads, -1).sum((0, 2))
+        return unit_mask(self.head_method, values, self.head_mask_scores, self.head_threshold,
+                         self.head_mask_fixed).to(self.weight.dtype)
+
+    def _apply_masks(self, weight: torch.Tensor) -> torch.Tensor:
+        sparse = self.sparse_mask()
+        if sparse is not None:
+            weight = weight * sparse
+        row = self.row_mask()
+        if row is not None:
+            weight = weight * row.unsqueeze(1)
+        head = self.head_mask()
+        if head is not None:
+            weight = weight * head.repeat_interleave(self.head_size).unsqueeze(0)
+        return weight
 
     def get_mask(self) -> torch.Tensor:
-        """Current keep-mask in the weight's dtype (differentiable w.r.t. scores for learned methods)."""
-        if not self.pruning_enabled:
-            return torch.ones_like(self.weight)
-        scores = self.mask_scores
-        mask = compute_mask(self.method, self.weight, scores, self.threshold)
-        return mask.to(self.weight.dtype)
+        """Combined keep-mask (sparse x row x head) over the weight, in the weight's dtype."""
+        return self._apply_masks(torch.ones_like(self.weight))
 
     def masked_weight(self) -> torch.Tensor:
-        return self.weight * self.get_mask()
+        return self._apply_masks(self.weight)
+
+    def masked_bias(self) -> torch.Tensor | None:
+        """The bias with pruned rows zeroed (a pruned row's output is then exactly 0)."""
+        row = self.row_mask()
+        if self.bias is None or row is None:
+            return self.bias
+        return self.bias * row
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.method == "soft_movement" and self.training:
@@ -88,15 +201,15 @@ class MaskedLinear(nn.Linear):
             self.last_regularization = torch.sigmoid(self.mask_scores.float()).mean()
         if not self.pruning_enabled:
             return F.linear(input, self.weight, self.bias)
-        return F.linear(input, self.masked_weight(), self.bias)
+        return F.linear(input, self.masked_weight(), self.masked_bias())
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the mask baked into the weight (what gets exported)."""
+        """A plain ``nn.Linear`` with the masks baked into weight and bias (what gets exported)."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         out.weight.copy_(self.masked_weight())
         if self.bias is not None:
-            out.bias.copy_(self.bias)
+            out.bias.copy_(self.masked_bias())
         out.train(self.training)
         return out

@@ -3,6 +3,8 @@
 ``movement`` / ``topk`` and ``soft_movement`` learn scores through a straight-through estimator (STE): the
 mask's gradient is passed to the scores unchanged, so d loss / d score = (d loss / d W') * W (Sanh et al. 2020).
 Top-k uses ``torch.topk`` (never a full sort: DeepSpeed's old binarizer sorted every forward).
+N:M masks keep the top N of every M consecutive entries along the input dim (the last one).
+Structured masks (rows of a weight, groups of input columns = heads) rank a per-unit vector the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 SCORE_METHODS = ("movement", "soft_movement")
 DATA_METHODS = ("magnitude",)
 SPARSE_METHODS = ("magnitude", "movement", "soft_movement", "l1", "topk")
+ROW_METHODS = ("l1", "topk", "first_order")
+HEAD_METHODS = ("topk", "l1", "first_order")
 # DeepSpeed's old names map onto ours: l1 = magnitude mask, topk = learned top-k scores (movement).
 METHOD_ALIASES = {"l1": "magnitude", "topk": "movement"}
 
@@ -41,6 +45,22 @@ def topk_mask(values: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return mask
 
 
+def nm_mask(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive entries along the last dim (needs ``size(-1) % m == 0``)."""
+    if n >= m:
+        return torch.ones_like(values)
+    blocks = values.detach().reshape(*values.shape[:-1], values.shape[-1] // m, m)
+    mask = torch.zeros_like(blocks)
+    if n > 0:
+        mask.scatter_(-1, torch.topk(blocks, n, dim=-1, sorted=False).indices, 1.0)
+    return mask.reshape(values.shape)
+
+
+def nm_kept(keep_ratio: float, n: int, m: int) -> int:
+    """Entries kept per block of ``m`` at ``keep_ratio`` along the schedule: from ``m`` (dense) down to ``n``."""
+    return max(n, min(m, int(round(keep_ratio * m))))
+
+
 class TopKBinarizer(torch.autograd.Function):
     """Top-k of scores in the forward, identity (straight-through) in the backward."""
 
@@ -63,6 +83,18 @@ def sigmoid_threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tens
     return mask
 
 
+class NMBinarizer(torch.autograd.Function):
+    """N:M of scores in the forward, straight-through in the backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+        return nm_mask(scores, n, m)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None, None
+
+
 class ThresholdBinarizer(torch.autograd.Function):
     """Sigmoid threshold in the forward, straight-through in the backward."""
 
@@ -75,18 +107,44 @@ class ThresholdBinarizer(torch.autograd.Function):
         return grad_output, None
 
 
-def compute_mask(method: str, weight: torch.Tensor, scores: torch.Tensor | None, threshold: float) -> torch.Tensor:
+def compute_mask(method: str, weight: torch.Tensor, scores: torch.Tensor | None, threshold: float,
+                 block: tuple[int, int] | None = None) -> torch.Tensor:
     """The keep-mask for ``method`` (canonical name); differentiable w.r.t. scores where the method learns them.
 
     ``threshold`` is the kept fraction for magnitude/movement, and the sigmoid threshold for soft movement.
+    ``block=(N, M)`` ranks within blocks of M input weights instead of the whole matrix.
     Magnitude masks carry no gradient (plain gradual magnitude pruning: pruned weights get no update).
     """
     if method == "magnitude":
+        if block is not None:
+            return nm_mask(weight.detach().abs(), nm_kept(threshold, *block), block[1])
         return topk_mask(weight.detach().abs(), threshold)
     if scores is None:
         raise ValueError(f"method {method!r} needs mask scores")
     if method == "movement":
+        if block is not None:
+            return NMBinarizer.apply(scores, nm_kept(threshold, *block), block[1])
         return TopKBinarizer.apply(scores, threshold)
     if method == "soft_movement":
         return ThresholdBinarizer.apply(scores, threshold)
     raise ValueError(f"unknown canonical method {method!r}")
+
+
+def unit_mask(method: str, unit_values: torch.Tensor | None, scores: torch.Tensor | None, keep_ratio: float,
+              fixed: torch.Tensor | None) -> torch.Tensor:
+    """Keep-mask over structured units (rows or heads), 1-D.
+
+    ``l1`` keeps the units with the largest ``unit_values`` (L1 norms, no gradient), ``topk`` the largest learned
+    ``scores`` (straight-through), ``first_order`` returns the ``fixed`` mask set by the first-order pruner.
+    """
+    if method == "first_order":
+        if fixed is None:
+            raise ValueError("first_order needs a fixed mask")
+        return fixed
+    if method == "l1":
+        return topk_mask(unit_values.detach(), keep_ratio)
+    if method == "topk":
+        if scores is None:
+            raise ValueError("topk needs unit scores")
+        return TopKBinarizer.apply(scores.reshape(-1), keep_ratio)
+    raise ValueError(f"unknown structured method {method!r}; allowed: {', '.join(ROW_METHODS)}")
