@@ -14,7 +14,7 @@ from .compression.stats import ENCODER_LINEAR_PATTERN
 from .models import SENTENCE_VECTORS
 
 MODES = ("prune", "finetune")
-PRUNING_METHODS = ("magnitude", "movement", "soft_movement")
+PRUNING_METHODS = ("magnitude", "movement", "soft_movement", "first_order")
 
 
 class ArgumentError(ValueError):
@@ -76,9 +76,17 @@ class RunArguments:
 
 @dataclass
 class PruningArguments:
-    pruning_method: str = field(default="movement", metadata={"choices": list(PRUNING_METHODS)})
+    pruning_method: str = field(default="movement", metadata={
+        "help": "Unstructured: magnitude, movement, soft_movement. Structured CAP-f: first_order (heads + FFN "
+                "neurons, iterative).", "choices": list(PRUNING_METHODS)})
     target_sparsity: float = field(default=0.9, metadata={
-        "help": "Fraction of encoder linear weights removed (soft movement: reached through --final_lambda)."})
+        "help": "Fraction of encoder linear weights removed (soft movement: reached through --final_lambda; "
+                "first_order: fraction of heads and of FFN neurons removed)."})
+    structured_step: float = field(default=0.1, metadata={
+        "help": "first_order: pruned fraction added per stage (0.1 -> 10%, 20%, ... up to --target_sparsity)."})
+    epochs_per_stage: int = field(default=2, metadata={"help": "first_order: retraining epochs after each stage."})
+    importance_batches: int = field(default=0, metadata={
+        "help": "first_order: batches per rank for importance (0: the whole training set, as the reference)."})
     initial_warmup: float = field(default=2.0, metadata={"help": "Dense steps = initial_warmup * warmup_steps."})
     final_warmup: float = field(default=3.0, metadata={"help": "Steps at final sparsity = final_warmup * warmup_steps."})
     final_threshold: float = field(default=0.1, metadata={"help": "Soft movement: final sigmoid threshold."})
@@ -147,6 +155,10 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
         get_task(dargs.task_name)
     except ValueError as err:
         raise ArgumentError(f"--task_name: {err}") from err
+    if pargs.pruning_method == "first_order" and not 0.0 < pargs.structured_step <= max(pargs.target_sparsity, 1e-9):
+        raise ArgumentError(f"--structured_step must be in (0, --target_sparsity], got {pargs.structured_step}")
+    if pargs.epochs_per_stage < 1:
+        raise ArgumentError(f"--epochs_per_stage must be >= 1, got {pargs.epochs_per_stage}")
     if not 0.0 <= pargs.target_sparsity < 1.0:
         raise ArgumentError(f"--target_sparsity must be in [0, 1), got {pargs.target_sparsity}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     from cap_ds.checkpoint import Checkpointer
     from cap_ds.compression import (
         CompressionScheduler,
+        FirstOrderPruner,
+        first_order_section,
         init_compression,
         parse_compression_config,
         sparsity_report,
@@ -174,8 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     labels_tensor = None if task.is_regression else torch.tensor(train_ds["labels"], dtype=torch.long)
 
     spe = steps_per_epoch(len(train_loader), rargs.gradient_accumulation_steps)
-    total_steps = rargs.max_steps if rargs.max_steps > 0 else math.ceil(rargs.num_train_epochs * spe)
-    num_epochs = math.ceil(total_steps / spe)
+    structured = rargs.mode == "prune" and pargs.pruning_method == "first_order"
+    stages = structured_stages(pargs.target_sparsity, pargs.structured_step) if structured else []
+    if structured:  # CAP-f: the schedule is the stages, each followed by --epochs_per_stage of retraining
+        num_epochs = len(stages) * pargs.epochs_per_stage
+        total_steps = num_epochs * spe if rargs.max_steps <= 0 else min(rargs.max_steps, num_epochs * spe)
+    else:
+        total_steps = rargs.max_steps if rargs.max_steps > 0 else math.ceil(rargs.num_train_epochs * spe)
+        num_epochs = math.ceil(total_steps / spe)
     warmup = rargs.warmup_steps or math.ceil(rargs.warmup_ratio * total_steps)
 
     # ---- models
@@ -196,7 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
         rargs.deepspeed, micro_batch=rargs.per_device_train_batch_size, grad_accum=rargs.gradient_accumulation_steps,
         world_size=world, max_grad_norm=rargs.max_grad_norm, output_dir=rargs.output_dir)
     scheduler = None
-    if prune:
+    if structured:
+        compression = compression if compression and any(
+            compression.get(k, {}).get("shared_parameters", {}).get("method") == "first_order"
+            for k in ("head_pruning", "row_pruning")) else first_order_section(student.config.num_attention_heads)
+        comp_cfg = parse_compression_config({"compression_training": compression})
+        init_compression(student, comp_cfg)
+        for p in student.base_model.embeddings.parameters():
+            p.requires_grad_(False)
+    elif prune:
         comp_cfg = parse_compression_config({"compression_training": compression}) if compression else None
         if comp_cfg is None or not comp_cfg.enabled:
             offset, offset_end = warmup_offsets(total_steps, warmup, pargs.initial_warmup, pargs.final_warmup)
@@ -212,9 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- engine
     optimizer = torch.optim.AdamW(optimizer_groups(student, rargs.weight_decay, rargs.mask_scores_learning_rate),
                                   lr=rargs.learning_rate, eps=rargs.adam_epsilon)
-    engine, _, _, _ = deepspeed.initialize(
-        model=student, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total_steps))
+    if structured:  # reference CAP-f: each stage retrains with a fresh warm-up + linear decay
+        stage_steps = pargs.epochs_per_stage * spe
+        make_lr = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, staged_linear(stage_steps, rargs.warmup_ratio))  # noqa: E731
+    else:
+        make_lr = lambda opt: get_linear_schedule_with_warmup(opt, warmup, total_steps)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config, lr_scheduler=make_lr)
+    pruner = FirstOrderPruner(engine.module, comp_cfg) if structured else None
 
     # ---- resume point (DeepSpeed checkpoint + CAP state)
     checkpointer = Checkpointer(rargs.output_dir, engine, rank, keep=rargs.save_total_limit)
@@ -227,10 +247,16 @@ def main(argv: list[str] | None = None) -> dict:
                             kd_weight=kd_weight, kd_temperature=cargs.kd_temperature,
                             snapshot_steps=cargs.snapshot_steps, snapshot_mode=cargs.snapshot_mode,
                             logging_steps=rargs.logging_steps, eval_steps=rargs.eval_steps,
-                            save_steps=rargs.save_steps, show_progress=not rargs.disable_tqdm)
+                            save_steps=rargs.save_steps, structured_stages=stages,
+                            epochs_per_stage=pargs.epochs_per_stage, importance_batches=pargs.importance_batches,
+                            log_sparsity=prune, show_progress=not rargs.disable_tqdm)
     trainer = CapTrainer(engine=engine, task=task, train_loader=train_loader, eval_loader=eval_loader,
                          encode_loader=encode_loader, num_train=len(train_ds), settings=settings,
-                         scheduler=scheduler, is_rank0=is_rank0, checkpointer=checkpointer)
+                         scheduler=scheduler, is_rank0=is_rank0, checkpointer=checkpointer, pruner=pruner,
+                         importance_loader=DataLoader(train_ds, batch_size=rargs.per_device_train_batch_size,
+                                                      sampler=ShardSampler(len(train_ds), rank, world, shuffle=False),
+                                                      generator=torch.Generator().manual_seed(rargs.seed),
+                                                      **loader_kw) if structured else None)
     hook = SentenceVectorHook(engine.module, margs.sentence_vector) if modules else None
     trainer.hook = hook
 
@@ -301,6 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
         result.update({"pruning_method": pargs.pruning_method, "target_sparsity": pargs.target_sparsity,
                        "sparsity": report["sparsity"], "sparsity_per_module": report["per_module"],
                        "snapshots": banks["snc"].num_columns if "snc" in banks else 0})
+    if structured:
+        rep = pruner.report()
+        result.update({"sparsity": trainer.structured_sparsity(), "masked_weight_sparsity": report["sparsity"],
+                       "heads_kept": rep.get("heads_kept"), "heads_total": rep.get("heads_total"),
+                       "neurons_kept": rep.get("neurons_kept"), "neurons_total": rep.get("neurons_total"),
+                       "kept_per_layer": {k: rep[k] for k in ("heads", "neurons") if k in rep},
+                       "stages": trainer.stage_reports})
     if hook is not None:
         hook.remove()
     export_pretrained(engine.module, tokenizer, os.path.join(rargs.output_dir, "final"))  # collective
@@ -310,10 +343,29 @@ def main(argv: list[str] | None = None) -> dict:
         write_json_atomic(os.path.join(rargs.output_dir, "metrics.json"), result)
         write_json_atomic(os.path.join(rargs.output_dir, "train_state.json"),
                           {"status": "completed", "step": trainer.global_step})
-        logger.info("final eval %s%s", eval_metrics,
-                    f", sparsity {report['sparsity']:.4f}" if report else "")
+        logger.info("final eval %s%s", eval_metrics, f", sparsity {result['sparsity']:.4f}" if prune else "")
     torch.distributed.barrier()
     return result
+
+
+def structured_stages(target: float, step: float) -> list[float]:
+    """Cumulative pruned fractions of CAP-f: step, 2*step, ... up to and including ``target``."""
+    stages, k = [], 1
+    while k * step < target - 1e-9:
+        stages.append(round(k * step, 10))
+        k += 1
+    return [*stages, target]
+
+
+def staged_linear(stage_steps: int, warmup_ratio: float):
+    """LR multiplier: warm-up then linear decay to 0, restarted at every CAP-f stage."""
+    warm = max(1, math.ceil(warmup_ratio * stage_steps))
+
+    def factor(step: int) -> float:
+        i = step % stage_steps
+        return i / warm if i < warm else max(0.0, (stage_steps - i) / max(1, stage_steps - warm))
+
+    return factor
 
 
 def encode_teacher_logits(trainer, teacher) -> dict:

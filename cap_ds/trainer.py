@@ -40,6 +40,10 @@ class LoopSettings:
     logging_steps: int = 10
     eval_steps: int = 0
     save_steps: int = 0
+    structured_stages: list[float] = field(default_factory=list)  # CAP-f cumulative pruned fractions
+    epochs_per_stage: int = 2
+    importance_batches: int = 0
+    log_sparsity: bool = False
     show_progress: bool = True
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -59,7 +63,7 @@ class CapTrainer:
                  settings: LoopSettings, scheduler: CompressionScheduler | None = None,
                  objective: CapObjective | None = None, hook: SentenceVectorHook | None = None,
                  teacher_logits: torch.Tensor | None = None, live_teacher: torch.nn.Module | None = None,
-                 is_rank0: bool = True, checkpointer=None) -> None:
+                 is_rank0: bool = True, checkpointer=None, pruner=None, importance_loader=None) -> None:
         self.engine = engine
         self.model = engine.module
         self.task = task
@@ -81,6 +85,10 @@ class CapTrainer:
         self.last_eval_logits: np.ndarray | None = None
         self.shard = Shard(num_train, rank(), world_size())
         self.checkpointer = checkpointer
+        self.pruner = pruner  # CAP-f (compression.FirstOrderPruner)
+        self.importance_loader = importance_loader
+        self.stage_done = -1
+        self.stage_reports: list[dict[str, Any]] = []
         # Loop position (restored on resume): micro-batches consumed in the current epoch.
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -216,7 +224,11 @@ class CapTrainer:
                 sampler.set_epoch(epoch)
             if hasattr(sampler, "start_index"):
                 sampler.start_index = self.batch_in_epoch * bs
-            if self.snc_enabled and s.snapshot_steps == 0 and epoch >= 1 and self.snapshot_epoch < epoch:
+            if self.pruner is not None:
+                stage = epoch // s.epochs_per_stage
+                if epoch % s.epochs_per_stage == 0 and stage > self.stage_done and stage < len(s.structured_stages):
+                    self.structured_stage(stage)
+            elif self.snc_enabled and s.snapshot_steps == 0 and epoch >= 1 and self.snapshot_epoch < epoch:
                 self.snapshot()
                 self.snapshot_epoch = epoch
             for batch in self.train_loader:
@@ -245,7 +257,8 @@ class CapTrainer:
                     terms["lr"] = engine.get_lr()[0]
                     if self.scheduler is not None:
                         terms["threshold"] = self.scheduler.threshold
-                        terms["sparsity"] = sparsity_report(self.model)["sparsity"]
+                    if s.log_sparsity:
+                        terms["sparsity"] = self.current_sparsity()
                     self.scalars.log("Train", terms, self.global_step)
                     s.history.append({"step": self.global_step, **terms})
                     progress.set_postfix(loss=f"{terms['loss']:.4f}")
@@ -270,6 +283,61 @@ class CapTrainer:
         self.scalars.flush()
         return last_eval
 
+    # ---------------------------------------------------------------- CAP-f (structured, iterative)
+    def structured_stage(self, stage: int) -> None:
+        """Snapshot (stage >= 1, before the new mask, eval mode as the reference), importance, prune."""
+        if stage >= 1 and self.snc_enabled:
+            bank = self.objective.banks["snc"]
+            vecs = self.encode_vectors(self.model, self.hook, train_mode=False,
+                                       desc=f"SnC snapshot {bank.num_columns + 1}")["vectors"]
+            bank.add_column(vecs)
+        self.first_order_importance()
+        fraction = self.s.structured_stages[stage]
+        result = self.pruner.prune_step(fraction)
+        self.stage_done = stage
+        report = {"stage": stage, "fraction": fraction, "step": self.global_step, **result,
+                  "structured_sparsity": self.structured_sparsity()}
+        self.stage_reports.append(report)
+        self.scalars.log("Prune", {"fraction": fraction, "structured_sparsity": report["structured_sparsity"]},
+                         self.global_step)
+        if self.is_rank0:
+            logger.info("CAP-f stage %d: pruned %.0f%% of heads/neurons %s", stage, 100 * fraction, result)
+
+    def first_order_importance(self) -> None:
+        """Sum of |dL/dgate| over the training data with the full loss (incl. contrastive terms), eval mode."""
+        engine = self.engine
+        engine.eval()
+        self.pruner.start_accumulation(reset=True)
+        limit = self.s.importance_batches
+        for i, batch in enumerate(tqdm(self.importance_loader, desc="importance", leave=False,
+                                       disable=not (self.s.show_progress and self.is_rank0))):
+            if limit and i >= limit:
+                break
+            loss, _ = self.compute_loss(to_device(batch, self.device))
+            engine.backward(loss)
+            engine.zero_grad()
+        self.pruner.stop_accumulation()
+        engine.train()
+
+    def structured_sparsity(self) -> float:
+        """Fraction of encoder linear weights a clean removes: heads take Q/K/V rows and O columns, neurons
+        take FFN-in rows and FFN-out columns."""
+        cfg = self.model.config
+        h, inter, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+        head_dim = h // heads
+        rep = self.pruner.report()
+        layers = cfg.num_hidden_layers
+        kept_heads = rep.get("heads_kept", heads * layers)
+        kept_neurons = rep.get("neurons_kept", inter * layers)
+        dense = layers * (4 * h * h + 2 * h * inter)
+        kept = 4 * h * head_dim * kept_heads + 2 * h * kept_neurons
+        return 1.0 - kept / dense
+
+    def current_sparsity(self) -> float:
+        if self.pruner is not None:
+            return self.structured_sparsity()
+        return sparsity_report(self.model)["sparsity"]
+
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         from .checkpoint import rng_state
@@ -280,6 +348,8 @@ class CapTrainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "objective": self.objective.state_dict() if self.objective is not None else None,
             "teacher_logits": self.teacher_logits, "teacher_metrics": self.teacher_metrics,
+            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+            "stage_done": self.stage_done, "stage_reports": self.stage_reports,
             "rng": rng_state(),
         }
 
@@ -295,6 +365,9 @@ class CapTrainer:
             self.objective.load_state_dict(state["objective"])
         self.teacher_logits = state["teacher_logits"]
         self.teacher_metrics = state["teacher_metrics"]
+        if self.pruner is not None:
+            self.pruner.load_state_dict(state["pruner"])
+        self.stage_done, self.stage_reports = state["stage_done"], state["stage_reports"]
         self._rng = state["rng"]
 
     def restore_rng(self) -> None:

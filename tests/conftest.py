@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Small real runs: the real 2-layer model on real SST-2 rows.
+COMMON = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "320",
+          "--max_eval_samples", "128", "--max_seq_length", "64", "--per_device_train_batch_size", "16",
+          "--disable_tqdm", "--logging_steps", "5", "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
+
+
+def run(cmd, **env):
+    """Run a command in the repo with the offline hub and a free master port; fail with its output."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port()), **env}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, glue_dir, model_path):
+    """A dense teacher fine-tuned on 512 real SST-2 rows (shared by the end-to-end tests)."""
+    out = tmp_path_factory.mktemp("teacher")
+    run([sys.executable, "cap_ds/train.py", "--mode", "finetune", "--data_dir", str(glue_dir), "--output_dir",
+         str(out), "--num_train_epochs", "4", "--learning_rate", "5e-4", "--warmup_ratio", "0.05", *COMMON,
+         "--max_train_samples", "512"])
+    return out

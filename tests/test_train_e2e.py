@@ -11,18 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port
-
-COMMON = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "320",
-          "--max_eval_samples", "128", "--max_seq_length", "64", "--per_device_train_batch_size", "16",
-          "--disable_tqdm", "--logging_steps", "5", "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
-
-
-def run(cmd, **env):
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port()), **env}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+from tests.conftest import COMMON, free_port, run
 
 
 def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -31,15 +20,6 @@ def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, glue_dir, model_path):
-    out = tmp_path_factory.mktemp("teacher")
-    run([sys.executable, "cap_ds/train.py", "--mode", "finetune", "--data_dir", str(glue_dir), "--output_dir",
-         str(out), "--num_train_epochs", "4", "--learning_rate", "5e-4", "--warmup_ratio", "0.05", *COMMON,
-         "--max_train_samples", "512"])
-    return out
 
 
 def test_finetune_teacher_learns(teacher_dir):
