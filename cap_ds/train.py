@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 import logging
 import math
 import random
+import resource
 import signal
 import socket
 import time
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": trainer.global_step, "epochs": num_epochs, "train_runtime_s": runtime,
         "train_examples_per_second": trainer.examples_seen / max(trainer.train_time, 1e-9),
         "bank_encode_s": encode_seconds, "world_size": world,
+        "step_time_s": trainer.train_time / max(trainer.global_step, 1),
+        "bank_bytes_per_rank": sum(b.memory_bytes() for b in banks.values()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "model_name_or_path": model_path, "teacher_name_or_path": margs.teacher_name_or_path,
         "teacher_eval": trainer.teacher_metrics, "cap_modules": modules, "ce_weight": ce_weight, "kd_weight": kd_weight,
     }
