@@ -40,8 +40,8 @@ def _free_port() -> int:
 
 def _single_process_env() -> None:
     """A plain ``python cap_ds/train.py`` is a world of one: skip DeepSpeed's MPI discovery."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
-        return
+    if any(v in os.environ for v in ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        return  # a launcher (deepspeed, torchrun, mpirun, srun --mpi=pmix) owns the world
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     from cap_ds.args import parse_args
 
     margs, dargs, rargs, pargs, cargs = parse_args(argv)
+    # Preemption signals that arrive during setup (model loads, encode passes) are remembered, not fatal.
+    early_stop = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: early_stop.append(True))
     preflight(margs, dargs, rargs, pargs, cargs)
     _single_process_env()
 
@@ -141,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     from cap_ds.teachers import teacher_engine
     from cap_ds.trainer import CapTrainer, LoopSettings, steps_per_epoch
 
-    # ---- distributed world (DeepSpeed picks gloo on CPU, nccl on GPUs)
-    deepspeed.init_distributed()
+    # ---- distributed world (DeepSpeed picks gloo on CPU, nccl on GPUs). Under mpirun / srun --mpi=pmix it
+    # discovers ranks with mpi4py and sets MASTER_PORT to `distributed_port`: pass ours, not its 29500.
+    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", "29500")))
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     is_rank0 = rank == 0
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING,
@@ -300,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, trainer.request_stop)
+    trainer.stop_flag = bool(early_stop)
     trainer.restore_rng()  # last: everything above may have drawn random numbers
 
     # ---- loop
