@@ -1,10 +1,25 @@
 """cap_ds: ContrAstive Pruning (CAP) for pre-trained encoders, scaled with DeepSpeed."""
 
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+
+# CAP_BUILD_OPS=1 prebuilds cap_ds's kernels (op cap_masked_gemm) instead of JIT-compiling them on first use.
+# Needs torch and deepspeed importable at build time: CAP_BUILD_OPS=1 pip install --no-build-isolation .
+ext_modules, cmdclass = [], {}
+if os.environ.get("CAP_BUILD_OPS", "0") == "1":
+    import importlib.util
+
+    from torch.utils.cpp_extension import BuildExtension
+
+    _spec = importlib.util.spec_from_file_location("cap_ds_op_builder", HERE / "cap_ds" / "ops" / "builder.py")
+    _builder = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_builder)  # without importing cap_ds itself
+    ext_modules.append(_builder.CapMaskedGemmBuilder().builder())
+    cmdclass["build_ext"] = BuildExtension
 
 setup(
     name="cap_ds",
@@ -15,6 +30,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cap_ds", "cap_ds.*"]),
+    package_data={"cap_ds.ops": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},  # JIT sources
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     # Every range is satisfiable by torch 2.13.0 (install it first: `pip install torch==2.13.0`), so pip never
     # pulls a newer CUDA build in its place.
     install_requires=[

@@ -2,7 +2,8 @@
 CAP (movement + PrC/SnC/FiC + KD) with cached banks and teacher logits.
 
 Each configuration is a real `cap_ds/train.py` run on real SST-2 rows (same data, batch and steps); reported:
-mean optimizer-step time (forward + losses + backward + step; bank encode passes excluded and listed apart),
+mean optimizer-step time (forward + losses + backward + step; bank encode passes excluded and listed apart;
+pruning runs freeze the embeddings as the reference does, plain fine-tuning trains them),
 bank memory per rank and peak RSS per process. Ratios are against movement+KD(live) and plain fine-tuning.
 
     python benchmarks/bench_train.py [--layers 6] [--steps 40] [--batch 32] [--teacher DIR]
@@ -51,9 +52,11 @@ def main() -> None:
         prune = [*common, "--teacher_name_or_path", teacher, "--max_steps", str(args.steps),
                  "--pruning_method", "movement", "--target_sparsity", "0.9"]
         live = run([*prune, "--cap", "none", "--teacher_mode", "live"], tmp / "live")
+        cached = run([*prune, "--cap", "none", "--teacher_mode", "cached"], tmp / "cached")
         cap = run([*prune, "--cap", "prc,snc,fic", "--teacher_mode", "cached", "--num_train_epochs", "1"],
                   tmp / "cap")
-    rows = [("plain fine-tuning (CE)", plain), ("movement + KD, live teacher", live),
+    rows = [("plain fine-tuning (CE; embeddings trained)", plain), ("movement + KD, live teacher", live),
+            ("movement + KD, cached teacher logits", cached),
             ("CAP-m (PrC+SnC+FiC+KD), cached", cap)]
     print(f"{args.layers}-layer all-MiniLM-L6-v2, batch {args.batch}, seq <= 64, {args.steps} steps, CPU threads "
           f"{os.cpu_count()}\n")

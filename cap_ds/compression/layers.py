@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import masked_linear
 from .methods import HEAD_METHODS, ROW_METHODS, SCORE_METHODS, canonical_method, compute_mask, unit_mask
+
+# Route the plain sparse-masked product through cap_ds's kernels (cap_ds.ops) when they are built. Also off with
+# CAP_DS_KERNELS=0 (then cap_ds.ops never builds anything).
+USE_KERNELS = True
 
 
 def _init_scores(scores: torch.Tensor, mask_init: str, mask_scale: float) -> None:
@@ -201,6 +206,12 @@ class MaskedLinear(nn.Linear):
             self.last_regularization = torch.sigmoid(self.mask_scores.float()).mean()
         if not self.pruning_enabled:
             return F.linear(input, self.weight, self.bias)
+        if USE_KERNELS and self.row_method is None and self.head_method is None:
+            # Only a sparse mask: x @ (W*M)^T + b through the cap_masked_gemm op when it is built (same numbers;
+            # W*M not kept for the backward); masked_linear itself falls back to F.linear(x, W*M, b).
+            sparse = self.sparse_mask()
+            if sparse is not None:
+                return masked_linear(input, self.weight, sparse, self.bias)
         return F.linear(input, self.masked_weight(), self.masked_bias())
 
     @torch.no_grad()

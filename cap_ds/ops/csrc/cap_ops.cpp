@@ -1,0 +1,128 @@
+// Python bindings and device dispatch of cap_masked_gemm (see cap_ops.h). GEMMs go to ATen (MKL/oneDNN on CPU,
+// cuBLAS on CUDA) exactly as F.linear's autograd does; our kernels do the masking and the sparse products.
+#include <ATen/record_function.h>
+#include <torch/extension.h>
+
+#include "cap_ops.h"
+
+namespace cap {
+
+namespace {
+
+void check_pair(const at::Tensor& w, const at::Tensor& m) {
+  TORCH_CHECK(w.sizes() == m.sizes(), "cap_masked_gemm: weight ", w.sizes(), " and mask ", m.sizes(),
+              " differ in shape");
+  TORCH_CHECK(w.scalar_type() == m.scalar_type(), "cap_masked_gemm: mask must be in the weight dtype");
+  TORCH_CHECK(w.device() == m.device(), "cap_masked_gemm: weight and mask on different devices");
+}
+
+at::Tensor masked_weight(const at::Tensor& w_in, const at::Tensor& m_in) {
+  check_pair(w_in, m_in);
+  const at::Tensor w = w_in.contiguous(), m = m_in.contiguous();
+  at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
+  if (w.is_cuda()) {
+#ifdef CAP_WITH_CUDA
+    masked_mul_cuda(w, m, out);
+#else
+    TORCH_CHECK(false, "cap_masked_gemm was built without CUDA");
+#endif
+  } else {
+    masked_mul_cpu(w, m, out);
+  }
+  return out;
+}
+
+// y = x @ (W*M)^T + b. The masked weight is a temporary: it is not saved for the backward.
+at::Tensor masked_linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& m,
+                                 const std::optional<at::Tensor>& bias) {
+  RECORD_FUNCTION("cap::masked_linear_forward", std::vector<c10::IValue>({x, w}));
+  return at::linear(x, masked_weight(w, m), bias);
+}
+
+// Gradients of masked_linear_forward: [dx, dW, dM, db], None where not wanted.
+std::vector<std::optional<at::Tensor>> masked_linear_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                              const at::Tensor& w_in, const at::Tensor& m_in,
+                                                              bool want_x, bool want_w, bool want_m,
+                                                              bool want_b) {
+  RECORD_FUNCTION("cap::masked_linear_backward", std::vector<c10::IValue>({grad, x, w_in}));
+  check_pair(w_in, m_in);
+  const at::Tensor w = w_in.contiguous(), m = m_in.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::Tensor g2 = grad.reshape({-1, N});
+  std::vector<std::optional<at::Tensor>> out(4);
+  if (want_x) {
+    // dx first, so that the masked-weight scratch is freed before the weight-shaped gradients exist.
+    out[0] = g2.mm(masked_weight(w, m)).view(x.sizes());
+  }
+  if (want_w || want_m) {
+    at::Tensor gw = g2.t().mm(x.reshape({-1, K}));  // [N, K] = g^T x, contiguous; becomes dW in place
+    at::Tensor dm = want_m ? at::empty_like(gw) : at::Tensor();
+    if (gw.is_cuda()) {
+#ifdef CAP_WITH_CUDA
+      masked_grads_cuda(gw, w, m, dm, want_w, want_m);
+#else
+      TORCH_CHECK(false, "cap_masked_gemm was built without CUDA");
+#endif
+    } else {
+      masked_grads_cpu(gw, w, m, dm, want_w, want_m);
+    }
+    if (want_w) out[1] = gw;
+    if (want_m) out[2] = dm;
+  }
+  if (want_b) out[3] = g2.sum(0);
+  return out;
+}
+
+at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                      const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
+  RECORD_FUNCTION("cap::csr_linear", std::vector<c10::IValue>({x, values}));
+  TORCH_CHECK(x.dim() == 2, "csr_linear: x must be 2-D [tokens, in_features]");
+  TORCH_CHECK(row_ptr.device() == x.device() && col_idx.device() == x.device() && values.device() == x.device(),
+              "csr_linear: x and the CSR arrays must be on the same device");
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && col_idx.scalar_type() == at::kInt,
+              "csr_linear: indices must be int32");
+  TORCH_CHECK(row_ptr.is_contiguous() && col_idx.is_contiguous() && values.is_contiguous(),
+              "csr_linear: CSR arrays must be contiguous");
+  TORCH_CHECK(row_ptr.numel() == out_features + 1, "csr_linear: row_ptr must have out_features + 1 entries");
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), "csr_linear: x (", x.scalar_type(),
+              ") and weight values (", values.scalar_type(), ") must have the same dtype");
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == out_features,
+                "csr_linear: bias must be [out_features] in x's dtype");
+    b = bias->contiguous();
+  }
+  if (x.is_cuda()) {
+#ifdef CAP_WITH_CUDA
+    return csr_linear_cuda(x, row_ptr, col_idx, values, b, out_features);
+#else
+    TORCH_CHECK(false, "cap_masked_gemm was built without CUDA");
+#endif
+  }
+  return csr_linear_cpu(x, row_ptr, col_idx, values, b, out_features);
+}
+
+bool with_cuda() {
+#ifdef CAP_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+}  // namespace cap
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cap_ds kernels: masked linear for pruning, CSR sparse linear for pruned inference";
+  m.def("masked_weight", &cap::masked_weight, "W * M in one pass", py::arg("weight"), py::arg("mask"));
+  m.def("masked_linear_forward", &cap::masked_linear_forward, "x @ (W*M)^T + b", py::arg("x"), py::arg("weight"),
+        py::arg("mask"), py::arg("bias") = py::none());
+  m.def("masked_linear_backward", &cap::masked_linear_backward, "[dx, dW, dM, db] of the masked linear",
+        py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("mask"), py::arg("want_x"), py::arg("want_w"),
+        py::arg("want_m"), py::arg("want_b"));
+  m.def("csr_linear", &cap::csr_linear, "x @ W^T + b with W in CSR", py::arg("x"), py::arg("row_ptr"),
+        py::arg("col_idx"), py::arg("values"), py::arg("bias") = py::none(), py::arg("out_features"));
+  m.def("with_cuda", &cap::with_cuda, "whether the CUDA kernels were compiled in");
+}

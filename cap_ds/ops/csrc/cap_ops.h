@@ -1,0 +1,29 @@
+// cap_masked_gemm: kernels for CAP pruning (training masked linear) and pruned-model inference (sparse linear).
+//
+// Training:  y = x @ (W*M)^T + b, with the backward returning dx = g @ (W*M), dW = (g^T x) * M and
+//            dM = (g^T x) * W (straight-through to the mask scores). W*M is never kept between forward and
+//            backward; the two weight-shaped gradients come out of one fused pass over g^T x.
+// Inference: y = x @ W^T + b with W [N, K] stored as CSR (int32 row_ptr/col_idx, values in W's dtype).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace cap {
+
+// ---- device kernels (elementwise, contiguous inputs of equal shape and dtype)
+void masked_mul_cpu(const at::Tensor& w, const at::Tensor& m, at::Tensor& out);
+// g holds g^T x on entry; afterwards g = g*m (dW) when want_w, and dm_out = g_in * w when want_m.
+void masked_grads_cpu(at::Tensor& g, const at::Tensor& w, const at::Tensor& m, at::Tensor& dm_out, bool want_w,
+                      bool want_m);
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features);
+
+#ifdef CAP_WITH_CUDA
+void masked_mul_cuda(const at::Tensor& w, const at::Tensor& m, at::Tensor& out);
+void masked_grads_cuda(at::Tensor& g, const at::Tensor& w, const at::Tensor& m, at::Tensor& dm_out, bool want_w,
+                       bool want_m);
+at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                           const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features);
+#endif
+
+}  // namespace cap
