@@ -102,3 +102,22 @@ def test_two_ranks_zero3_student_offloaded_teacher(teacher_dir, glue_dir, tmp_pa
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     w = model.bert.encoder.layer[1].attention.self.query.weight
     assert float((w == 0).float().mean()) == pytest.approx(0.9, abs=0.01)
+
+
+def test_old_deepspeed_compression_config_runs_through_the_trainer(glue_dir, tmp_path, model_path):
+    """DeepSpeedExamples' BERT template (sparse l1 + row topk + head topk with related_modules) drives training."""
+    from tests.test_compression import DS_TEMPLATE
+
+    cfg = json.loads(json.dumps(DS_TEMPLATE))
+    cfg["compression_training"]["head_pruning"]["shared_parameters"]["num_heads"] = 12  # MiniLM has 12 heads
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    out = tmp_path / "old"
+    run([sys.executable, "cap_ds/train.py", "--deepspeed", str(tmp_path / "ds.json"), "--cap", "prc",
+         "--config_overrides", "num_hidden_layers=2", "--data_dir", str(glue_dir), "--max_train_samples", "128",
+         "--max_eval_samples", "32", "--max_seq_length", "32", "--per_device_train_batch_size", "32",
+         "--max_steps", "6", "--extra_negatives", "32", "--disable_tqdm", "--output_dir", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["sparsity"] > 0.5  # l1 50 % on top of half the heads and half the FFN rows
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["model_type"] == "cap_pruned_bert"
+    assert config["layer_heads"] == [6, 6] and config["layer_intermediate_sizes"] == [768, 768]
