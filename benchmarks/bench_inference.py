@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
 from torch import nn  # noqa: E402
 
 
@@ -38,20 +39,6 @@ def magnitude_prune_(model: nn.Module, sparsity: float) -> int:
                 w.mul_(mask.view_as(w))
                 count += 1
     return count
-
-
-def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
-    with torch.inference_mode():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(reps):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 class LinearTimer:
@@ -121,7 +108,8 @@ def main() -> int:
     with torch.inference_mode():
         diff = (dense(**inputs).logits - sparse(**inputs).logits).abs().max().item()
 
-    t = interleaved({"dense": lambda: dense(**inputs), "sparse": lambda: sparse(**inputs)}, args.reps)
+    t = interleaved({"dense": lambda: dense(**inputs), "sparse": lambda: sparse(**inputs)}, args.reps, warmup=2,
+                    inference=True)
     # Linear share measured inside the same kind of forwards (hooks), median per forward.
     timers = {"dense": LinearTimer(dense, (nn.Linear,)), "sparse": LinearTimer(sparse, (SparseLinear,))}
     per_call: dict[str, list[float]] = {"dense": [], "sparse": []}

@@ -16,13 +16,12 @@ with the bytes autograd keeps between forward and backward.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
 
 SHAPES = ((512, 768, 3072), (512, 3072, 768))
 SPARSITIES = (0.5, 0.9, 0.97)
@@ -34,20 +33,6 @@ def unstructured(n: int, k: int, sparsity: float, gen: torch.Generator) -> torch
     zeros = torch.randperm(n * k, generator=gen)[: int(round(sparsity * n * k))]
     w.view(-1)[zeros] = 0
     return w
-
-
-def interleaved(fns: dict[str, callable], reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def spmm_case(op, x: torch.Tensor, w: torch.Tensor, reps: int) -> dict:

@@ -1,0 +1,29 @@
+"""Shared timing for the benchmark scripts: round-robin (interleaved) calls, median seconds per call.
+
+Interleaving puts every candidate under the same machine load, so ratios measured in one run stay meaningful
+on a busy box.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3,
+                inference: bool = False) -> dict[str, float]:
+    """Median seconds per call of each fn, timed round-robin after ``warmup`` calls each."""
+    with torch.inference_mode(inference):
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
