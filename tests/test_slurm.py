@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,16 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes(cluster, glue_dir, 
     cluster.run("scancel", "--signal=USR1", "--batch", str(job.id))
     info = job.wait(lambda i: int(i.get("Restarts", 0)) >= 1 and i.get("JobState") in {"PENDING", "RUNNING"} | TERMINAL)
     if info["JobState"] == "PENDING":
-        # Slurm holds a requeued job ~2 minutes (BeginTime); release it instead of waiting.
+        # Slurm holds a requeued job ~2 minutes (BeginTime) so its nodes can finish cleaning up the cancelled run.
+        # Release it early, but only once no node is still COMPLETING: a launch onto a node that is still
+        # cleaning up fails at once (seen: FAILED, RunTime 0, ExitCode 1:0, nothing in the job log).
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            states = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).lower()
+            if states.strip() and "comp" not in states and "drain" not in states:
+                break
+            time.sleep(1)
+        time.sleep(2)
         cluster.run("scontrol", "update", f"jobid={job.id}", "StartTime=now", check=False)
     info = job.wait_done()
     job.assert_completed(info, steps=12)
