@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 
 from .cap.distributed import rank
 from .compression import baked_state, has_structured_masks, save_clean_pretrained
+from .compression.clean import atomic_dir
 
 
 def plain_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -31,23 +31,6 @@ def plain_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None) 
     plain = AutoModelForSequenceClassification.from_config(model.config)
     plain.load_state_dict(state if state is not None else baked_state(model), strict=True)
     return plain.eval()
-
-
-def _atomic_dir(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path) -> Path:
@@ -63,7 +46,7 @@ def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path) -> P
             plain.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        _atomic_dir(target, write)
+        atomic_dir(target, write)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return target

@@ -122,10 +122,6 @@ def check_tokenizers(student_tok, teacher_tok, student_path: str, teacher_path: 
         raise ValueError(f"tokenizer mismatch: teacher {teacher_path!r} and student {student_path!r} tokenise differently")
 
 
-def hidden_size(model: nn.Module) -> int:
-    return int(model.config.hidden_size)
-
-
 class SentenceVectorHook:
     """Records the sentence vector of the last forward of ``model`` via forward hooks.
 

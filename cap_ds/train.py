@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         resume_tag = checkpointer.latest_tag()
     elif rargs.resume != "none":
         resume_tag = rargs.resume
-    settings = LoopSettings(total_steps=total_steps, num_epochs=num_epochs, steps_per_epoch=spe, ce_weight=ce_weight,
+    settings = LoopSettings(total_steps=total_steps, num_epochs=num_epochs, ce_weight=ce_weight,
                             kd_weight=kd_weight, kd_temperature=cargs.kd_temperature,
                             snapshot_steps=cargs.snapshot_steps, snapshot_mode=cargs.snapshot_mode,
                             logging_steps=rargs.logging_steps, eval_steps=rargs.eval_steps,

@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 class LoopSettings:
     total_steps: int
     num_epochs: int
-    steps_per_epoch: int
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     kd_temperature: float = 2.0
@@ -183,7 +182,8 @@ class CapTrainer:
         idx = torch.cat(all_idx)
         logits = torch.cat(all_logits)
         labels = torch.cat(all_labels)
-        idx, logits, labels = (gather_padded(t) for t in (idx, logits, labels))
+        # DistributedSampler pads shards to equal length; gather, then dedupe by idx below.
+        idx, logits, labels = (all_gather_cat(t) for t in (idx, logits, labels))
         order = np.unique(idx.cpu().numpy(), return_index=True)[1]  # dedupe sampler padding, sort by idx
         preds = logits.cpu().numpy()[order]
         gold = labels.cpu().numpy()[order]
@@ -389,11 +389,6 @@ class CapTrainer:
         if self.is_rank0:
             logger.info("step %d eval %s", self.global_step, metrics)
         return metrics
-
-
-def gather_padded(t: torch.Tensor) -> torch.Tensor:
-    """All-gather per-rank results (DistributedSampler pads shards to equal size)."""
-    return all_gather_cat(t)
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:

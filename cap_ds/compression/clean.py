@@ -56,6 +56,28 @@ _PRUNED_FOR = {  # exact class -> (pruned class, config class, prefix of the enc
 PRUNED_CLASSES = tuple({v[0] for v in _PRUNED_FOR.values()})
 
 
+def atomic_dir(target: Path, write) -> None:
+    """Fill a temporary sibling folder with ``write(tmp)`` and swap it in for ``target``.
+
+    A failure leaves ``target`` as it was: no half-written export. The previous folder is removed only after the
+    new one is in place.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _is_score(name: str) -> bool:
     return name.endswith("mask_scores")
 
@@ -261,21 +283,14 @@ def save_clean_pretrained(model: nn.Module, out_dir: str | Path, tokenizer: Any 
         clean.config.auto_map = {"AutoConfig": f"{module}.{config_cls.__name__}"}
         for auto_name, model_cls in AUTO_CLASSES[config_cls].items():
             clean.config.auto_map[auto_name] = f"{module}.{model_cls.__name__}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             clean.save_pretrained(tmp, safe_serialization=True)
             shutil.copyfile(Path(__file__).with_name("pruned_modeling.py"), tmp / MODELING_FILE)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        atomic_dir(out, write)
     if world > 1:
         torch.distributed.barrier()
     return out
