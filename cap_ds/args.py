@@ -83,7 +83,7 @@ class PruningArguments:
         "help": "Fraction of encoder linear weights removed (soft movement: reached through --final_lambda; "
                 "first_order: fraction of heads and of FFN neurons removed)."})
     structured_step: float = field(default=0.1, metadata={
-        "help": "first_order: pruned fraction added per stage (0.1 -> 10%, 20%, ... up to --target_sparsity)."})
+        "help": "first_order: pruned fraction added per stage (0.1 -> 10%%, 20%%, ... up to --target_sparsity)."})
     epochs_per_stage: int = field(default=2, metadata={"help": "first_order: retraining epochs after each stage."})
     importance_batches: int = field(default=0, metadata={
         "help": "first_order: batches per rank for importance (0: the whole training set, as the reference)."})

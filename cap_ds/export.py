@@ -5,7 +5,8 @@
 - Structured masks (heads / FFN neurons): the physically cleaned, smaller model
   (``compression.save_clean_pretrained``; loads after ``import cap_ds`` or with ``trust_remote_code=True``).
 Both are collectives under ZeRO-3 (call on every rank); rank 0 writes to a temporary folder renamed into place,
-so a failed export never leaves a half-written directory.
+so a failed export never leaves a half-written directory. Given the sparsity report, the export also carries
+``sparsity.json`` and the per-layer heat-map ``sparsity_heatmap.png``.
 """
 
 from __future__ import annotations
@@ -33,11 +34,35 @@ def plain_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None) 
     return plain.eval()
 
 
-def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path) -> Path:
-    """Save the pruned model + tokenizer to ``target`` (collective; rank 0 writes); returns the path."""
+HEATMAP_FILE = "sparsity_heatmap.png"
+SPARSITY_FILE = "sparsity.json"
+
+
+def sparsity_files(report: dict[str, Any] | None, title: str | None = None):
+    """A writer that puts ``sparsity.json`` and the heat-map into an export folder (None without a report)."""
+    if report is None:
+        return None
+
+    def write(folder: Path) -> None:
+        from .plots import plot_sparsity_heatmap
+
+        (folder / SPARSITY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        plot_sparsity_heatmap(report, folder / HEATMAP_FILE, title=title)
+
+    return write
+
+
+def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path,
+                      sparsity_report: dict[str, Any] | None = None, title: str | None = None) -> Path:
+    """Save the pruned model + tokenizer to ``target`` (collective; rank 0 writes); returns the path.
+
+    ``sparsity_report`` (from :func:`cap_ds.compression.sparsity_report`, taken on the masked model) adds
+    ``sparsity.json`` and ``sparsity_heatmap.png`` to the export.
+    """
     target = Path(target)
+    extra = sparsity_files(sparsity_report, title)
     if has_structured_masks(model):
-        return save_clean_pretrained(model, target, tokenizer)
+        return save_clean_pretrained(model, target, tokenizer, extra_files=extra)
     state = baked_state(model)  # gathers partitioned parameters on every rank
     if rank() == 0:
         plain = plain_model(model, state)
@@ -45,6 +70,8 @@ def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path) -> P
         def write(tmp: Path) -> None:
             plain.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            if extra is not None:
+                extra(tmp)
 
         atomic_dir(target, write)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

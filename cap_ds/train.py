@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "stages": trainer.stage_reports})
     if hook is not None:
         hook.remove()
-    export_pretrained(engine.module, tokenizer, os.path.join(rargs.output_dir, "final"))  # collective
+    title = f"{task.name} {pargs.pruning_method}" + (f" + {'/'.join(modules)}" if modules else "")
+    export_pretrained(engine.module, tokenizer, os.path.join(rargs.output_dir, "final"),  # collective
+                      sparsity_report=report, title=title)
     if is_rank0:
         if trainer.last_eval_logits is not None:
             np.save(os.path.join(rargs.output_dir, "eval_logits.npy"), trainer.last_eval_logits)

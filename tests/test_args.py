@@ -33,6 +33,13 @@ def test_argparse_choices_name_allowed_values(capsys):
     assert "soft_movement" in capsys.readouterr().err
 
 
+def test_help_renders(capsys):
+    with pytest.raises(SystemExit) as exc:
+        args("--help")
+    assert exc.value.code == 0
+    assert "--target_sparsity" in capsys.readouterr().out
+
+
 def test_launcher_local_rank_and_path_valued_deepspeed(tmp_path):
     cfg = tmp_path / "ds.json"
     cfg.write_text("{}")

@@ -50,6 +50,11 @@ def test_cap_prune_end_to_end(teacher_dir, glue_dir, tmp_path):
     for tag in ("ce", "kd", "prc", "snc", "fic", "loss", "sparsity", "threshold", "lr", "examples_per_second"):
         assert f"Train/{tag}" in scalars, sorted(scalars)
     assert "Eval/accuracy" in scalars
+    # the export carries the per-layer sparsity heat-map and its numbers
+    heatmap = out / "final" / "sparsity_heatmap.png"
+    assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "final" / "sparsity.json").read_text())
+    assert saved["per_module"] == pytest.approx(metrics["sparsity_per_module"])
     assert scalars["Train/sparsity"][-1] == pytest.approx(metrics["sparsity"], abs=1e-6)
     assert scalars["Train/threshold"][0] == 1.0 and scalars["Train/threshold"][-1] == pytest.approx(0.1)
 

@@ -26,6 +26,9 @@ def test_cap_f_structured_exports_smaller_model_with_same_logits(teacher_dir, gl
     assert [s["fraction"] for s in m["stages"]] == [0.25, 0.5]
     assert m["snapshots"] == 1  # SnC snapshot before stage 1's mask
     assert all(v >= 1 for v in m["kept_per_layer"]["heads"].values())
+    saved = json.loads((out / "final" / "sparsity.json").read_text())  # heat-map data travels with the model
+    assert sum(v["heads"][0] for k, v in saved["structured"].items() if k.endswith("query")) == 12
+    assert (out / "final" / "sparsity_heatmap.png").stat().st_size > 1000
     # The export is the cleaned model: fewer parameters, loads after `import cap_ds`, same logits as the mask.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,12 +264,14 @@ def parameter_counts(dense: nn.Module, clean: nn.Module) -> tuple[int, int]:
 
 
 def save_clean_pretrained(model: nn.Module, out_dir: str | Path, tokenizer: Any = None,
-                          deepspeed_config: str | Path | dict[str, Any] | CompressionConfig | None = None) -> Path:
+                          deepspeed_config: str | Path | dict[str, Any] | CompressionConfig | None = None,
+                          extra_files: Callable[[Path], None] | None = None) -> Path:
     """Clean (unless already clean) and save a model that ``from_pretrained`` loads; returns the directory.
 
     ``import cap_ds.compression`` then ``AutoModelForSequenceClassification.from_pretrained(out_dir)`` loads it
     with no remote code; the modelling file is also written with an ``auto_map`` for ``trust_remote_code=True``
     users without cap_ds. Call on every rank under ZeRO-3 (gathering is collective); rank 0 writes, atomically.
+    ``extra_files(tmp)`` (rank 0) may add files (e.g. a sparsity heat-map) inside the same atomic write.
     """
     target = unwrap(model)
     clean = target if isinstance(target, PRUNED_CLASSES) else redundancy_clean(target, deepspeed_config)
@@ -289,6 +292,8 @@ def save_clean_pretrained(model: nn.Module, out_dir: str | Path, tokenizer: Any 
             shutil.copyfile(Path(__file__).with_name("pruned_modeling.py"), tmp / MODELING_FILE)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            if extra_files is not None:
+                extra_files(tmp)
 
         atomic_dir(out, write)
     if world > 1:

@@ -1,0 +1,56 @@
+"""benchmarks/reproduce_glue.py: a real (tiny) sweep writes table, JSON, plot and heat-maps, and resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, free_port
+
+SCRIPT = str(REPO / "benchmarks" / "reproduce_glue.py")
+
+
+def sweep(out, teacher_dir, glue_dir, *extra):
+    cmd = [sys.executable, SCRIPT, "--output_dir", str(out), "--data_dir", str(glue_dir),
+           "--teacher_name_or_path", str(teacher_dir / "final"), "--methods", "magnitude_kd,cap_m",
+           "--sparsities", "0.5", "--max_train_samples", "64", "--max_eval_samples", "64",
+           "--num_train_epochs", "2", "--extra_args", "--config_overrides num_hidden_layers=2 --extra_negatives 64",
+           *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port())}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_sweep_writes_results_and_resumes(teacher_dir, glue_dir, tmp_path):
+    out = tmp_path / "sweep"
+    proc = sweep(out, teacher_dir, glue_dir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in data["runs"]] == ["magnitude_kd", "cap_m"]
+    for r in data["runs"]:
+        assert r["sparsity"] == pytest.approx(0.5, abs=0.01) and 0.0 <= r["score"] <= 1.0
+        assert (out / f"{r['method']}_50" / "final" / "sparsity_heatmap.png").is_file()
+    assert data["teacher"] == data["runs"][0]["teacher"] > 0.5  # the given teacher, scored on the same dev rows
+    table = (out / "results.md").read_text()
+    assert "| CAP-m | 50 % | 50.0 % |" in table and "magnitude + KD" in table
+    assert (out / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Same command again: both runs are read back, none is retrained.
+    again = sweep(out, teacher_dir, glue_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "cap_ds/train.py" not in again.stdout
+    assert (out / "cap_m_50" / "train.log").read_text().count("$ ") == 1
+
+    # A different budget in the same folder is refused, naming the setting.
+    other = sweep(out, teacher_dir, glue_dir, "--learning_rate", "5e-5")
+    assert other.returncode != 0 and "learning_rate" in other.stderr
+
+
+def test_bad_arguments_named():
+    proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", "/tmp/unused", "--methods", "magic"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--methods: unknown ['magic']" in proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", "/tmp/unused", "--sparsities", "0.9,1.5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--sparsities" in proc.stderr
