@@ -326,10 +326,10 @@ def main(argv: list[str] | None = None) -> dict:
         "task": task.name, "mode": rargs.mode, "eval": eval_metrics, "primary_metric": task.primary_metric,
         "steps": trainer.global_step, "epochs": num_epochs, "train_runtime_s": runtime,
         "train_examples_per_second": trainer.examples_seen / max(trainer.train_time, 1e-9),
-        "bank_encode_s": encode_seconds, "world_size": world,
+        "bank_encode_s": encode_seconds, "snapshot_s": trainer.snapshot_time, "world_size": world,
         "step_time_s": trainer.train_time / max(trainer.global_step, 1),
         "bank_bytes_per_rank": sum(b.memory_bytes() for b in banks.values()),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **peak_memory(trainer.device),
         "model_name_or_path": model_path, "teacher_name_or_path": margs.teacher_name_or_path,
         "teacher_eval": trainer.teacher_metrics, "cap_modules": modules, "ce_weight": ce_weight, "kd_weight": kd_weight,
     }
@@ -358,6 +358,21 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("final eval %s%s", eval_metrics, f", sparsity {result['sparsity']:.4f}" if prune else "")
     torch.distributed.barrier()
     return result
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak host RSS of every rank (and peak CUDA allocation on GPUs), gathered to every rank (collective)."""
+    from cap_ds.cap.distributed import all_gather_cat
+
+    local = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+    if device.type == "cuda":
+        local.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    per_rank = all_gather_cat(torch.tensor([local], dtype=torch.float64, device=device)).cpu().tolist()
+    out = {"peak_rss_mb": per_rank[0][0], "peak_rss_mb_per_rank": [r[0] for r in per_rank]}
+    if device.type == "cuda":
+        out["peak_gpu_mb_per_rank"] = [r[1] for r in per_rank]
+        out["gpu_name"] = torch.cuda.get_device_name(device)
+    return out
 
 
 def structured_stages(target: float, step: float) -> list[float]:

@@ -80,7 +80,8 @@ class CapTrainer:
         self.scalars = ScalarLogger(engine, is_rank0)
         self.global_step = 0
         self.examples_seen = 0
-        self.train_time = 0.0
+        self.train_time = 0.0  # optimizer steps only (forward, losses, backward, step)
+        self.snapshot_time = 0.0  # SnC encode passes, reported apart
         self.last_eval_logits: np.ndarray | None = None
         self.shard = Shard(num_train, rank(), world_size())
         self.checkpointer = checkpointer
@@ -124,9 +125,11 @@ class CapTrainer:
     def snapshot(self) -> None:
         """Append the current student as a new SnC column."""
         bank = self.objective.banks["snc"]
+        t0 = time.perf_counter()
         vecs = self.encode_vectors(self.model, self.hook, train_mode=self.s.snapshot_mode == "train",
                                    desc=f"SnC snapshot {bank.num_columns + 1}")["vectors"]
         bank.add_column(vecs)
+        self.snapshot_time += time.perf_counter() - t0
         logger.info("SnC snapshot %d taken at step %d", bank.num_columns, self.global_step)
 
     @property

@@ -100,6 +100,7 @@ def test_two_ranks_zero3_student_offloaded_teacher(teacher_dir, glue_dir, tmp_pa
     assert m["world_size"] == 2 and m["steps"] == 20  # 320 rows / 2 ranks / 16 per rank x 2 epochs
     assert abs(m["sparsity"] - 0.9) < 0.01
     assert m["teacher_eval"]["accuracy"] > 0.6  # the offloaded ZeRO-3 teacher predicts like the dense one
+    assert len(m["peak_rss_mb_per_rank"]) == 2 and all(mb > 100 for mb in m["peak_rss_mb_per_rank"])
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
