@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from .cap.distributed import rank
-from .compression import baked_state, has_structured_masks, save_clean_pretrained
+from .compression import baked_state, has_structured_masks, masked_modules, save_clean_pretrained
 from .compression.clean import atomic_dir
+from .compression.stats import sparsity_report as measure_sparsity
 
 
 def plain_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -56,10 +57,12 @@ def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path,
                       sparsity_report: dict[str, Any] | None = None, title: str | None = None) -> Path:
     """Save the pruned model + tokenizer to ``target`` (collective; rank 0 writes); returns the path.
 
-    ``sparsity_report`` (from :func:`cap_ds.compression.sparsity_report`, taken on the masked model) adds
-    ``sparsity.json`` and ``sparsity_heatmap.png`` to the export.
+    A model with masks gets ``sparsity.json`` and ``sparsity_heatmap.png`` in the export, from
+    ``sparsity_report`` when given (:func:`cap_ds.compression.sparsity_report` of the masked model) or measured here.
     """
     target = Path(target)
+    if sparsity_report is None and masked_modules(model):
+        sparsity_report = measure_sparsity(model)  # collective under ZeRO-3, like the export itself
     extra = sparsity_files(sparsity_report, title)
     if has_structured_masks(model):
         return save_clean_pretrained(model, target, tokenizer, extra_files=extra)

@@ -52,3 +52,22 @@ def test_accuracy_plot(tmp_path):
     assert path.read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="no results"):
         plot_accuracy_vs_sparsity([], tmp_path / "none.png")
+
+
+def test_export_of_a_masked_model_carries_its_heatmap(tmp_path, model_path):
+    """export_pretrained measures the sparsity itself when the caller gives no report (compression-API users)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from cap_ds.compression import compression_scheduler, init_compression
+    from cap_ds.export import export_pretrained
+    from tests.test_compression import sparse_cfg, tiny_bert
+
+    model = init_compression(tiny_bert(), sparse_cfg("l1", 0.25))
+    compression_scheduler(model, sparse_cfg("l1", 0.25))  # schedule_offset 0: masks apply from step 0
+    out = export_pretrained(model, AutoTokenizer.from_pretrained(model_path), tmp_path / "final")
+    saved = json.loads((out / "sparsity.json").read_text())
+    assert saved["sparsity"] == pytest.approx(0.75, abs=0.01) and len(saved["per_module"]) == 12
+    assert (out / "sparsity_heatmap.png").read_bytes()[:8] == PNG
+    assert (out / "model.safetensors").is_file()
