@@ -1,7 +1,8 @@
 """Which weights did each pruned run keep? Agreement of the kept sets with magnitude and with each other.
 
 For every encoder linear, a run's kept set (non-zero weights of its exported ``final/``) is compared with the
-same-size set of largest pre-trained magnitudes, and with every other run's kept set. Chance agreement equals the
+same-size set of largest pre-trained magnitudes, and with every other run's kept set; the last column is the
+share of the pre-trained weights' squared norm that the kept set holds (how much of the layer survives). Chance agreement equals the
 kept fraction (10 % at 90 % sparsity): a criterion at chance picks weights at random with respect to that
 reference. Reads exports only; no training.
 
@@ -68,13 +69,15 @@ def main() -> None:
         if missing:
             raise SystemExit(f"{folder}: {missing[:3]} not in the pre-trained model {args.pretrained}")
         masks[Path(run).name] = {n: w != 0 for n, w in weights.items()}
-    print("| run | kept | vs pre-trained magnitude top-k | chance |")
-    print("|---|---|---|---|")
+    print("| run | kept | vs pre-trained magnitude top-k | chance | pre-trained L2 mass kept |")
+    print("|---|---|---|---|---|")
     for name, kept in masks.items():
         magnitude = {n: topk_set(pre[n].abs().float(), int(m.sum())) for n, m in kept.items()}
         fraction = sum(int(m.sum()) for m in kept.values()) / sum(m.numel() for m in kept.values())
+        mass = sum(float((pre[n].float() ** 2)[m].sum()) for n, m in kept.items())
+        mass /= sum(float((pre[n].float() ** 2).sum()) for n in kept)
         print(f"| {name} | {100 * fraction:.1f} % | {100 * agreement(kept, magnitude):.1f} % | "
-              f"{100 * fraction:.1f} % |")
+              f"{100 * fraction:.1f} % | {100 * mass:.1f} % |")
     names = list(masks)
     if len(names) > 1:
         print("\nPairwise: fraction of the row run's kept weights also kept by the column run\n")

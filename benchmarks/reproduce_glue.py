@@ -212,7 +212,8 @@ def row(method: str, target: float, m: dict) -> dict:
     return {"method": method, "label": label, "pruning": pruning, "cap": cap, "target_sparsity": target,
             "sparsity": m["sparsity"], "metric_name": metric, "score": m["eval"][metric], "eval": m["eval"],
             "teacher": (m.get("teacher_eval") or {}).get(metric), "steps": m["steps"],
-            "step_time_s": m["step_time_s"], "train_runtime_s": m["train_runtime_s"]}
+            "step_time_s": m["step_time_s"], "train_runtime_s": m["train_runtime_s"],
+            "eval_examples": m.get("eval_examples")}
 
 
 def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
@@ -227,7 +228,13 @@ def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
                      f"{100 * r['score']:.2f} | {pct} | {delta} | {1e3 * r['step_time_s']:.0f} ms | "
                      f"{r['train_runtime_s'] / 60:.1f} min |")
     head = f"Dense teacher {metric}: {100 * dense:.2f}\n\n" if dense else ""
-    return head + "\n".join(lines) + "\n"
+    foot = ""
+    n = rows[0].get("eval_examples")
+    if metric == "accuracy" and n:
+        p = rows[0]["score"] if dense is None else dense
+        foot = (f"\nDev set: {n} examples; one standard error of an accuracy near {100 * p:.0f} is "
+                f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points (single seed per method).\n")
+    return head + "\n".join(lines) + "\n" + foot
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = sparsity_report(engine.module) if prune else None
     result = {
         "task": task.name, "mode": rargs.mode, "eval": eval_metrics, "primary_metric": task.primary_metric,
-        "steps": trainer.global_step, "epochs": num_epochs, "train_runtime_s": runtime,
+        "steps": trainer.global_step, "epochs": num_epochs, "eval_examples": len(eval_ds), "train_runtime_s": runtime,
         "train_examples_per_second": trainer.examples_seen / max(trainer.train_time, 1e-9),
         "bank_encode_s": encode_seconds, "snapshot_s": trainer.snapshot_time, "world_size": world,
         "step_time_s": trainer.train_time / max(trainer.global_step, 1),

@@ -35,6 +35,8 @@ def test_agreement_with_magnitude_and_between_runs(tmp_path):
     first_table = proc.stdout.split("Pairwise")[0]
     rows = {line.split("|")[1].strip(): line for line in first_table.splitlines() if line.startswith("| ")}
     assert "| 25.0 % | 100.0 % | 25.0 % |" in rows["magnitude"]
+    mass = {k: float(v.split("|")[5].strip().rstrip(" %")) for k, v in rows.items() if k in runs}
+    assert mass["magnitude"] > 60.0 and 15.0 < mass["random"] < 35.0  # a random quarter keeps ~a quarter
     random_vs_mag = float(rows["random"].split("|")[3].strip().rstrip(" %"))
     assert 15.0 < random_vs_mag < 35.0  # chance is 25 %
     assert "| magnitude | 100.0 |" in proc.stdout  # a run agrees fully with itself

@@ -34,6 +34,7 @@ def test_sweep_writes_results_and_resumes(teacher_dir, glue_dir, tmp_path):
     assert data["teacher"] == data["runs"][0]["teacher"] > 0.5  # the given teacher, scored on the same dev rows
     table = (out / "results.md").read_text()
     assert "| CAP-m | 50 % | 50.0 % |" in table and "magnitude + KD" in table
+    assert "Dev set: 64 examples; one standard error" in table
     assert (out / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
     # Same command again: both runs are read back, none is retrained.
