@@ -21,7 +21,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -60,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="GLUE folder (default ../shared/data/glue when present, else the hub)")
     ap.add_argument("--model_name_or_path", default=None, help="pre-trained student (default: offline all-MiniLM)")
     ap.add_argument("--output_dir", required=True)
-    ap.add_argument("--max_train_samples", type=int, default=3000)
+    ap.add_argument("--max_train_samples", type=int, default=3000, help="first N training rows; 0 = all")
     ap.add_argument("--max_eval_samples", type=int, default=None)
     ap.add_argument("--max_seq_length", type=int, default=64)
     ap.add_argument("--per_device_train_batch_size", type=int, default=16)
@@ -91,10 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from cap_ds.atomic import atomic_file
+
+    atomic_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class Sweep:
@@ -108,9 +106,13 @@ class Sweep:
     def check_budget(self) -> None:
         """Refuse to mix runs of different budgets in one folder."""
         budget = {k: getattr(self.args, k) for k in BUDGET_KEYS}
+        # the config's content, not its path: the same sweep may be resumed from another checkout
+        budget["deepspeed"] = json.loads(Path(self.args.deepspeed).read_text())
         path = self.out / "sweep_config.json"
         if path.exists():
             old = json.loads(path.read_text())
+            if isinstance(old.get("deepspeed"), str) and Path(old["deepspeed"]).is_file():
+                old["deepspeed"] = json.loads(Path(old["deepspeed"]).read_text())  # sweeps that stored a path
             changed = {k: (old.get(k), v) for k, v in budget.items() if old.get(k) != v}
             if changed:
                 raise SystemExit(f"{path}: this sweep was started with other settings {changed} (old, new); "
@@ -120,10 +122,11 @@ class Sweep:
 
     def common(self) -> list[str]:
         a = self.args
-        flags = ["--deepspeed", a.deepspeed, "--task_name", a.task_name, "--max_train_samples",
-                 str(a.max_train_samples), "--max_seq_length", str(a.max_seq_length),
+        flags = ["--deepspeed", a.deepspeed, "--task_name", a.task_name, "--max_seq_length", str(a.max_seq_length),
                  "--per_device_train_batch_size", str(a.per_device_train_batch_size), "--seed", str(a.seed),
                  "--disable_tqdm", "--resume", "auto", "--save_steps", str(a.save_steps)]
+        if a.max_train_samples:
+            flags += ["--max_train_samples", str(a.max_train_samples)]
         if a.data_dir:
             flags += ["--data_dir", a.data_dir]
         if a.model_name_or_path:

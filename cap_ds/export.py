@@ -12,17 +12,15 @@ so a failed export never leaves a half-written directory. Given the sparsity rep
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .atomic import atomic_dir, atomic_file
 from .cap.distributed import rank
 from .compression import baked_state, has_structured_masks, masked_modules, save_clean_pretrained
-from .compression.clean import atomic_dir
 from .compression.stats import sparsity_report as measure_sparsity
 
 
@@ -83,15 +81,9 @@ def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path,
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_file(path, write)

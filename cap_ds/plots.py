@@ -6,12 +6,12 @@ truncated PNG.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_file
 
 # ``bert.encoder.layer.3.attention.self.query`` -> layer 3, sub-module ``attention.self.query``
 _LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.(.+)$")
@@ -46,18 +46,7 @@ def sparsity_grid(per_module: Mapping[str, float]) -> tuple[list[int], list[str]
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
 
 
 def _pyplot():

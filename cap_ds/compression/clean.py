@@ -10,9 +10,7 @@ as ``CapPruned*`` models whose config records per-layer head and FFN sizes, save
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_dir
 from .compress import _set_submodule, stored_config
 from .config import (
     HEAD_PRUNING,
@@ -55,28 +54,6 @@ _PRUNED_FOR = {  # exact class -> (pruned class, config class, prefix of the enc
                                                   CapPrunedRobertaConfig, "roberta."),
 }
 PRUNED_CLASSES = tuple({v[0] for v in _PRUNED_FOR.values()})
-
-
-def atomic_dir(target: Path, write) -> None:
-    """Fill a temporary sibling folder with ``write(tmp)`` and swap it in for ``target``.
-
-    A failure leaves ``target`` as it was: no half-written export. The previous folder is removed only after the
-    new one is in place.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _is_score(name: str) -> bool:
