@@ -11,12 +11,17 @@ import torch
 from .conftest import REPO, free_port
 
 
-def test_tiny_large_model_benchmark_runs_both_configs(model_path, tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_large.py"), "--size", "tiny", "--steps", "10",
-           "--batch", "4", "--work_dir", str(tmp_path), "--port", str(free_port())]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+def bench(tmp_path, size: str, batch: int, timeout: int):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_large.py"), "--size", size, "--steps", "10",
+           "--batch", str(batch), "--work_dir", str(tmp_path), "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_tiny_large_model_benchmark_runs_both_configs(model_path, tmp_path):
+    proc = bench(tmp_path, "tiny", 4, 600)
     assert "device: CPU" in proc.stdout and "| zero2 |" in proc.stdout and "| zero3_offload |" in proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in ("zero2", "zero3_offload"):
@@ -34,11 +39,7 @@ def test_tiny_large_model_benchmark_runs_both_configs(model_path, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_large_on_gpu_reports_gpu_memory(model_path, tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_large.py"), "--size", "large", "--steps", "10",
-           "--batch", "8", "--work_dir", str(tmp_path), "--port", str(free_port())]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(bench(tmp_path, "large", 8, 1800).stdout.strip().splitlines()[-1])
+    assert summary["device"] == torch.cuda.get_device_name(0)
     for r in summary["results"].values():
         assert r["peak_gpu_mb_per_rank"][0] > 1000  # a 355 M-parameter student does not fit in less
