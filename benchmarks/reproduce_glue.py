@@ -220,12 +220,14 @@ def row(method: str, target: float, m: dict) -> dict:
 
 
 def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
-    base = {(r["method"], r["target_sparsity"]): r["score"] for r in rows if r["method"] in BASELINES.values()}
+    # baseline of the same criterion, target and sweep folder ("group": set when several sweeps are merged)
+    base = {(r.get("group"), r["method"], r["target_sparsity"]): r["score"] for r in rows
+            if r["method"] in BASELINES.values()}
     lines = [f"| method | target | sparsity | {metric} | % of dense | vs same criterion + KD | step time | run time |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = f"{100 * r['score'] / dense:.1f} %" if dense else "-"
-        ref = base.get((BASELINES[r["pruning"]], r["target_sparsity"]))
+        ref = base.get((r.get("group"), BASELINES[r["pruning"]], r["target_sparsity"]))
         delta = f"{100 * (r['score'] - ref):+.2f}" if ref is not None and r["cap"] != "none" else "-"
         lines.append(f"| {r['label']} | {100 * r['target_sparsity']:g} % | {100 * r['sparsity']:.1f} % | "
                      f"{100 * r['score']:.2f} | {pct} | {delta} | {1e3 * r['step_time_s']:.0f} ms | "
