@@ -37,6 +37,13 @@ def test_sweep_writes_results_and_resumes(teacher_dir, glue_dir, tmp_path):
     assert "Dev set: 64 examples; one standard error" in table
     assert (out / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
+    # Merging sweep folders: one table (deltas within the folder) and one plot.
+    merged = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_sweeps.py"), str(out), "--output",
+                             str(tmp_path / "all.png")], capture_output=True, text=True, timeout=120)
+    assert merged.returncode == 0, merged.stderr
+    assert "| CAP-m [--config_overrides num_hidden_layers=2 --extra_negatives 64] | 50 % |" in merged.stdout
+    assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
+
     # Same command again: both runs are read back, none is retrained.
     again = sweep(out, teacher_dir, glue_dir)
     assert again.returncode == 0, again.stderr[-3000:]
