@@ -19,12 +19,14 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.launch import REPO, offline_env, run_checked, train_command  # noqa: E402
+
 SIZES = {
     "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
     "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
@@ -76,12 +78,6 @@ def make_models(folder: Path, size: str, tokenizer_path: str) -> tuple[Path, Pat
     return out[0], out[1], words
 
 
-def run(cmd: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="large")
@@ -116,7 +112,7 @@ def main() -> None:
             stem, offload = CONFIGS[name]
             ds = REPO / "ds_configs" / f"{stem}{'_bf16' if cuda else ''}.json"
             out = work / "runs" / name
-            train = [str(REPO / "cap_ds" / "train.py"), "--deepspeed", str(ds), "--model_name_or_path",
+            flags = ["--deepspeed", str(ds), "--model_name_or_path",
                      str(student), "--teacher_name_or_path", str(teacher), "--teacher_offload", offload,
                      "--task_name", "mnli", "--data_dir", str(work), "--max_seq_length", "128",
                      "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size",
@@ -124,13 +120,7 @@ def main() -> None:
                      "--eval_steps", str(10**9), "--pruning_method", "movement", "--target_sparsity", "0.9",
                      "--cap", "prc,snc,fic", "--snapshot_steps", str(max(args.steps // 2, 1)),
                      "--disable_tqdm", "--output_dir", str(out)]
-            if args.num_gpus > 0:
-                cmd = ["deepspeed", "--num_gpus", str(args.num_gpus), "--master_port", str(args.port + k), *train]
-            else:
-                cmd = [sys.executable, *train]
-            env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                   "MASTER_PORT": str(args.port + k)}
-            run(cmd, env)
+            run_checked(train_command(flags, args.num_gpus, args.port + k), offline_env(MASTER_PORT=str(args.port + k)))
             results[name] = json.loads((out / "metrics.json").read_text())
     print(f"RoBERTa-{args.size} (random init) CAP-m prune steps, synthetic MNLI shapes (seq 128, 3 labels), "
           f"{ranks} rank(s) x batch {args.batch}, {args.steps} steps; device: {device}\n")

@@ -20,25 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-GLUE = REPO.parent / "shared" / "data" / "glue"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.launch import DEFAULT_GLUE, REPO, run_checked, train_command  # noqa: E402
 
 
 def run(args: list[str], out: Path, ranks: int, port: int) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    train = [str(REPO / "cap_ds" / "train.py"), *args, "--output_dir", str(out), "--disable_tqdm"]
-    if ranks > 1:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), *train]
-    else:
-        cmd = [sys.executable, *train]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    flags = [*args, "--output_dir", str(out), "--disable_tqdm"]
+    run_checked(train_command(flags, ranks if ranks > 1 else 0, port))
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -61,7 +54,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help=">= 2 so that CAP takes an SnC snapshot")
     ap.add_argument("--batch", type=int, default=32, help="per rank")
     ap.add_argument("--ranks", type=int, default=1)
-    ap.add_argument("--data_dir", default=str(GLUE) if GLUE.is_dir() else None)
+    ap.add_argument("--data_dir", default=DEFAULT_GLUE)
     ap.add_argument("--model_name_or_path", default=None)
     ap.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"))
     ap.add_argument("--teacher", default=None, help="fine-tuned teacher dir (default: the plain run's model)")

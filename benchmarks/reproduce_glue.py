@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -25,8 +24,9 @@ import time
 import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-GLUE = REPO.parent / "shared" / "data" / "glue"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.launch import DEFAULT_GLUE, REPO, offline_env, train_command  # noqa: E402
 
 # name -> (label, pruning method, CAP modules)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -45,7 +45,8 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "cap_mag_no_snc": ("CAP-mag w/o SnC", "magnitude", "prc,fic"),
     "cap_mag_no_fic": ("CAP-mag w/o FiC", "magnitude", "prc,snc"),
 }
-BASELINES = {"movement": "movement_kd", "soft_movement": "soft_movement_kd", "magnitude": "magnitude_kd"}
+# pruning criterion -> its KD-only baseline (the METHODS row with no CAP module)
+BASELINES = {pruning: name for name, (_, pruning, cap) in METHODS.items() if cap == "none"}
 # Flags that define the budget: a sweep folder is only resumed with the same values.
 BUDGET_KEYS = ("task_name", "model_name_or_path", "max_train_samples", "max_eval_samples", "max_seq_length",
                "per_device_train_batch_size", "num_train_epochs", "learning_rate", "teacher_epochs",
@@ -55,7 +56,7 @@ BUDGET_KEYS = ("task_name", "model_name_or_path", "max_train_samples", "max_eval
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task_name", default="sst2")
-    ap.add_argument("--data_dir", default=str(GLUE) if GLUE.is_dir() else None,
+    ap.add_argument("--data_dir", default=DEFAULT_GLUE,
                     help="GLUE folder (default ../shared/data/glue when present, else the hub)")
     ap.add_argument("--model_name_or_path", default=None, help="pre-trained student (default: offline all-MiniLM)")
     ap.add_argument("--output_dir", required=True)
@@ -100,7 +101,6 @@ class Sweep:
         self.args = args
         self.out = Path(args.output_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log = self.out / "sweep.log"
 
     # ---- bookkeeping
     def check_budget(self) -> None:
@@ -141,13 +141,8 @@ class Sweep:
         metrics = run_dir / "metrics.json"
         if metrics.exists():
             return json.loads(metrics.read_text())
-        if self.args.num_gpus > 0:
-            port = str(29500 + zlib.crc32(name.encode()) % 2000)
-            cmd = ["deepspeed", "--num_gpus", str(self.args.num_gpus), "--master_port", port,
-                   str(REPO / "cap_ds" / "train.py")]
-        else:
-            cmd = [sys.executable, str(REPO / "cap_ds" / "train.py")]
-        cmd += [*flags, "--output_dir", str(run_dir)]
+        cmd = train_command([*flags, "--output_dir", str(run_dir)], self.args.num_gpus,
+                            29500 + zlib.crc32(name.encode()) % 2000)
         line = shlex.join(cmd)
         print(f"[{name}] {line}", flush=True)
         if self.args.dry_run:
@@ -157,8 +152,7 @@ class Sweep:
         with open(run_dir / "train.log", "a") as log:
             log.write(f"$ {line}\n")
             log.flush()
-            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=offline_env())
         if proc.returncode != 0 or not metrics.exists():
             raise SystemExit(f"[{name}] failed (exit {proc.returncode}); see {run_dir / 'train.log'}; "
                              "re-run the same command to resume")
@@ -244,7 +238,6 @@ def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO))
     rows = Sweep(args).run()
     if rows and not args.dry_run:
         print((Path(args.output_dir) / "results.md").read_text())
