@@ -25,7 +25,8 @@ from cap_ds.data import (
     tokenize_dataset,
 )
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+from .conftest import GLUE_DIR as GLUE  # noqa: E402
+
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"shared GLUE data not found at {GLUE}")
 
 
