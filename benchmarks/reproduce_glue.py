@@ -222,6 +222,8 @@ def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
     for r in rows:
         pct = f"{100 * r['score'] / dense:.1f} %" if dense else "-"
         ref = base.get((r.get("group"), BASELINES[r["pruning"]], r["target_sparsity"]))
+        if ref is None and r.get("baseline_group"):  # a merged sweep without its own KD run (plot_sweeps --baseline)
+            ref = base.get((r["baseline_group"], BASELINES[r["pruning"]], r["target_sparsity"]))
         delta = f"{100 * (r['score'] - ref):+.2f}" if ref is not None and r["cap"] != "none" else "-"
         lines.append(f"| {r['label']} | {100 * r['target_sparsity']:g} % | {100 * r['sparsity']:.1f} % | "
                      f"{100 * r['score']:.2f} | {pct} | {delta} | {1e3 * r['step_time_s']:.0f} ms | "

@@ -91,8 +91,10 @@ class PruningArguments:
     final_warmup: float = field(default=3.0, metadata={"help": "Steps at final sparsity = final_warmup * warmup_steps."})
     final_threshold: float = field(default=0.1, metadata={"help": "Soft movement: final sigmoid threshold."})
     final_lambda: float = field(default=400.0, metadata={"help": "Soft movement: final L1 weight on sigmoid(scores)."})
-    mask_init: str = field(default="constant", metadata={"choices": ["constant", "uniform", "kaiming"]})
-    mask_scale: float = 0.0
+    mask_init: str = field(default="constant", metadata={
+        "help": "Init of movement scores (constant: every score = --mask_scale, as the reference).",
+        "choices": ["constant", "uniform", "kaiming"]})
+    mask_scale: float = field(default=0.0, metadata={"help": "Score init value (constant) or range (uniform)."})
     prune_modules: str = field(default=ENCODER_LINEAR_PATTERN, metadata={
         "help": "Regex of linear layers to prune (default: every encoder-layer linear)."})
 
@@ -100,14 +102,18 @@ class PruningArguments:
 @dataclass
 class CapArguments:
     cap: str = field(default="prc,snc,fic", metadata={"help": "CAP modules: any of prc,snc,fic, or none."})
-    contrastive_temperature: float = 0.1
+    contrastive_temperature: float = field(default=0.1, metadata={"help": "tau of the cosine logits q.k/tau."})
     extra_negatives: int = field(default=4096, metadata={"help": "Extra bank keys per module and step."})
-    cap_unsup_weight: float = 0.1
-    cap_sup_weight: float = 10.0
-    cap_reduction: str = field(default="reference", metadata={"choices": list(REDUCTIONS)})
+    cap_unsup_weight: float = field(default=0.1, metadata={"help": "Weight of the unsupervised (same example) term."})
+    cap_sup_weight: float = field(default=10.0, metadata={
+        "help": "Weight of the supervised (same label) term; with the reference reduction it is divided by the "
+                "mean positive count (about 2000), hence the large default."})
+    cap_reduction: str = field(default="reference", metadata={
+        "help": "reference: the CAP code's sum / total-positives reduction; supcon: SupCon mean over anchors.",
+        "choices": list(REDUCTIONS)})
     ce_weight: float | None = field(default=None, metadata={"help": "Default 0.1 with a teacher, else 1.0."})
-    kd_weight: float = 0.9
-    kd_temperature: float = 2.0
+    kd_weight: float = field(default=0.9, metadata={"help": "Weight of T^2 KL(teacher || student) (needs a teacher)."})
+    kd_temperature: float = field(default=2.0, metadata={"help": "KD softmax temperature T."})
     snapshot_steps: int = field(default=0, metadata={"help": "SnC snapshot every N steps (0: each epoch >= 1)."})
     snapshot_mode: str = field(default="train", metadata={
         "help": "Encode snapshots with dropout on (train, reference) or off (eval).", "choices": ["train", "eval"]})
@@ -115,7 +121,8 @@ class CapArguments:
     teacher_mode: str = field(default="cached", metadata={
         "help": "cached: teacher logits from the encode pass; live: teacher forward every step.",
         "choices": ["cached", "live"]})
-    bank_dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16"]})
+    bank_dtype: str = field(default="float32", metadata={
+        "help": "Storage dtype of the memory banks (bfloat16 halves their memory).", "choices": ["float32", "bfloat16"]})
     teacher_offload: str = field(default="auto", metadata={
         "help": "Teacher engine: cpu = ZeRO-3 with params offloaded to CPU, none = stage 0, auto = cpu for "
                 ">= 300M parameters.", "choices": ["auto", "none", "cpu"]})

@@ -1,0 +1,56 @@
+"""benchmarks/plot_sweeps.py: merged table, deltas against a --baseline folder, and the across-seeds table."""
+
+import json
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from benchmarks.plot_sweeps import main  # noqa: E402
+
+
+def write_sweep(folder, seed, runs, extra=""):
+    rows = [{"method": m, "label": label, "pruning": "magnitude", "cap": cap, "target_sparsity": 0.9,
+             "sparsity": 0.9, "score": score, "step_time_s": 0.5, "train_runtime_s": 300.0, "eval_examples": 872}
+            for m, label, cap, score in runs]
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({
+        "settings": {"seed": seed, "extra_args": extra}, "teacher": 0.85, "metric": "accuracy", "runs": rows}))
+    return str(folder)
+
+
+KD = ("magnitude_kd", "magnitude + KD", "none")
+CAP = ("cap_mag", "CAP-mag", "prc,snc,fic")
+
+
+def run(capsys, *args):
+    main(list(args))
+    return capsys.readouterr().out
+
+
+def test_baseline_folder_and_seed_table(tmp_path, capsys):
+    s42 = write_sweep(tmp_path / "s42", 42, [(*KD, 0.76), (*CAP, 0.77)])
+    s43 = write_sweep(tmp_path / "s43", 43, [(*KD, 0.74), (*CAP, 0.78)])
+    temp = write_sweep(tmp_path / "temp", 42, [(*CAP, 0.80)], extra="--contrastive_temperature 0.05")
+    other_seed = write_sweep(tmp_path / "neg0", 43, [(*CAP, 0.70)], extra="--extra_negatives 0")
+    out = run(capsys, s42, s43, temp, other_seed, "--baseline", s42, "--output", str(tmp_path / "m.png"))
+    # A CAP-only folder gets its delta from the --baseline folder's KD run, but only at the same seed.
+    assert "| CAP-mag [--contrastive_temperature 0.05] | 90 % | 90.0 % | 80.00 | 94.1 % | +4.00 |" in out
+    assert "| CAP-mag [--extra_negatives 0] | 90 % | 90.0 % | 70.00 | 82.4 % | - |" in out
+    # Across seeds: mean +- sample sd; paired differences +1 and +4 -> +2.50 +- 2.12.
+    assert "| magnitude + KD | 90 % | 42,43 | 75.00 ± 1.41 | - |" in out
+    assert "| CAP-mag | 90 % | 42,43 | 77.50 ± 0.71 | +2.50 ± 2.12 (n=2) |" in out
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_single_seed_has_no_seed_table(tmp_path, capsys):
+    s42 = write_sweep(tmp_path / "s42", 42, [(*KD, 0.76), (*CAP, 0.77)])
+    out = run(capsys, s42, "--output", str(tmp_path / "m.png"))
+    assert "| CAP-mag | 90 % | 90.0 % | 77.00 | 90.6 % | +1.00 |" in out and "Across seeds" not in out
+
+
+def test_missing_results_named(tmp_path):
+    with pytest.raises(SystemExit, match="results.json: not found"):
+        main([str(tmp_path), "--output", str(tmp_path / "m.png")])
