@@ -72,6 +72,10 @@ class RunArguments:
         "help": "auto: resume from <output_dir>/checkpoints/latest if present; a tag (e.g. step200); none."})
     dataloader_num_workers: int = 0
     disable_tqdm: bool = False
+    grad_norm_steps: int = field(default=0, metadata={
+        "help": "Diagnostic: every N steps log each weighted loss term's gradient norm over the student's weights "
+                "and its cosine with KD's (Grad/* scalars, metrics.json grad_diagnostics); rank 0's batch, one "
+                "extra forward and a backward per term, training unchanged; not under ZeRO-3. 0: off."})
 
 
 @dataclass
@@ -179,6 +183,8 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
         raise ArgumentError(f"--data_dir {dargs.data_dir!r} is not a directory")
     if rargs.deepspeed is not None and not os.path.isfile(rargs.deepspeed):
         raise ArgumentError(f"--deepspeed {rargs.deepspeed!r}: file not found")
+    if rargs.grad_norm_steps < 0:
+        raise ArgumentError(f"--grad_norm_steps must be >= 0, got {rargs.grad_norm_steps}")
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(dargs, name)
         if value is not None and value < 1:

@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     ds_config, compression = build_ds_config(
         rargs.deepspeed, micro_batch=rargs.per_device_train_batch_size, grad_accum=rargs.gradient_accumulation_steps,
         world_size=world, max_grad_norm=rargs.max_grad_norm, output_dir=rargs.output_dir)
+    if rargs.grad_norm_steps and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ValueError(f"--grad_norm_steps needs whole parameters on rank 0; {rargs.deepspeed} uses ZeRO stage 3 "
+                         "(use a stage 0-2 config for the diagnostic run)")
     scheduler = None
     if structured:
         compression = compression if compression and any(
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
                             logging_steps=rargs.logging_steps, eval_steps=rargs.eval_steps,
                             save_steps=rargs.save_steps, structured_stages=stages,
                             epochs_per_stage=pargs.epochs_per_stage, importance_batches=pargs.importance_batches,
-                            log_sparsity=prune, show_progress=not rargs.disable_tqdm)
+                            log_sparsity=prune, show_progress=not rargs.disable_tqdm,
+                            grad_norm_steps=rargs.grad_norm_steps)
     trainer = CapTrainer(engine=engine, task=task, train_loader=train_loader, eval_loader=eval_loader,
                          encode_loader=encode_loader, num_train=len(train_ds), settings=settings,
                          scheduler=scheduler, is_rank0=is_rank0, checkpointer=checkpointer, pruner=pruner,
@@ -333,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model_name_or_path": model_path, "teacher_name_or_path": margs.teacher_name_or_path,
         "teacher_eval": trainer.teacher_metrics, "cap_modules": modules, "ce_weight": ce_weight, "kd_weight": kd_weight,
     }
+    if settings.grad_history:
+        result["grad_diagnostics"] = settings.grad_history
     if prune:
         result.update({"pruning_method": pargs.pruning_method, "target_sparsity": pargs.target_sparsity,
                        "sparsity": report["sparsity"], "sparsity_per_module": report["per_module"],

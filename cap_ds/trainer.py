@@ -44,7 +44,9 @@ class LoopSettings:
     importance_batches: int = 0
     log_sparsity: bool = False
     show_progress: bool = True
+    grad_norm_steps: int = 0  # diagnostic: per-term gradient norms every N steps (0: off)
     history: list[dict[str, Any]] = field(default_factory=list)
+    grad_history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -137,15 +139,19 @@ class CapTrainer:
         return self.objective is not None and "snc" in self.objective.banks
 
     # ---------------------------------------------------------------- one step
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict[str, torch.Tensor], weighted: dict[str, torch.Tensor] | None = None,
+                     forward=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and the raw value of every term; ``weighted`` (if given) receives each term as it enters the
+        total (e.g. 0.1 * CE), still attached to the graph. ``forward`` defaults to the engine."""
         idx, labels = batch["idx"], batch["labels"]
-        logits = self.engine(**model_inputs(batch)).logits
+        logits = (forward or self.engine)(**model_inputs(batch)).logits
         terms: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor] = {}
         if self.task.is_regression:
             terms["ce"] = F.mse_loss(logits.view(-1).float(), labels.float())
         else:
             terms["ce"] = F.cross_entropy(logits.float(), labels)
-        loss = self.s.ce_weight * terms["ce"]
+        parts["ce"] = self.s.ce_weight * terms["ce"]
         if self.s.kd_weight > 0:
             if self.live_teacher is not None:
                 with torch.no_grad():
@@ -153,20 +159,56 @@ class CapTrainer:
             else:
                 t_logits = self.teacher_logits.index_select(0, self.shard.local_rows(idx)).to(logits.device)
             terms["kd"] = kd_loss(logits, t_logits, self.s.kd_temperature, self.task.is_regression)
-            loss = loss + self.s.kd_weight * terms["kd"]
+            parts["kd"] = self.s.kd_weight * terms["kd"]
         if self.objective is not None:
             anchors = F.normalize(self.hook.anchor.float(), dim=-1)
             sup_labels = None if self.task.is_regression else labels
             for name, value in self.objective(anchors, idx, sup_labels).items():
-                terms[name] = value
-                loss = loss + value
+                terms[name] = parts[name] = value
         if self.scheduler is not None:
             reg = self.scheduler.regularization()
             if reg is not None:
-                terms["regularizer"] = reg
-                loss = loss + reg
+                terms["regularizer"] = parts["regularizer"] = reg
+        loss = sum(parts.values())
         terms["loss"] = loss
+        if weighted is not None:
+            weighted.update(parts)
         return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+    def term_gradients(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Diagnostic: norm of each weighted term's gradient over the student's weights (pruning scores excluded)
+        on this rank's batch, and its cosine with the KD gradient (or CE's without a teacher); ``cap`` is
+        PrC + SnC + FiC together. Shows whether a term steers training at all.
+
+        It runs its own forward on the bare module: the engine's backward hooks would take ``autograd.grad`` for
+        the step's backward and reduce gradients. The RNG states (dropout, the bank sampler) are restored after,
+        so the step that follows draws exactly what it would have drawn: training is unchanged."""
+        from .checkpoint import rng_state, set_rng_state
+
+        rng = rng_state()
+        sampler = self.objective.generator.get_state() if self.objective is not None else None
+        weighted: dict[str, torch.Tensor] = {}
+        try:
+            self.compute_loss(batch, weighted, forward=self.model)
+            params = [p for n, p in self.model.named_parameters() if p.requires_grad and "mask_scores" not in n]
+            flat = {}
+            for name, value in weighted.items():
+                grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                                        for g, p in zip(grads, params)])  # float64: exact cos(kd, kd) = 1
+        finally:
+            set_rng_state(rng)
+            if sampler is not None:
+                self.objective.generator.set_state(sampler)
+        cap = [flat[k] for k in ("prc", "snc", "fic") if k in flat]
+        if cap:
+            flat["cap"] = torch.stack(cap).sum(0)
+        ref_name = "kd" if "kd" in flat else "ce"
+        out = {}
+        for name, g in flat.items():
+            out[f"{name}_norm"] = float(g.norm())
+            out[f"{name}_cos_{ref_name}"] = float(F.cosine_similarity(g, flat[ref_name], dim=0))
+        return out
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -239,6 +281,14 @@ class CapTrainer:
                     break
                 t0 = time.perf_counter()
                 batch = to_device(batch, self.device)
+                # every rank (the CAP loss gathers across ranks); each reports its own batch, rank 0 logs
+                if s.grad_norm_steps and (self.global_step + 1) % s.grad_norm_steps == 0 \
+                        and self.batch_in_epoch % engine.gradient_accumulation_steps() == 0:
+                    d0 = time.perf_counter()
+                    grads = self.term_gradients(batch)
+                    self.scalars.log("Grad", grads, self.global_step + 1)
+                    s.grad_history.append({"step": self.global_step + 1, **grads})
+                    t0 += time.perf_counter() - d0  # not part of the step time
                 loss, terms = self.compute_loss(batch)
                 engine.backward(loss)
                 before = engine.global_steps
@@ -348,6 +398,7 @@ class CapTrainer:
         return {
             "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "snapshot_epoch": self.snapshot_epoch, "examples_seen": self.examples_seen, "history": self.s.history,
+            "grad_history": self.s.grad_history,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "objective": self.objective.state_dict() if self.objective is not None else None,
             "teacher_logits": self.teacher_logits, "teacher_metrics": self.teacher_metrics,
@@ -362,6 +413,7 @@ class CapTrainer:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.snapshot_epoch, self.examples_seen = state["snapshot_epoch"], state["examples_seen"]
         self.s.history[:] = state["history"]
+        self.s.grad_history[:] = state.get("grad_history", [])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.objective is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import COMMON, free_port, run
+from tests.conftest import COMMON, REPO, free_port, run
 
 
 def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -97,3 +97,31 @@ def test_soft_movement_logs_regulariser_and_reports_sparsity(teacher_dir, glue_d
     from safetensors.torch import load_file
     weights = load_file(str(out / "final" / "model.safetensors"))
     assert not any("mask_scores" in k for k in weights)
+
+
+def test_grad_norm_diagnostic_logs_terms_and_leaves_training_unchanged(teacher_dir, glue_dir, tmp_path):
+    base = ["--teacher_name_or_path", str(teacher_dir / "final"), "--cap", "prc,fic", "--pruning_method",
+            "magnitude", "--target_sparsity", "0.5", "--extra_negatives", "64", "--data_dir", str(glue_dir),
+            "--max_steps", "10", *COMMON]
+    plain, diag = tmp_path / "plain", tmp_path / "diag"
+    run([sys.executable, "cap_ds/train.py", *base, "--output_dir", str(plain)])
+    run([sys.executable, "cap_ds/train.py", *base, "--output_dir", str(diag), "--grad_norm_steps", "5"])
+    # The extra backward passes use no randomness and touch no .grad: the run is the same run.
+    np.testing.assert_array_equal(np.load(diag / "eval_logits.npy"), np.load(plain / "eval_logits.npy"))
+    assert "grad_diagnostics" not in json.loads((plain / "metrics.json").read_text())
+    rows = json.loads((diag / "metrics.json").read_text())["grad_diagnostics"]
+    assert [r["step"] for r in rows] == [5, 10]
+    for r in rows:
+        for term in ("ce", "kd", "prc", "fic", "cap"):
+            assert r[f"{term}_norm"] > 0 and -1.0 <= r[f"{term}_cos_kd"] <= 1.0 + 1e-6
+        assert r["kd_cos_kd"] == pytest.approx(1.0)
+        assert r["cap_norm"] <= r["prc_norm"] + r["fic_norm"] + 1e-6  # cap = prc + fic (triangle inequality)
+    scalars = tb_scalars(diag / "runs" / "cap")
+    assert scalars["Grad/kd_norm"] == pytest.approx([r["kd_norm"] for r in rows])
+
+    # ZeRO-3 partitions the parameters: refused with the reason, before any training.
+    proc = subprocess.run([sys.executable, "cap_ds/train.py", *base, "--output_dir", str(tmp_path / "z3"),
+                           "--grad_norm_steps", "5", "--deepspeed", str(REPO / "ds_configs" / "zero3.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port())})
+    assert proc.returncode != 0 and "--grad_norm_steps" in proc.stderr and "ZeRO stage 3" in proc.stderr
