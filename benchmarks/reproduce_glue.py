@@ -234,7 +234,7 @@ def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
     if metric == "accuracy" and n:
         p = sum(r["score"] for r in rows) / len(rows)  # the runs' accuracies, not the teacher's, set the error
         foot = (f"\nDev set: {n} examples; one standard error of an accuracy near {100 * p:.0f} is "
-                f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points (single seed per method).\n")
+                f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points (one run per row).\n")
     return head + "\n".join(lines) + "\n" + foot
 
 
