@@ -75,7 +75,8 @@ class RunArguments:
     grad_norm_steps: int = field(default=0, metadata={
         "help": "Diagnostic: every N steps log each weighted loss term's gradient norm over the student's weights "
                 "and its cosine with KD's (Grad/* scalars, metrics.json grad_diagnostics); rank 0's batch, one "
-                "extra forward and a backward per term, training unchanged; not under ZeRO-3. 0: off."})
+                "extra forward and a backward per term (holding 3 gradient copies), training unchanged; not under "
+                "ZeRO-3. 0: off."})
 
 
 @dataclass

@@ -191,23 +191,28 @@ class CapTrainer:
         try:
             self.compute_loss(batch, weighted, forward=self.model)
             params = [p for n, p in self.model.named_parameters() if p.requires_grad and "mask_scores" not in n]
-            flat = {}
-            for name, value in weighted.items():
+
+            def grads_of(value: torch.Tensor) -> list[torch.Tensor]:
                 grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-                flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-                                        for g, p in zip(grads, params)])  # float64: exact cos(kd, kd) = 1
+                return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+
+            # Held at once: the reference gradient, the CAP sum and the current term (3 x the weights).
+            ref_name = "kd" if "kd" in weighted else "ce"
+            ref = grads_of(weighted[ref_name])
+            out: dict[str, float] = {}
+            cap = None
+            for name, value in weighted.items():
+                grads = ref if name == ref_name else grads_of(value)
+                out.update(_norm_and_cos(name, grads, ref, ref_name))
+                if name in ("prc", "snc", "fic"):
+                    cap = grads if cap is None else [a + b for a, b in zip(cap, grads)]
+                del grads
+            if cap is not None:
+                out.update(_norm_and_cos("cap", cap, ref, ref_name))
         finally:
             set_rng_state(rng)
             if sampler is not None:
                 self.objective.generator.set_state(sampler)
-        cap = [flat[k] for k in ("prc", "snc", "fic") if k in flat]
-        if cap:
-            flat["cap"] = torch.stack(cap).sum(0)
-        ref_name = "kd" if "kd" in flat else "ce"
-        out = {}
-        for name, g in flat.items():
-            out[f"{name}_norm"] = float(g.norm())
-            out[f"{name}_cos_{ref_name}"] = float(F.cosine_similarity(g, flat[ref_name], dim=0))
         return out
 
     # ---------------------------------------------------------------- evaluation
@@ -444,6 +449,17 @@ class CapTrainer:
         if self.is_rank0:
             logger.info("step %d eval %s", self.global_step, metrics)
         return metrics
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Dot product of two gradient lists, accumulated in float64 one tensor at a time."""
+    return sum(float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double())) for x, y in zip(a, b))
+
+
+def _norm_and_cos(name: str, grads: list[torch.Tensor], ref: list[torch.Tensor], ref_name: str) -> dict[str, float]:
+    sq, ref_sq = _dot(grads, grads), _dot(ref, ref)
+    cos = _dot(grads, ref) / math.sqrt(sq * ref_sq) if sq > 0 and ref_sq > 0 else 0.0
+    return {f"{name}_norm": math.sqrt(sq), f"{name}_cos_{ref_name}": max(-1.0, min(1.0, cos))}
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
