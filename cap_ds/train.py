@@ -55,11 +55,13 @@ def set_seed(seed: int) -> None:
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float, score_lr: float) -> list[dict]:
     """Scores get their own LR and no decay; biases and LayerNorm get no decay (HF convention)."""
+    from cap_ds.compression import is_score_parameter
+
     scores, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("mask_scores"):
+        if is_score_parameter(name):
             scores.append(p)
         elif name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
             no_decay.append(p)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .cap import CapObjective, Shard, encode_dataset, kd_loss
 from .cap.distributed import all_gather_cat, rank, world_size
-from .compression import CompressionScheduler, sparsity_report
+from .compression import CompressionScheduler, is_score_parameter, sparsity_report
 from .data import TaskSpec, compute_metrics
 from .models import SentenceVectorHook
 from .monitor import ScalarLogger
@@ -139,12 +139,18 @@ class CapTrainer:
         return self.objective is not None and "snc" in self.objective.banks
 
     # ---------------------------------------------------------------- one step
-    def compute_loss(self, batch: dict[str, torch.Tensor], weighted: dict[str, torch.Tensor] | None = None,
-                     forward=None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and the raw value of every term; ``weighted`` (if given) receives each term as it enters the
-        total (e.g. 0.1 * CE), still attached to the graph. ``forward`` defaults to the engine."""
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss (through the engine) and the raw value of every term."""
+        parts, terms = self.loss_parts(batch, self.engine)
+        loss = sum(parts.values())
+        terms["loss"] = loss
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+    def loss_parts(self, batch: dict[str, torch.Tensor],
+                   forward) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each term as it enters the total (e.g. 0.1 * CE), and each term's raw value, both on the graph."""
         idx, labels = batch["idx"], batch["labels"]
-        logits = (forward or self.engine)(**model_inputs(batch)).logits
+        logits = forward(**model_inputs(batch)).logits
         terms: dict[str, torch.Tensor] = {}
         parts: dict[str, torch.Tensor] = {}
         if self.task.is_regression:
@@ -169,11 +175,7 @@ class CapTrainer:
             reg = self.scheduler.regularization()
             if reg is not None:
                 terms["regularizer"] = parts["regularizer"] = reg
-        loss = sum(parts.values())
-        terms["loss"] = loss
-        if weighted is not None:
-            weighted.update(parts)
-        return loss, {k: float(v.detach()) for k, v in terms.items()}
+        return parts, terms
 
     def term_gradients(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Diagnostic: norm of each weighted term's gradient over the student's weights (pruning scores excluded)
@@ -187,10 +189,9 @@ class CapTrainer:
 
         rng = rng_state()
         sampler = self.objective.generator.get_state() if self.objective is not None else None
-        weighted: dict[str, torch.Tensor] = {}
         try:
-            self.compute_loss(batch, weighted, forward=self.model)
-            params = [p for n, p in self.model.named_parameters() if p.requires_grad and "mask_scores" not in n]
+            weighted, _ = self.loss_parts(batch, self.model)
+            params = [p for n, p in self.model.named_parameters() if p.requires_grad and not is_score_parameter(n)]
 
             def grads_of(value: torch.Tensor) -> list[torch.Tensor]:
                 grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
@@ -199,16 +200,17 @@ class CapTrainer:
             # Held at once: the reference gradient, the CAP sum and the current term (3 x the weights).
             ref_name = "kd" if "kd" in weighted else "ce"
             ref = grads_of(weighted[ref_name])
+            ref_sq = _dot(ref, ref)
             out: dict[str, float] = {}
             cap = None
             for name, value in weighted.items():
                 grads = ref if name == ref_name else grads_of(value)
-                out.update(_norm_and_cos(name, grads, ref, ref_name))
+                out.update(_norm_and_cos(name, grads, ref, ref_sq, ref_name))
                 if name in ("prc", "snc", "fic"):
                     cap = grads if cap is None else [a + b for a, b in zip(cap, grads)]
                 del grads
             if cap is not None:
-                out.update(_norm_and_cos("cap", cap, ref, ref_name))
+                out.update(_norm_and_cos("cap", cap, ref, ref_sq, ref_name))
         finally:
             set_rng_state(rng)
             if sampler is not None:
@@ -456,8 +458,9 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return sum(float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double())) for x, y in zip(a, b))
 
 
-def _norm_and_cos(name: str, grads: list[torch.Tensor], ref: list[torch.Tensor], ref_name: str) -> dict[str, float]:
-    sq, ref_sq = _dot(grads, grads), _dot(ref, ref)
+def _norm_and_cos(name: str, grads: list[torch.Tensor], ref: list[torch.Tensor], ref_sq: float,
+                  ref_name: str) -> dict[str, float]:
+    sq = _dot(grads, grads)
     cos = _dot(grads, ref) / math.sqrt(sq * ref_sq) if sq > 0 and ref_sq > 0 else 0.0
     return {f"{name}_norm": math.sqrt(sq), f"{name}_cos_{ref_name}": max(-1.0, min(1.0, cos))}
 

@@ -23,7 +23,7 @@ from .config import (
     strip_compression_section,
 )
 from .first_order import FirstOrderPruner, first_order_section
-from .layers import MaskedLinear
+from .layers import MaskedLinear, is_score_parameter
 from .pruned_modeling import (
     CapPrunedBertConfig,
     CapPrunedBertForSequenceClassification,
@@ -44,7 +44,7 @@ __all__ = [
     "COMPRESSION_KEY", "CapPrunedBertConfig", "CapPrunedBertForSequenceClassification", "CapPrunedBertModel",
     "CapPrunedRobertaConfig", "CapPrunedRobertaForSequenceClassification", "CapPrunedRobertaModel",
     "CompressionConfig", "CompressionConfigError", "CompressionScheduler", "ENCODER_LINEAR_PATTERN",
-    "FirstOrderPruner", "MaskedLinear", "bake_masks", "compression_scheduler", "cubic_schedule",
+    "FirstOrderPruner", "MaskedLinear", "is_score_parameter", "bake_masks", "compression_scheduler", "cubic_schedule",
     "first_order_section", "init_compression", "masked_modules", "parameter_counts", "parse_compression_config",
     "redundancy_clean", "save_clean_pretrained", "sparsity_report", "strip_compression_section", "warmup_offsets",
 ]

@@ -28,7 +28,7 @@ from .config import (
     as_compression_config,
 )
 from .groups import resolve, unwrap
-from .layers import MaskedLinear
+from .layers import MaskedLinear, is_score_parameter
 from .pruned_modeling import (
     AUTO_CLASSES,
     CapPrunedBertConfig,
@@ -56,10 +56,6 @@ _PRUNED_FOR = {  # exact class -> (pruned class, config class, prefix of the enc
 PRUNED_CLASSES = tuple({v[0] for v in _PRUNED_FOR.values()})
 
 
-def _is_score(name: str) -> bool:
-    return name.endswith("mask_scores")
-
-
 @torch.no_grad()
 def _gather_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor | None]]]:
     """Full CPU state with masks baked in, and each MaskedLinear's row/head masks (collective under ZeRO-3)."""
@@ -72,7 +68,7 @@ def _gather_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         prefix = f"{name}." if name else ""
         with gathered(params):
             for pname, p in module.named_parameters(recurse=False):
-                if not _is_score(pname):
+                if not is_score_parameter(pname):
                     state[prefix + pname] = p.detach().clone().cpu()
             if isinstance(module, MaskedLinear):
                 state[prefix + "weight"] = module.masked_weight().detach().clone().cpu()
@@ -84,7 +80,7 @@ def _gather_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
                                "head_size": module.head_size}
     # Persistent buffers (never partitioned under ZeRO).
     for key, value in model.state_dict(keep_vars=True).items():
-        if key not in state and not _is_score(key):
+        if key not in state and not is_score_parameter(key):
             if isinstance(value, nn.Parameter):
                 continue
             state[key] = value.detach().clone().cpu()
@@ -235,7 +231,7 @@ def redundancy_clean(model: nn.Module, deepspeed_config: str | Path | dict[str, 
 def parameter_counts(dense: nn.Module, clean: nn.Module) -> tuple[int, int]:
     """(parameters of the dense/masked model, of the cleaned model); mask scores are not model parameters."""
     def count(model: nn.Module) -> int:
-        return sum(getattr(p, "ds_numel", p.numel()) for n, p in unwrap(model).named_parameters() if not _is_score(n))
+        return sum(getattr(p, "ds_numel", p.numel()) for n, p in unwrap(model).named_parameters() if not is_score_parameter(n))
 
     return count(dense), count(clean)
 
