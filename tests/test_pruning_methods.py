@@ -128,3 +128,82 @@ def test_soft_movement_regulariser_follows_threshold():
     assert sched.regularization_lambda == pytest.approx(10.0)
     # sigmoid(0) = 0.5 for every score -> regulariser = lambda * 0.5
     assert sched.regularization().item() == pytest.approx(5.0)
+
+
+# ---- agreement with the reference code (HF emmental / CAP's UnstructuredPruning) and the magnitude score init
+def _reference_topk(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """emmental's TopKBinarizer: sort descending, keep the first int(threshold * numel)."""
+    out = torch.zeros(scores.numel())
+    idx = scores.flatten().sort(descending=True).indices
+    out[idx[: int(threshold * scores.numel())]] = 1.0
+    return out.view_as(scores)
+
+
+def _reference_schedule(step, total, warmup, initial, final, iw, fw):
+    """emmental's schedule_threshold (as in CAP's masked_run_glue.py)."""
+    if step <= iw * warmup:
+        return initial
+    if step > total - fw * warmup:
+        return final
+    mul = 1 - (step - iw * warmup) / (total - (iw + fw) * warmup)
+    return final + (initial - final) * mul ** 3
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.1, 0.03])
+def test_topk_binarizer_matches_reference(keep):
+    scores = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(topk_mask(scores, keep), _reference_topk(scores, keep))
+
+
+def test_cubic_schedule_matches_reference_at_every_step():
+    total, warmup = 375, 38
+    off, end = warmup_offsets(total, warmup, 2, 3)
+    for step in range(total + 1):
+        assert cubic_schedule(step, off, end, 1.0, 0.1) == pytest.approx(
+            _reference_schedule(step, total, warmup, 1.0, 0.1, 2, 3), abs=1e-12), step
+
+
+def test_magnitude_init_first_masks_are_the_magnitude_masks():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    m = MaskedLinear.from_linear(lin, "movement", mask_init="magnitude")
+    assert m.mask_scores.mean().item() == pytest.approx(1.0, rel=1e-5)  # default scale 1 = mean |W| / mean |W|
+    assert torch.allclose(m.mask_scores, lin.weight.abs() / lin.weight.abs().mean())
+    for keep in (0.7, 0.3, 0.1):
+        m.threshold = keep
+        assert torch.equal(m.get_mask(), topk_mask(lin.weight.abs(), keep))
+    scaled = MaskedLinear.from_linear(nn.Linear(8, 8), "soft_movement", mask_init="magnitude", mask_scale=3.0)
+    assert scaled.mask_scores.mean().item() == pytest.approx(3.0, rel=1e-5)
+
+
+def test_reference_init_is_constant_zero():
+    m = MaskedLinear.from_linear(nn.Linear(8, 8), "movement", mask_init="constant")
+    assert torch.count_nonzero(m.mask_scores) == 0
+
+
+def test_magnitude_init_through_the_compression_config():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    section = {"sparse_pruning": {"shared_parameters": {"enabled": True, "method": "movement", "schedule_offset": 0,
+                                                       "mask_init": "magnitude", "mask_scale": 2.0},
+                                  "different_groups": {"g": {"params": {"dense_ratio": 0.25}, "modules": [r"\d"]}}}}
+    init_compression(model, {"compression_training": section})
+    CompressionScheduler(model, {"compression_training": section})  # switches on at step 0
+    for lin in model:
+        assert lin.mask_scores.mean().item() == pytest.approx(2.0, rel=1e-5)
+        assert torch.equal(lin.get_mask(), topk_mask(lin.weight.abs(), 0.25))
+    section["sparse_pruning"]["shared_parameters"]["mask_init"] = "gaussian"
+    from cap_ds.compression import CompressionConfigError
+
+    with pytest.raises(CompressionConfigError, match="mask_init: 'gaussian'; allowed: magnitude, constant"):
+        init_compression(nn.Sequential(nn.Linear(4, 4)), {"compression_training": section})
+
+
+def test_magnitude_init_for_row_and_head_scores():
+    lin = nn.Linear(8, 6)
+    m = MaskedLinear.from_linear(lin, None)
+    m.enable_row_pruning("topk", mask_init="magnitude")
+    m.enable_head_pruning("topk", num_heads=2, mask_init="magnitude")
+    rows = lin.weight.detach().abs().sum(1, keepdim=True)
+    heads = lin.weight.detach().abs().reshape(6, 2, 4).sum((0, 2)).unsqueeze(0)
+    assert torch.allclose(m.row_mask_scores, rows / rows.mean())
+    assert torch.allclose(m.head_mask_scores, heads / heads.mean())

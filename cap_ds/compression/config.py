@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .layers import MASK_INITS
 from .methods import HEAD_METHODS, ROW_METHODS, SPARSE_METHODS, canonical_method
 
 COMPRESSION_KEY = "compression_training"
@@ -51,7 +52,6 @@ SPARSE_SHARED_KEYS = SHARED_KEYS[SPARSE_PRUNING]
 METHODS = {SPARSE_PRUNING: SPARSE_METHODS, ROW_PRUNING: ROW_METHODS, HEAD_PRUNING: HEAD_METHODS}
 DEFAULT_METHOD = {SPARSE_PRUNING: "l1", ROW_PRUNING: "l1", HEAD_PRUNING: "topk"}
 GROUP_KEYS = {"params", "modules", "related_modules"}
-MASK_INITS = ("constant", "uniform", "kaiming")
 
 
 class CompressionConfigError(ValueError):
@@ -80,7 +80,7 @@ class TechniqueConfig:
     schedule_offset_end: int | None = None  # None: switch on at once (DeepSpeed's old behaviour)
     schedule_offset_stride: int = 1
     mask_init: str = "constant"
-    mask_scale: float = 0.0
+    mask_scale: float | None = None  # None: the init's default (layers.DEFAULT_MASK_SCALE)
     groups: list[PruningGroup] = field(default_factory=list)
 
     @property
@@ -218,7 +218,8 @@ def _parse_common(cfg: TechniqueConfig, shared: dict[str, Any]) -> None:
     cfg.mask_init = shared.get("mask_init", cfg.mask_init)
     if cfg.mask_init not in MASK_INITS:
         raise CompressionConfigError(f"{sp}.mask_init: {cfg.mask_init!r}; allowed: {', '.join(MASK_INITS)}")
-    cfg.mask_scale = _number(shared.get("mask_scale", cfg.mask_scale), f"{sp}.mask_scale", float)
+    if shared.get("mask_scale") is not None:
+        cfg.mask_scale = _number(shared["mask_scale"], f"{sp}.mask_scale", float)
 
 
 def _parse_groups(cfg: TechniqueConfig, section: dict[str, Any], shared: dict[str, Any],

@@ -24,15 +24,41 @@ from .methods import HEAD_METHODS, ROW_METHODS, SCORE_METHODS, canonical_method,
 USE_KERNELS = True
 
 
-def _init_scores(scores: torch.Tensor, mask_init: str, mask_scale: float) -> None:
-    if mask_init == "constant":
-        nn.init.constant_(scores, mask_scale)
+def is_score_parameter(name: str) -> bool:
+    """Pruning scores (``mask_scores``, ``row_mask_scores``, ``head_mask_scores``): trained, never exported."""
+    return name.endswith("mask_scores")
+
+
+MASK_INITS = ("magnitude", "constant", "uniform", "kaiming")
+# mask_scale when none is given: magnitude priors have mean 1 (about 100 full-LR Adam steps of the scores at the
+# reference score LR 1e-2); constant 0 is the reference movement init (Sanh et al., CAP's scripts).
+DEFAULT_MASK_SCALE = {"magnitude": 1.0, "constant": 0.0, "uniform": 0.0, "kaiming": 0.0}
+
+
+def default_mask_scale(mask_init: str, mask_scale: float | None) -> float:
+    return DEFAULT_MASK_SCALE.get(mask_init, 0.0) if mask_scale is None else float(mask_scale)
+
+
+def _init_scores(scores: torch.Tensor, mask_init: str, mask_scale: float | None,
+                 magnitude: torch.Tensor | None = None) -> None:
+    """Fill ``scores`` in place. ``magnitude`` (same shape as ``scores``) is what the ``magnitude`` init ranks by:
+    scores = mask_scale * |magnitude| / mean|magnitude|, so the first top-k masks are the magnitude masks and
+    movement then moves scores away from them only as fast as its evidence accumulates."""
+    scale = default_mask_scale(mask_init, mask_scale)
+    if mask_init == "magnitude":
+        if magnitude is None:
+            raise ValueError("mask_init 'magnitude' needs the weight to rank by")
+        mag = magnitude.detach().abs().float()
+        with torch.no_grad():
+            scores.copy_(scale * mag / mag.mean().clamp_min(torch.finfo(torch.float32).tiny))
+    elif mask_init == "constant":
+        nn.init.constant_(scores, scale)
     elif mask_init == "uniform":
-        nn.init.uniform_(scores, -mask_scale, mask_scale)
+        nn.init.uniform_(scores, -scale, scale)
     elif mask_init == "kaiming":
         nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
     else:
-        raise ValueError(f"unknown mask_init {mask_init!r}; allowed: constant, uniform, kaiming")
+        raise ValueError(f"unknown mask_init {mask_init!r}; allowed: {', '.join(MASK_INITS)}")
 
 
 class MaskedLinear(nn.Linear):
@@ -51,7 +77,7 @@ class MaskedLinear(nn.Linear):
         bias: bool = True,
         method: str | None = "movement",
         mask_init: str = "constant",
-        mask_scale: float = 0.0,
+        mask_scale: float | None = None,
         device=None,
         dtype=None,
         block: tuple[int, int] | None = None,
@@ -59,7 +85,7 @@ class MaskedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(method, mask_init, mask_scale, block)
 
-    def _setup(self, method: str | None, mask_init: str, mask_scale: float,
+    def _setup(self, method: str | None, mask_init: str, mask_scale: float | None,
                block: tuple[int, int] | None = None) -> None:
         self.method = canonical_method(method) if method is not None else None
         # Dense until the scheduler says otherwise (kept fraction 1 / sigmoid threshold 0 keep everything).
@@ -84,13 +110,14 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("head_mask_fixed", None, persistent=False)
         if self.method in SCORE_METHODS:
             scores = torch.empty_like(self.weight, requires_grad=False)
-            _init_scores(scores, mask_init, mask_scale)
+            _init_scores(scores, mask_init, mask_scale, self.weight)
             self.mask_scores = nn.Parameter(scores)
         else:
             self.register_parameter("mask_scores", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method: str | None, mask_init: str = "constant", mask_scale: float = 0.0,
+    def from_linear(cls, linear: nn.Linear, method: str | None, mask_init: str = "constant",
+                    mask_scale: float | None = None,
                     block: tuple[int, int] | None = None) -> MaskedLinear:
         """Wrap an existing linear, sharing its weight and bias parameters (no copy)."""
         new = cls.__new__(cls)
@@ -103,7 +130,7 @@ class MaskedLinear(nn.Linear):
         return new
 
     # ---- structured pruning switches (DeepSpeed's ``enable_*_pruning`` names)
-    def enable_row_pruning(self, method: str, mask_init: str = "kaiming", mask_scale: float = 0.0) -> None:
+    def enable_row_pruning(self, method: str, mask_init: str = "kaiming", mask_scale: float | None = None) -> None:
         """Mask whole output rows (and their bias): ``l1`` by row L1 norm, ``topk`` by learned [out, 1] scores,
         ``first_order`` by a fixed mask the first-order pruner writes."""
         if method not in ROW_METHODS:
@@ -112,14 +139,14 @@ class MaskedLinear(nn.Linear):
         self.row_threshold = 1.0
         if method == "topk":
             scores = self.weight.new_empty(self.out_features, 1)
-            _init_scores(scores, mask_init, mask_scale)
+            _init_scores(scores, mask_init, mask_scale, self.weight.detach().abs().sum(1, keepdim=True))
             self.row_mask_scores = nn.Parameter(scores)
         if method == "first_order":
             self.register_buffer("row_mask_fixed", torch.ones(self.out_features, device=self.weight.device),
                                  persistent=False)
 
     def enable_head_pruning(self, method: str, num_heads: int, mask_init: str = "kaiming",
-                            mask_scale: float = 0.0) -> None:
+                            mask_scale: float | None = None) -> None:
         """Mask groups of input columns, one group per attention head (``in_features // num_heads`` each)."""
         if method not in HEAD_METHODS:
             raise ValueError(f"unknown head pruning method {method!r}; allowed: {', '.join(HEAD_METHODS)}")
@@ -130,7 +157,8 @@ class MaskedLinear(nn.Linear):
         self.head_threshold = 1.0
         if method == "topk":
             scores = self.weight.new_empty(1, self.num_heads)
-            _init_scores(scores, mask_init, mask_scale)
+            head_l1 = self.weight.detach().abs().reshape(self.out_features, self.num_heads, -1).sum((0, 2))
+            _init_scores(scores, mask_init, mask_scale, head_l1.unsqueeze(0))
             self.head_mask_scores = nn.Parameter(scores)
         if method == "first_order":
             self.register_buffer("head_mask_fixed", torch.ones(self.num_heads, device=self.weight.device),
