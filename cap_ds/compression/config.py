@@ -11,7 +11,8 @@ Keys beyond DeepSpeed's (all optional):
   missing = switch on at once at ``schedule_offset``, DeepSpeed's behaviour) and ``schedule_offset_stride``.
 - ``sparse_pruning``: methods ``magnitude`` (= ``l1``), ``movement`` (= ``topk``), ``soft_movement``;
   ``block_pattern: "N:M"`` keeps the top N of every M consecutive weights along the input dim (ranked by |W| for
-  l1/magnitude, by learned scores for topk/movement); ``mask_init``/``mask_scale`` for the score init;
+  l1/magnitude, by learned scores for topk/movement); ``mask_init``/``mask_scale`` for the score init (movement:
+  ``magnitude`` unless given, ``constant`` with scale 0 is the reference; soft movement: ``constant``);
   ``initial_threshold``/``final_threshold``/``final_lambda`` for soft movement.
 - ``row_pruning`` / ``head_pruning``: method ``first_order`` (masks set by ``FirstOrderPruner``, no schedule;
   ``dense_ratio`` optional and unused), ``mask_init``/``mask_scale`` for topk scores (default kaiming, as DeepSpeed).
@@ -215,7 +216,8 @@ def _parse_common(cfg: TechniqueConfig, shared: dict[str, Any]) -> None:
                                           cfg.schedule_offset)
     cfg.schedule_offset_stride = _number(shared.get("schedule_offset_stride", 1), f"{sp}.schedule_offset_stride",
                                          int, 1)
-    cfg.mask_init = shared.get("mask_init", cfg.mask_init)
+    if shared.get("mask_init") is not None:  # null = the method's default
+        cfg.mask_init = shared["mask_init"]
     if cfg.mask_init not in MASK_INITS:
         raise CompressionConfigError(f"{sp}.mask_init: {cfg.mask_init!r}; allowed: {', '.join(MASK_INITS)}")
     if shared.get("mask_scale") is not None:
@@ -297,6 +299,8 @@ def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
     _check_shared_keys(SPARSE_PRUNING, shared)
     cfg = SparsePruningConfig()
     _parse_common(cfg, shared)
+    if shared.get("mask_init") is None and cfg.canonical_method == "movement":
+        cfg.mask_init = "magnitude"  # zero-init scores collapse at short budgets (README "Movement pruning")
     sp = f"{cfg.key}.shared_parameters"
     cfg.initial_threshold = _number(shared.get("initial_threshold", 0.0), f"{sp}.initial_threshold", float, 0, 1)
     cfg.final_threshold = _number(shared.get("final_threshold", 0.1), f"{sp}.final_threshold", float, 0, 1)
