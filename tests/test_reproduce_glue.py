@@ -30,10 +30,12 @@ def test_sweep_writes_results_and_resumes(teacher_dir, glue_dir, tmp_path):
     assert [r["method"] for r in data["runs"]] == ["magnitude_kd", "cap_m"]
     for r in data["runs"]:
         assert r["sparsity"] == pytest.approx(0.5, abs=0.01) and 0.0 <= r["score"] <= 1.0
-        assert (out / f"{r['method']}_50" / "final" / "sparsity_heatmap.png").is_file()
+        assert r["seed"] == 42 and r["steps"] > 0
+        assert (out / f"{r['method']}_50_s42" / "final" / "sparsity_heatmap.png").is_file()
     assert data["teacher"] == data["runs"][0]["teacher"] > 0.5  # the given teacher, scored on the same dev rows
     table = (out / "results.md").read_text()
-    assert "| CAP-m | 50 % | 50.0 % |" in table and "magnitude + KD" in table
+    assert "| CAP-m | 42 | 50 % | 50.0 % |" in table and "magnitude + KD" in table
+    assert data["machine"]["description"].startswith("CPU only") and "Machine: CPU only" in table
     assert "Dev set: 64 examples; one standard error" in table
     assert (out / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -41,14 +43,25 @@ def test_sweep_writes_results_and_resumes(teacher_dir, glue_dir, tmp_path):
     merged = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_sweeps.py"), str(out), "--output",
                              str(tmp_path / "all.png")], capture_output=True, text=True, timeout=120)
     assert merged.returncode == 0, merged.stderr
-    assert "| CAP-m [--config_overrides num_hidden_layers=2 --extra_negatives 64] | 50 % |" in merged.stdout
+    assert "| CAP-m [--config_overrides num_hidden_layers=2 --extra_negatives 64] | 42 | 50 % |" in merged.stdout
     assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
 
     # Same command again: both runs are read back, none is retrained.
     again = sweep(out, teacher_dir, glue_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "cap_ds/train.py" not in again.stdout
-    assert (out / "cap_m_50" / "train.log").read_text().count("$ ") == 1
+    assert (out / "cap_m_50_s42" / "train.log").read_text().count("$ ") == 1
+
+    # A second seed joins the same sweep (seeds are not part of the budget), two runs side by side: the
+    # seed-42 runs are read back, the seed-43 runs train, and the table gains the across-seeds summary.
+    more = sweep(out, teacher_dir, glue_dir, "--seeds", "42,43", "--parallel", "2")
+    assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in data["runs"]] == [
+        ("magnitude_kd", 42), ("cap_m", 42), ("magnitude_kd", 43), ("cap_m", 43)]
+    assert (out / "cap_m_50_s42" / "train.log").read_text().count("$ ") == 1
+    table = (out / "results.md").read_text()
+    assert "Across seeds:" in table and "| CAP-m | 50 % | 42,43 |" in table and "(n=2) |" in table
 
     # A different budget in the same folder is refused, naming the setting.
     other = sweep(out, teacher_dir, glue_dir, "--learning_rate", "5e-5")
@@ -62,3 +75,6 @@ def test_bad_arguments_named():
     proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", "/tmp/unused", "--sparsities", "0.9,1.5"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--sparsities" in proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", "/tmp/unused", "--seeds", "42,x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--seeds: comma list of integers" in proc.stderr
