@@ -91,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num_gpus", type=int, default=0, help="> 0: launch each run with deepspeed --num_gpus N")
     ap.add_argument("--save_steps", type=int, default=0, help="checkpoint interval of each run (for resume)")
     ap.add_argument("--extra_args", default="", help="extra train.py flags for every pruning run (quoted)")
+    ap.add_argument("--discard_weights", action="store_true",
+                    help="after each finished pruning run delete its model weights and checkpoints, keeping metrics, "
+                         "logs, sparsity.json and the heat-map: a sweep folder small enough to carry off a GPU "
+                         "machine and resume elsewhere (finished runs are read back from metrics.json)")
     ap.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
     args.sparsity_list = [float(s) for s in args.sparsities.split(",") if s.strip()]
@@ -182,6 +186,8 @@ class Sweep:
                              "re-run the same command to resume")
         result = json.loads(metrics.read_text())
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s: {result['eval']}", flush=True)
+        if self.args.discard_weights and name != "teacher":
+            discard_weights(run_dir)
         return result
 
     # ---- steps
@@ -245,6 +251,16 @@ class Sweep:
         plot_accuracy_vs_sparsity([{"method": r["label"], "sparsity": r["sparsity"], metric: r["score"]}
                                    for r in rows], self.out / "accuracy_vs_sparsity.png", metric=metric,
                                   dense=dense, title=f"{self.args.task_name.upper()}: pruning at equal budget")
+
+
+def discard_weights(run_dir: Path) -> None:
+    """Delete a finished run's weights (``*.safetensors``, ``*.bin``, ``*.pt``) and its checkpoints folder."""
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    for pattern in ("*.safetensors", "*.bin", "*.pt"):
+        for f in run_dir.rglob(pattern):
+            f.unlink()
 
 
 def machine(num_gpus: int) -> dict:

@@ -54,12 +54,16 @@ def test_sweep_writes_results_and_resumes(teacher_dir, glue_dir, tmp_path):
 
     # A second seed joins the same sweep (seeds are not part of the budget), two runs side by side: the
     # seed-42 runs are read back, the seed-43 runs train, and the table gains the across-seeds summary.
-    more = sweep(out, teacher_dir, glue_dir, "--seeds", "42,43", "--parallel", "2")
+    more = sweep(out, teacher_dir, glue_dir, "--seeds", "42,43", "--parallel", "2", "--discard_weights")
     assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in data["runs"]] == [
         ("magnitude_kd", 42), ("cap_m", 42), ("magnitude_kd", 43), ("cap_m", 43)]
     assert (out / "cap_m_50_s42" / "train.log").read_text().count("$ ") == 1
+    # --discard_weights: the new runs keep metrics and heat-map, not their weights; the old ones are untouched.
+    assert not list((out / "cap_m_50_s43").rglob("*.safetensors"))
+    assert (out / "cap_m_50_s43" / "final" / "sparsity_heatmap.png").is_file()
+    assert list((out / "cap_m_50_s42").rglob("*.safetensors"))
     table = (out / "results.md").read_text()
     assert "Across seeds:" in table and "| CAP-m | 50 % | 42,43 |" in table and "(n=2) |" in table
 
