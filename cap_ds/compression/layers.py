@@ -17,11 +17,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import masked_linear
-from .methods import HEAD_METHODS, ROW_METHODS, SCORE_METHODS, canonical_method, compute_mask, unit_mask
+from .methods import (
+    HEAD_METHODS,
+    ROW_METHODS,
+    SCORE_METHODS,
+    CachedBinarizer,
+    canonical_method,
+    compute_mask,
+    unit_mask,
+)
 
 # Route the plain sparse-masked product through cap_ds's kernels (cap_ds.ops) when they are built. Also off with
 # CAP_DS_KERNELS=0 (then cap_ds.ops never builds anything).
 USE_KERNELS = True
+# Reuse a layer's sparse mask until its scheduler says weights, scores or thresholds changed (one top-k per layer and
+# optimizer step instead of one per forward: micro-steps, eval, bank and snapshot passes). Off: recompute each time.
+CACHE_MASKS = True
 
 
 def is_score_parameter(name: str) -> bool:
@@ -95,6 +106,8 @@ class MaskedLinear(nn.Linear):
             raise ValueError(f"block pattern {block[0]}:{block[1]} needs in_features ({self.in_features}) "
                              f"divisible by {block[1]}")
         self.pruning_enabled = True
+        self.mask_cache_enabled = False  # turned on by CompressionScheduler, which invalidates it at every step
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         self.last_regularization: torch.Tensor | None = None
         self.group: str | None = None
         self.row_method: str | None = None
@@ -179,10 +192,27 @@ class MaskedLinear(nn.Linear):
         return out
 
     # ---- masks (all in the weight's dtype; differentiable w.r.t. scores where a method learns them)
+    def invalidate_masks(self) -> None:
+        """Forget the cached sparse mask (weights, scores or the threshold changed)."""
+        self._mask_cache = None
+
     def sparse_mask(self) -> torch.Tensor | None:
         if self.method is None or not self.pruning_enabled:
             return None
-        return compute_mask(self.method, self.weight, self.mask_scores, self.threshold, self.block).to(self.weight.dtype)
+        if not (CACHE_MASKS and self.mask_cache_enabled) or self.weight.numel() == 0:
+            return compute_mask(self.method, self.weight, self.mask_scores, self.threshold,
+                                self.block).to(self.weight.dtype)
+        # The key guards against a threshold or placement changed by hand; weights and scores only change at
+        # optimizer steps, after which the scheduler invalidates the cache.
+        key = (self.threshold, self.block, self.weight.shape, self.weight.device)
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            with torch.no_grad():
+                mask = compute_mask(self.method, self.weight, self.mask_scores, self.threshold, self.block)
+            self._mask_cache = (key, mask.bool())
+        mask = self._mask_cache[1].to(self.weight.dtype)
+        if self.mask_scores is not None and self.mask_scores.requires_grad and torch.is_grad_enabled():
+            return CachedBinarizer.apply(self.mask_scores, mask)
+        return mask
 
     def row_mask(self) -> torch.Tensor | None:
         """[out] keep-mask over output rows, or None."""

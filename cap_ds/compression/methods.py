@@ -107,6 +107,19 @@ class ThresholdBinarizer(torch.autograd.Function):
         return grad_output, None
 
 
+class CachedBinarizer(torch.autograd.Function):
+    """A mask computed earlier (in the same optimizer step) in the forward, straight-through to the scores in the
+    backward: the same gradient as the binarizer that made it."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
 def compute_mask(method: str, weight: torch.Tensor, scores: torch.Tensor | None, threshold: float,
                  block: tuple[int, int] | None = None) -> torch.Tensor:
     """The keep-mask for ``method`` (canonical name); differentiable w.r.t. scores where the method learns them.

@@ -47,6 +47,8 @@ class CompressionScheduler:
         self.row_groups = {g.name: g for g in self.row.groups}
         self.head_groups = {g.name: g for g in self.head.groups}
         self.training_steps = 0
+        for module in self.modules.values():
+            module.mask_cache_enabled = True  # this scheduler invalidates the masks whenever they may change
         self._apply()
 
     @property
@@ -83,6 +85,7 @@ class CompressionScheduler:
 
     def _apply(self) -> None:
         for module in self.modules.values():
+            module.invalidate_masks()
             if module.method is not None and module.group in self.groups and self.sparse.enabled:
                 module.threshold = self.threshold_for(module.group)
             if module.row_method not in (None, "first_order") and module.row_group in self.row_groups:
@@ -91,7 +94,8 @@ class CompressionScheduler:
                 module.head_threshold = self.head_threshold_for(module.head_group)
 
     def step(self, step_zero_check: bool = False) -> None:
-        """Advance one optimizer step and update all thresholds."""
+        """Advance one optimizer step and update all thresholds. Call it after every applied optimizer step (and
+        only then): it also drops the masks cached for the step before."""
         self.training_steps += 1
         self._apply()
 
