@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -208,6 +209,69 @@ def test_build_failure_warns_once_and_falls_back(fresh_state):
         assert ops.load_kernels() is None  # no second warning, no retry
         x, w, scores, keep, b = _case((4, 8), 5, torch.float32, 0.5, True)
         torch.testing.assert_close(masked_linear(x, w, keep.float(), b), F.linear(x, w * keep.float(), b))
+
+
+# ---------------------------------------------------------------- builds that were interrupted or are running
+LOAD = ("import logging, sys\nlogging.basicConfig(level=logging.INFO)\nfrom cap_ds import ops\n"
+        "m = ops.load_kernels()\nprint('LOADED' if m is not None else 'FALLBACK', m and m.__file__)\n")
+
+
+def _build_copy(tmp_path: Path) -> tuple[Path, dict]:
+    """This checkout's built op copied (mtimes kept: ninja has nothing to do) into a private extensions root."""
+    from cap_ds.ops.builder import CapMaskedGemmBuilder
+
+    src = CapMaskedGemmBuilder().jit_plan()[3]
+    dst = tmp_path / "ext" / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock", "cap_build.lock"))
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    return dst, env
+
+
+def test_interrupted_build_lock_does_not_hang_later_runs(op, tmp_path):
+    """A build killed mid-way leaves torch's `lock`; the next process removes it, announces and finishes the build."""
+    folder, env = _build_copy(tmp_path)
+    (folder / "lock").touch()  # no process holds the build turn: what a killed build leaves
+    (folder / "cap_masked_gemm.so").unlink()  # the link step was interrupted too
+    proc = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and "LOADED" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert str(folder) in proc.stdout  # loaded from the private root, not the shared cache
+    assert f"removing {folder / 'lock'}, left by an interrupted build" in proc.stderr
+    assert "building cap_masked_gemm (first use, ~1 min" in proc.stderr
+    assert not (folder / "lock").exists()
+
+
+def test_wait_for_a_live_builder_is_bounded(op, tmp_path):
+    """While another process holds the build turn, a loader waits at most CAP_DS_KERNELS_BUILD_TIMEOUT seconds,
+    then uses the PyTorch path with the op's one warning."""
+    import fcntl
+
+    folder, env = _build_copy(tmp_path)
+    with open(folder / "cap_build.lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write('{"pid": 1, "host": "elsewhere", "since": "earlier"}')
+        holder.flush()
+        proc = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, timeout=600,
+                              env={**env, "CAP_DS_KERNELS_BUILD_TIMEOUT": "2"})
+    assert proc.returncode == 0 and "FALLBACK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "waiting for another process building it" in proc.stderr and "pid 1 on elsewhere" in proc.stderr
+    assert "TimeoutError" in proc.stderr and "pure-PyTorch path" in proc.stderr
+
+
+def test_each_checkout_and_version_builds_in_its_own_folder(tmp_path, monkeypatch):
+    from cap_ds.ops import builder
+
+    def folder() -> str:
+        return builder.CapMaskedGemmBuilder().jit_plan()[3].name
+
+    here = folder()
+    assert here.startswith("cap_masked_gemm-")
+    other = tmp_path / "other_checkout" / "csrc"
+    shutil.copytree(CSRC, other)
+    monkeypatch.setattr(builder, "CSRC", other)
+    assert folder() != here  # same sources, another checkout
+    moved = folder()
+    (other / "cap_ops.cpp").write_text((other / "cap_ops.cpp").read_text() + "\n// changed\n")
+    assert folder() not in (here, moved)  # another version of the sources
 
 
 NVCC = shutil.which("nvcc")
