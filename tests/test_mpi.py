@@ -35,10 +35,10 @@ def _mpi_ready() -> bool:
 
 @pytest.fixture(scope="session")
 def mpirun() -> str:
+    reason = cluster_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     if not _mpi_ready():
-        reason = cluster_unavailable_reason()
-        if reason:
-            pytest.skip(f"Open MPI / mpi4py missing and cannot be installed: {reason}")
         install()  # root + apt: Open MPI and mpi4py (a failure is an error, not a skip)
     return shutil.which("mpirun")
 

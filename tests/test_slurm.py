@@ -195,3 +195,11 @@ def test_roberta_large_mnli_recipe_composes_both_stages(cluster, glue_dir, tmp_p
     assert "--mode finetune" in teacher and f"--output_dir {job.out}/teacher " in teacher
     assert f"--teacher_name_or_path {job.out}/teacher/final --cap prc,snc,fic" in cap
     assert "--target_sparsity 0.9" in cap and "--eval_steps 2000" in cap and f"--output_dir {job.out}/cap_m0.9 " in cap
+
+
+def test_cluster_tests_run_only_when_asked(monkeypatch):
+    from tests.cluster.local_slurm import cluster_unavailable_reason
+
+    monkeypatch.delenv("CAP_CLUSTER_TESTS", raising=False)
+    reason = cluster_unavailable_reason()
+    assert reason and "CAP_CLUSTER_TESTS=1" in reason and "apt-install" in reason
