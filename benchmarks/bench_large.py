@@ -4,7 +4,8 @@ A RoBERTa-large-sized student and teacher (random init: no hub access) prune on 
 data (premise/hypothesis pairs filling seq 128, 3 labels) with CAP-m (movement + PrC/SnC/FiC + KD):
 
 - ``zero2``: student ZeRO-2, teacher stage 0 on the device;
-- ``zero3_offload``: student ZeRO-3, teacher ZeRO-3 with its parameters offloaded to CPU.
+- ``zero3_offload``: student ZeRO-3 with its optimizer state and parameters offloaded to CPU
+  (``ds_configs/zero3_offload*.json``: DeepSpeed's CPU Adam), teacher ZeRO-3 with its parameters offloaded to CPU.
 
 Each configuration is a real ``cap_ds/train.py`` run (``deepspeed --num_gpus N`` with ``--num_gpus``). Printed: the
 device name, mean step time, examples/s, peak GPU allocation and peak host RSS per rank. On GPUs the bf16 configs
@@ -34,7 +35,7 @@ SIZES = {
 }
 CONFIGS = {  # name -> (ds_config stem, teacher offload)
     "zero2": ("zero2", "none"),
-    "zero3_offload": ("zero3", "cpu"),
+    "zero3_offload": ("zero3_offload", "cpu"),
 }
 LABELS = ("entailment", "neutral", "contradiction")
 
@@ -119,7 +120,7 @@ def main() -> None:
                      str(args.batch), "--max_steps", str(args.steps), "--num_train_epochs", "1",
                      "--eval_steps", str(10**9), "--pruning_method", "movement", "--target_sparsity", "0.9",
                      "--cap", "prc,snc,fic", "--snapshot_steps", str(max(args.steps // 2, 1)),
-                     "--disable_tqdm", "--output_dir", str(out)]
+                     "--disable_tqdm", "--output_dir", str(out), "--overwrite_output_dir"]  # a re-run measures again
             run_checked(train_command(flags, args.num_gpus, args.port + k), offline_env(MASTER_PORT=str(args.port + k)))
             results[name] = json.loads((out / "metrics.json").read_text())
     print(f"RoBERTa-{args.size} (random init) CAP-m prune steps, synthetic MNLI shapes (seq 128, 3 labels), "

@@ -5,8 +5,9 @@ Every check runs before any model is loaded; errors name the flag, the bad value
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .cap.loss import REDUCTIONS
 from .cap.objective import MODULES
@@ -51,28 +52,45 @@ class RunArguments:
                                                   "choices": list(MODES)})
     deepspeed: str | None = field(default=None, metadata={
         "help": "DeepSpeed config JSON (may hold a compression_training section). Default: built-in ZeRO-2."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start a new run in an --output_dir that holds an earlier run: its run files (checkpoints/, "
+                "final/, metrics.json, runs/, ...) are deleted first. Without it (and without --resume) such a "
+                "folder is refused."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the DeepSpeed launcher."})
-    per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-5
+    per_device_train_batch_size: int = field(default=32, metadata={
+        "help": "Training examples per rank and micro-batch (global batch = this x ranks x accumulation)."})
+    per_device_eval_batch_size: int = field(default=64, metadata={
+        "help": "Examples per rank and batch for evaluation and the bank encode passes."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=3e-5, metadata={
+        "help": "Peak learning rate of the weights (AdamW; linear warm-up then linear decay to 0)."})
     mask_scores_learning_rate: float = field(default=1e-2, metadata={"help": "LR of pruning scores."})
-    weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    num_train_epochs: float = 3.0
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay of the weights (biases, LayerNorm and pruning scores get none)."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (DeepSpeed's gradient_clipping)."})
+    num_train_epochs: float = field(default=3.0, metadata={
+        "help": "Passes over the training set (ignored when --max_steps > 0)."})
     max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; overrides --num_train_epochs."})
     warmup_steps: int = field(default=0, metadata={"help": "LR warm-up steps (also the pruning warm-up unit)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up as a fraction of steps if --warmup_steps 0."})
-    seed: int = 42
-    logging_steps: int = 10
+    seed: int = field(default=42, metadata={
+        "help": "Seed of everything random: head init, dropout, shuffling, extra negatives."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the loss terms every N optimizer steps."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only on signal)."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
     resume: str = field(default="none", metadata={
-        "help": "auto: resume from <output_dir>/checkpoints/latest if present; a tag (e.g. step200); none."})
-    dataloader_num_workers: int = 0
-    disable_tqdm: bool = False
+        "help": "auto: continue from the newest complete checkpoint in <output_dir>/checkpoints/ (a new run if "
+                "there is none); a tag (e.g. step200); none: a new run. A resumed run must use the same flags, "
+                "except --max_steps/--num_train_epochs, logging, evaluation and checkpoint flags."})
+    max_nonfinite_steps: int = field(default=10, metadata={
+        "help": "Consecutive optimizer steps with a NaN/inf loss, or skipped by DeepSpeed, that are tolerated; one "
+                "more stops the run as failed (train_state.json status failed, non-zero exit, no final/)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes per rank."})
+    disable_tqdm: bool = field(default=False, metadata={
+        "help": "No progress bars (they are off anyway when stderr is not a terminal; log lines report progress)."})
     grad_norm_steps: int = field(default=0, metadata={
         "help": "Diagnostic: every N steps log each weighted loss term's gradient norm over the student's weights "
                 "and its cosine with KD's (Grad/* scalars, metrics.json grad_diagnostics); rank 0's batch, one "
@@ -174,6 +192,25 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
         get_task(dargs.task_name)
     except ValueError as err:
         raise ArgumentError(f"--task_name: {err}") from err
+    for args in (margs, dargs, rargs, pargs, cargs):  # NaN passes every comparison below: refuse it here
+        for f in fields(args):
+            value = getattr(args, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ArgumentError(f"--{f.name} must be a finite number, got {value}")
+    for name in ("learning_rate", "mask_scores_learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm"):
+        if getattr(rargs, name) < 0:
+            raise ArgumentError(f"--{name} must be >= 0, got {getattr(rargs, name)}")
+    if os.path.exists(rargs.output_dir) and not os.path.isdir(rargs.output_dir):
+        raise ArgumentError(f"--output_dir {rargs.output_dir!r} is a file; give a folder (created if missing)")
+    if rargs.overwrite_output_dir and rargs.resume != "none":
+        raise ArgumentError(f"--overwrite_output_dir deletes the run that --resume {rargs.resume} would continue; "
+                            "use one of them")
+    for name in ("max_nonfinite_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                 "dataloader_num_workers"):
+        if getattr(rargs, name) < 0:
+            raise ArgumentError(f"--{name} must be >= 0, got {getattr(rargs, name)}")
+    if rargs.logging_steps == 0:
+        raise ArgumentError("--logging_steps must be >= 1, got 0")
     if pargs.pruning_method == "first_order" and not 0.0 < pargs.structured_step <= max(pargs.target_sparsity, 1e-9):
         raise ArgumentError(f"--structured_step must be in (0, --target_sparsity], got {pargs.structured_step}")
     if pargs.epochs_per_stage < 1:

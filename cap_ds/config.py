@@ -5,10 +5,33 @@ the ``compression_training`` section (ours; DeepSpeed >= 0.19.7 refuses it) befo
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 from .compression.config import COMPRESSION_KEY, load_ds_config
+
+logger = logging.getLogger(__name__)
+
+# Top-level keys DeepSpeed 0.19 reads (runtime/config.py and the section parsers), plus ours. DeepSpeed ignores any
+# other key without a word, so a typo ("zero_optimisation") would silently run without ZeRO: we warn.
+KNOWN_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "gradient_allreduce_op", "communication_data_type", "seq_parallel_communication_data_type", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown",
+    "memory_breakdown", "dump_state", "disable_allgather", "dataloader_drop_last", "disable_python_gc",
+    "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger",
+    "timers", "aio", "checkpoint", "data_types", "data_efficiency", "curriculum_learning", "autotuning", "compile",
+    "pipeline", "tensor_parallel", "sequence_parallel_size", "expert_parallel", "hybrid_engine",
+    "weight_quantization", "use_data_before_expert_parallelism", "use_node_local_storage", "legacy_fusion",
+    "log_level", "lower_precision_safe_modules", "managed_gradient_accumulation", "datastates_ckpt", "zenflow",
+    COMPRESSION_KEY,
+})
+# Keys whose values do not change what a run computes (logging, monitoring): ignored when a resumed run's
+# DeepSpeed config is compared with the one it was started with.
+MONITOR_KEYS = ("tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "flops_profiler", "timers",
+                "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "log_level")
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": "auto",
@@ -34,11 +57,34 @@ def _resolve(cfg: dict[str, Any], key: str, value: Any, flag: str) -> None:
                                    f"set one of them (use \"auto\" in the JSON to take the flag)")
 
 
+def unknown_top_level_keys(cfg: dict[str, Any]) -> list[str]:
+    return sorted(k for k in cfg if k not in KNOWN_TOP_LEVEL_KEYS)
+
+
+def warn_unknown_keys(cfg: dict[str, Any], path: str | Path) -> list[str]:
+    """Warn (one line) about top-level keys DeepSpeed does not know; returns them."""
+    unknown = unknown_top_level_keys(cfg)
+    if unknown:
+        logger.warning("--deepspeed %s: unknown top-level key(s) %s are ignored by DeepSpeed (a typo?)", path,
+                       ", ".join(repr(k) for k in unknown))
+    return unknown
+
+
 def build_ds_config(path: str | Path | None, *, micro_batch: int, grad_accum: int, world_size: int,
-                    max_grad_norm: float, output_dir: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                    max_grad_norm: float, output_dir: str, learning_rate: float | None = None,
+                    adam_epsilon: float | None = None,
+                    weight_decay: float | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(config for ``deepspeed.initialize``, the ``compression_training`` section or None)."""
     cfg = copy.deepcopy(DEFAULT_DS_CONFIG if path is None else load_ds_config(path))
     compression = cfg.pop(COMPRESSION_KEY, None)
+    optimizer = cfg.get("optimizer")
+    if isinstance(optimizer, dict) and isinstance(optimizer.get("params"), dict):
+        params = optimizer["params"]  # HF convention: "auto" takes the flag
+        for key, value in (("lr", learning_rate), ("eps", adam_epsilon), ("weight_decay", weight_decay)):
+            if params.get(key) == "auto" and value is not None:
+                params[key] = value
+        if params.get("betas") == "auto":
+            params["betas"] = [0.9, 0.999]
     _resolve(cfg, "train_micro_batch_size_per_gpu", micro_batch, "--per_device_train_batch_size")
     _resolve(cfg, "gradient_accumulation_steps", grad_accum, "--gradient_accumulation_steps")
     _resolve(cfg, "train_batch_size", micro_batch * grad_accum * world_size,

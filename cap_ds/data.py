@@ -235,6 +235,31 @@ def _label_parser(task: TaskSpec, path: Path):
     return parse_class
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; a non-UTF-8 byte is a ValueError naming ``file:line`` and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        offset = err.start - (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+        lineno = body[:offset].count(b"\n") + 1
+        column = offset - (body.rfind(b"\n", 0, offset) + 1) + 1
+        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{body[offset]:02x} at column {column}); GLUE "
+                         "files are UTF-8: re-encode the file (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def count_local_rows(task: TaskSpec, split: str, data_dir: str | os.PathLike,
+                     max_samples: int | None = None) -> int:
+    """Rows ``load_glue_split`` would return from the local TSV (parsing and checking it: same errors)."""
+    _check_args(split, max_samples)
+    path = _resolve_local_file(task, split, data_dir)
+    _, labels = _read_local_tsv(task, path)
+    if not labels:
+        raise ValueError(f"GLUE task {task.name!r}: no examples in {path}")
+    return len(labels) if max_samples is None else min(len(labels), max_samples)
+
+
 def _read_local_tsv(task: TaskSpec, path: Path) -> tuple[list[list[str]], list[int | float]]:
     """Parse one original GLUE TSV file into per-field text lists and labels.
 
@@ -243,7 +268,7 @@ def _read_local_tsv(task: TaskSpec, path: Path) -> tuple[list[list[str]], list[i
     """
     layout = _LAYOUTS[task.name]
     # utf-8-sig: the original MRPC files start with a byte-order mark.
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = _read_utf8(path).split("\n")
     start = 0
     if layout.has_header:
         header = lines[0].rstrip("\r").split("\t") if lines else []

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,12 +74,82 @@ def load_config(path: str, num_labels: int, label_names: tuple[str, ...] | None,
     return config
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+# A new classification head, and encoder layers beyond a --config_overrides num_hidden_layers, are expected
+# differences between a pre-trained checkpoint and the student: not worth a warning.
+_EXPECTED_MISSING = re.compile(r"^(classifier|score|pre_classifier)\.")
+_HEAD_UNEXPECTED = re.compile(r"^(lm_head|cls|pooler|[a-z_]+\.pooler)\.")
+_LAYER = re.compile(r"\.layer\.(\d+)\.")
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def check_model_folder(path: str, flag: str, parts: tuple[str, ...] = ("config", "tokenizer", "weights")) -> None:
+    """A local model folder must hold config.json, tokenizer files and weights (the ``parts`` asked for): name
+    what is missing. Hub ids (no such local path) are left to transformers."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if "config" in parts and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {path}: no config.json in the folder (a model saved with save_pretrained, "
+                                "such as a run's final/, is expected)")
+    if "weights" in parts and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{flag} {path}: no model weights in the folder (expected one of "
+                                f"{', '.join(WEIGHT_FILES)})")
+    if "tokenizer" in parts and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{flag} {path}: no tokenizer files in the folder (expected tokenizer.json or a "
+                                "vocabulary such as vocab.txt; save the tokenizer with the model, as final/ has it)")
+
+
+def max_positions(config) -> int | None:
+    """The longest input (tokens) the model's position embeddings allow; RoBERTa-style models reserve
+    ``pad_token_id + 1`` positions."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"):
+        limit -= (getattr(config, "pad_token_id", 1) or 1) + 1
+    return limit
+
+
 def load_student(path: str, num_labels: int, label_names: tuple[str, ...] | None, overrides: str | None = None):
-    """Pre-trained encoder with a (new) sequence-classification head."""
+    """Pre-trained encoder with a (new) sequence-classification head.
+
+    transformers' load report would list the new head and, with fewer layers, every dropped layer's weights;
+    those are expected and not shown. Anything else missing or unexpected is one warning line."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     config = load_config(path, num_labels, label_names, overrides)
-    return AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    report_logger.addFilter(report_filter)  # (its level must stay: transformers keys other logs on it)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                                         output_loading_info=True)
+    finally:
+        report_logger.removeFilter(report_filter)
+    layers = getattr(config, "num_hidden_layers", None)
+
+    def expected_unexpected(key: str) -> bool:
+        m = _LAYER.search(key)
+        return bool(_HEAD_UNEXPECTED.match(key)) or (m is not None and layers is not None and int(m.group(1)) >= layers)
+
+    missing = sorted(k for k in info.get("missing_keys", []) if not _EXPECTED_MISSING.match(k))
+    unexpected = sorted(k for k in info.get("unexpected_keys", []) if not expected_unexpected(k))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
+    for what, keys in (("not in the checkpoint (randomly initialised)", missing),
+                       ("in the checkpoint but not used", unexpected), ("of another shape (re-initialised)", mismatched)):
+        if keys:
+            logger.warning("student %s: %d weight(s) %s: %s%s", path, len(keys), what, ", ".join(keys[:5]),
+                           ", ..." if len(keys) > 5 else "")
+    return model
 
 
 def load_teacher(path: str) -> nn.Module:

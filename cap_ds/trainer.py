@@ -22,9 +22,14 @@ from .cap.distributed import all_gather_cat, rank, world_size
 from .compression import CompressionScheduler, is_score_parameter, sparsity_report
 from .data import TaskSpec, compute_metrics
 from .models import SentenceVectorHook
-from .monitor import ScalarLogger
+from .monitor import PassReport, ScalarLogger
+from .signals import StopRequested, StopSignals
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingFailed(RuntimeError):
+    """The run cannot produce a valid result (diverged, non-finite outputs, schedule not completed)."""
 
 
 @dataclass
@@ -45,6 +50,7 @@ class LoopSettings:
     log_sparsity: bool = False
     show_progress: bool = True
     grad_norm_steps: int = 0  # diagnostic: per-term gradient norms every N steps (0: off)
+    max_nonfinite_steps: int = 10  # consecutive NaN/inf-loss or skipped steps tolerated before failing
     history: list[dict[str, Any]] = field(default_factory=list)
     grad_history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -64,7 +70,8 @@ class CapTrainer:
                  settings: LoopSettings, scheduler: CompressionScheduler | None = None,
                  objective: CapObjective | None = None, hook: SentenceVectorHook | None = None,
                  teacher_logits: torch.Tensor | None = None, live_teacher: torch.nn.Module | None = None,
-                 is_rank0: bool = True, checkpointer=None, pruner=None, importance_loader=None) -> None:
+                 is_rank0: bool = True, checkpointer=None, pruner=None, importance_loader=None,
+                 stop: StopSignals | None = None) -> None:
         self.engine = engine
         self.model = engine.module
         self.task = task
@@ -83,6 +90,8 @@ class CapTrainer:
         self.global_step = 0
         self.examples_seen = 0
         self.train_time = 0.0  # optimizer steps only (forward, losses, backward, step)
+        self.timed_examples = 0  # examples and optimizer steps train_time covers (throughput, step time)
+        self.timed_steps = 0
         self.snapshot_time = 0.0  # SnC encode passes, reported apart
         self.last_eval_logits: np.ndarray | None = None
         self.shard = Shard(num_train, rank(), world_size())
@@ -96,8 +105,11 @@ class CapTrainer:
         self.batch_in_epoch = 0
         self.snapshot_epoch = 0
         self.teacher_metrics: dict[str, float] | None = None
-        self.stop_flag = False
+        self.stop = stop if stop is not None else StopSignals()
         self.preempted = False
+        self.pending_snapshot = False  # a step snapshot a stop interrupted: taken first on resume
+        self.encode_pool: torch.Tensor | None = None  # rows a short run encodes (None: all; cap.Shard.restrict)
+        self.nonfinite_run = 0  # consecutive optimizer steps with a non-finite loss or skipped by DeepSpeed
 
     @property
     def device(self) -> torch.device:
@@ -120,16 +132,26 @@ class CapTrainer:
 
         try:
             return encode_dataset(encode_batch, self.encode_loader, self.num_train, desc=desc,
-                                  show_progress=self.s.show_progress and self.is_rank0, shard=self.shard)
+                                  show_progress=self.s.show_progress and self.is_rank0, shard=self.shard,
+                                  check=self.stop.pass_check(len(self.encode_loader), self.device),
+                                  report=self.is_rank0)
         finally:
             model.train(was_training)
 
     def snapshot(self) -> None:
-        """Append the current student as a new SnC column."""
+        """Append the current student as a new SnC column. A stop request aborts it with the RNG (dropout) as
+        before it started, so the checkpoint written next retakes exactly this snapshot on resume."""
+        from .checkpoint import rng_state, set_rng_state
+
         bank = self.objective.banks["snc"]
         t0 = time.perf_counter()
-        vecs = self.encode_vectors(self.model, self.hook, train_mode=self.s.snapshot_mode == "train",
-                                   desc=f"SnC snapshot {bank.num_columns + 1}")["vectors"]
+        rng = rng_state()
+        try:
+            vecs = self.encode_vectors(self.model, self.hook, train_mode=self.s.snapshot_mode == "train",
+                                       desc=f"SnC snapshot {bank.num_columns + 1}")["vectors"]
+        except StopRequested:
+            set_rng_state(rng)
+            raise
         bank.add_column(vecs)
         self.snapshot_time += time.perf_counter() - t0
         logger.info("SnC snapshot %d taken at step %d", bank.num_columns, self.global_step)
@@ -239,6 +261,10 @@ class CapTrainer:
         order = np.unique(idx.cpu().numpy(), return_index=True)[1]  # dedupe sampler padding, sort by idx
         preds = logits.cpu().numpy()[order]
         gold = labels.cpu().numpy()[order]
+        bad = int((~np.isfinite(preds)).any(axis=-1).sum()) if preds.ndim > 1 else int((~np.isfinite(preds)).sum())
+        if bad:
+            raise TrainingFailed(f"evaluation at step {self.global_step}: {bad} of {len(preds)} examples got non-finite "
+                                 "logits (the model diverged); no metrics are computed from them")
         self.last_eval_logits = preds
         if not self.task.is_regression:
             gold = gold.astype(np.int64)
@@ -248,14 +274,32 @@ class CapTrainer:
 
     # ---------------------------------------------------------------- the loop
     def request_stop(self, *_args) -> None:
-        """Signal handler (SIGTERM/SIGUSR1): checkpoint at the next optimizer step and stop."""
-        self.stop_flag = True
+        """Ask for a checkpoint at the next optimizer step and a stop (what SIGTERM/SIGUSR1 do)."""
+        self.stop.request()
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_flag else 0.0], device=self.device)
+        return self.stop.agreed(self.device)
+
+    def _check_step_finite(self, step_nonfinite: bool, loss: float) -> None:
+        """Count consecutive optimizer steps whose loss was NaN/inf on any rank or that DeepSpeed skipped; fail
+        past ``max_nonfinite_steps`` (every rank agrees: one all-reduce)."""
+        bad = torch.tensor([1.0 if step_nonfinite or not self.engine.was_step_applied() else 0.0],
+                           device=self.device)
         if world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() == 0:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_run += 1
+        if self.is_rank0:
+            logger.warning("step %d: loss %s%s (%d consecutive)", self.global_step, loss,
+                           "" if self.engine.was_step_applied() else ", step skipped by DeepSpeed", self.nonfinite_run)
+        if self.nonfinite_run > self.s.max_nonfinite_steps:
+            raise TrainingFailed(
+                f"training diverged: {self.nonfinite_run} consecutive optimizer steps up to step {self.global_step} "
+                f"had a NaN/inf loss or were skipped by DeepSpeed (last loss {loss}); lower --learning_rate (now "
+                f"{self.engine.get_lr()[0]:g} at this step) or check the data; --max_nonfinite_steps "
+                f"{self.s.max_nonfinite_steps} is how many such steps are tolerated")
 
     def train(self) -> dict[str, float]:
         engine, s = self.engine, self.s
@@ -267,6 +311,13 @@ class CapTrainer:
         window_t0, window_examples = time.perf_counter(), 0
         last_eval: dict[str, float] = {}
         start_epoch, skip = self.epoch, self.batch_in_epoch
+        step_nonfinite = False
+        if self.pending_snapshot:  # a resumed run whose last step's snapshot was interrupted
+            try:
+                self.snapshot()
+            except StopRequested:
+                return self._preempt(progress, last_eval)
+            self.pending_snapshot = False
         for epoch in range(start_epoch, s.num_epochs):
             if self.global_step >= s.total_steps:
                 break
@@ -276,13 +327,16 @@ class CapTrainer:
                 sampler.set_epoch(epoch)
             if hasattr(sampler, "start_index"):
                 sampler.start_index = self.batch_in_epoch * bs
-            if self.pruner is not None:
-                stage = epoch // s.epochs_per_stage
-                if epoch % s.epochs_per_stage == 0 and stage > self.stage_done and stage < len(s.structured_stages):
-                    self.structured_stage(stage)
-            elif self.snc_enabled and s.snapshot_steps == 0 and epoch >= 1 and self.snapshot_epoch < epoch:
-                self.snapshot()
-                self.snapshot_epoch = epoch
+            try:
+                if self.pruner is not None:
+                    stage = epoch // s.epochs_per_stage
+                    if epoch % s.epochs_per_stage == 0 and stage > self.stage_done and stage < len(s.structured_stages):
+                        self.structured_stage(stage)
+                elif self.snc_enabled and s.snapshot_steps == 0 and epoch >= 1 and self.snapshot_epoch < epoch:
+                    self.snapshot()
+                    self.snapshot_epoch = epoch
+            except StopRequested:  # the epoch-start pass is redone on resume
+                return self._preempt(progress, last_eval)
             for batch in self.train_loader:
                 if self.global_step >= s.total_steps:
                     break
@@ -297,6 +351,7 @@ class CapTrainer:
                     s.grad_history.append({"step": self.global_step + 1, **grads})
                     t0 += time.perf_counter() - d0  # not part of the step time
                 loss, terms = self.compute_loss(batch)
+                step_nonfinite = step_nonfinite or not math.isfinite(terms["loss"])
                 engine.backward(loss)
                 before = engine.global_steps
                 engine.step()
@@ -304,11 +359,15 @@ class CapTrainer:
                 self.train_time += time.perf_counter() - t0
                 n = int(batch["idx"].shape[0]) * world_size()
                 self.examples_seen += n
+                self.timed_examples += n
                 window_examples += n
                 if engine.global_steps == before:
                     continue  # inside gradient accumulation
                 self.global_step += 1
+                self.timed_steps += 1
                 progress.update(1)
+                self._check_step_finite(step_nonfinite, terms["loss"])
+                step_nonfinite = False
                 if self.scheduler is not None and engine.was_step_applied():
                     self.scheduler.step()
                 if self.global_step % s.logging_steps == 0 or self.global_step == s.total_steps:
@@ -327,19 +386,28 @@ class CapTrainer:
                     last_eval = self._eval_and_log()
                 if self.snc_enabled and s.snapshot_steps and self.global_step % s.snapshot_steps == 0 \
                         and self.global_step < s.total_steps:
-                    self.snapshot()
+                    try:
+                        self.snapshot()
+                    except StopRequested:
+                        self.pending_snapshot = True
+                        return self._preempt(progress, last_eval)
                 if self._stop_agreed():
-                    self.save_checkpoint()
-                    self.preempted = True
-                    progress.close()
-                    return last_eval
+                    return self._preempt(progress, last_eval)
                 if s.save_steps and self.global_step % s.save_steps == 0 and self.global_step < s.total_steps:
                     self.save_checkpoint()
             if not s.eval_steps and self.global_step > 0:
                 last_eval = self._eval_and_log()
         progress.close()
-        if s.eval_steps and self.global_step % s.eval_steps != 0:
-            last_eval = self._eval_and_log()
+        if (s.eval_steps and self.global_step % s.eval_steps != 0) or (not last_eval and self.global_step > 0):
+            last_eval = self._eval_and_log()  # also a run resumed from a checkpoint of its last step
+        self.scalars.flush()
+        return last_eval
+
+    def _preempt(self, progress, last_eval: dict[str, float]) -> dict[str, float]:
+        """Stop on a signal: checkpoint the current step (every rank) and leave the loop."""
+        self.save_checkpoint()
+        self.preempted = True
+        progress.close()
         self.scalars.flush()
         return last_eval
 
@@ -369,15 +437,23 @@ class CapTrainer:
         engine.eval()
         self.pruner.start_accumulation(reset=True)
         limit = self.s.importance_batches
-        for i, batch in enumerate(tqdm(self.importance_loader, desc="importance", leave=False,
-                                       disable=not (self.s.show_progress and self.is_rank0))):
-            if limit and i >= limit:
-                break
-            loss, _ = self.compute_loss(to_device(batch, self.device))
-            engine.backward(loss)
-            engine.zero_grad()
-        self.pruner.stop_accumulation()
-        engine.train()
+        batches = min(limit, len(self.importance_loader)) if limit else len(self.importance_loader)
+        check = self.stop.pass_check(batches, self.device)
+        report = PassReport("CAP-f importance", batches * (self.importance_loader.batch_size or 1),
+                            enabled=self.is_rank0)
+        try:
+            for i, batch in enumerate(tqdm(self.importance_loader, desc="importance", leave=False,
+                                           disable=not (self.s.show_progress and self.is_rank0))):
+                if limit and i >= limit:
+                    break
+                check(i)
+                loss, _ = self.compute_loss(to_device(batch, self.device))
+                engine.backward(loss)
+                engine.zero_grad()
+                report.update(int(batch["idx"].shape[0]))
+        finally:
+            self.pruner.stop_accumulation()
+            engine.train()
 
     def structured_sparsity(self) -> float:
         """Fraction of encoder linear weights a clean removes: heads take Q/K/V rows and O columns, neurons
@@ -405,6 +481,10 @@ class CapTrainer:
         return {
             "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "snapshot_epoch": self.snapshot_epoch, "examples_seen": self.examples_seen, "history": self.s.history,
+            "train_time": self.train_time, "timed_examples": self.timed_examples, "timed_steps": self.timed_steps,
+            "snapshot_time": self.snapshot_time,
+            "pending_snapshot": self.pending_snapshot, "nonfinite_run": self.nonfinite_run,
+            "encode_pool": self.encode_pool,
             "grad_history": self.s.grad_history,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "objective": self.objective.state_dict() if self.objective is not None else None,
@@ -419,6 +499,15 @@ class CapTrainer:
         self.global_step = state["global_step"]
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.snapshot_epoch, self.examples_seen = state["snapshot_epoch"], state["examples_seen"]
+        # Throughput and step time cover every step of the run, before and after the resume (a checkpoint
+        # written before cap_ds saved the timing: only this process's steps).
+        self.train_time = float(state.get("train_time", 0.0))
+        self.timed_examples = int(state.get("timed_examples", 0))
+        self.timed_steps = int(state.get("timed_steps", 0))
+        self.snapshot_time = float(state.get("snapshot_time", 0.0))
+        self.pending_snapshot = bool(state.get("pending_snapshot", False))
+        self.nonfinite_run = int(state.get("nonfinite_run", 0))
+        self.encode_pool = state.get("encode_pool")
         self.s.history[:] = state["history"]
         self.s.grad_history[:] = state.get("grad_history", [])
         if self.scheduler is not None:

@@ -23,7 +23,7 @@ common=(--deepspeed "$DS_CONFIG" --task_name sst2 --data_dir "$DATA_DIR" --max_s
 launch=(deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29611}" cap_ds/train.py)
 
 [ -f "$OUT/teacher/final/model.safetensors" ] || \
-    "${launch[@]}" --mode finetune "${common[@]}" --output_dir "$OUT/teacher" "$@"
+    "${launch[@]}" --mode finetune "${common[@]}" --output_dir "$OUT/teacher" --resume auto "$@"
 "${launch[@]}" "${common[@]}" --teacher_name_or_path "$OUT/teacher/final" --cap prc,snc,fic \
     --pruning_method "$METHOD" --target_sparsity 0.9 --output_dir "$OUT/cap_${METHOD}_90" --resume auto "$@"
 python - "$OUT" "$METHOD" <<'PY'

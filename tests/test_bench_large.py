@@ -34,6 +34,8 @@ def test_tiny_large_model_benchmark_runs_both_configs(model_path, tmp_path):
     assert {r.split("\t")[2] for r in rows[1:]} == {"entailment", "neutral", "contradiction"}
     metrics = json.loads((tmp_path / "runs" / "zero3_offload" / "metrics.json").read_text())
     assert metrics["teacher_name_or_path"].endswith("teacher")
+    assert metrics["optimizer"] == "DeepSpeedCPUAdam"  # the zero3_offload config it is named after
+    assert json.loads((tmp_path / "runs" / "zero2" / "metrics.json").read_text())["optimizer"] == "AdamW"
 
 
 @pytest.mark.gpu

@@ -43,7 +43,8 @@ class MemoryBank:
         """Append one snapshot of this rank's rows (``shard.size x dim``); drops the oldest past ``max_columns``."""
         if tuple(vectors.shape) != (self.shard.size, self.dim):
             raise ValueError(f"bank {self.name}: column must be {(self.shard.size, self.dim)}, got {tuple(vectors.shape)}")
-        if not torch.isfinite(vectors).all():
+        encoded = vectors if self.shard.pool is None else vectors.index_select(0, self.shard.local_rows(self.shard.pool))
+        if not torch.isfinite(encoded).all():
             raise ValueError(f"bank {self.name}: column has missing or non-finite rows")
         self.columns.append(vectors.detach().to("cpu", self.dtype).contiguous())
         if self.max_columns is not None and len(self.columns) > self.max_columns:
@@ -79,20 +80,29 @@ def encode_dataset(
     desc: str = "encode",
     show_progress: bool = True,
     shard: Shard | None = None,
+    check: Callable[[int], None] | None = None,
+    report: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run ``encode_batch`` over ``loader`` and place each output row by the batch's ``idx``.
 
     Returns ``shard.size x ...`` CPU tensors (the whole dataset without a shard). ``encode_batch`` returns named
     per-example tensors (e.g. ``vectors``, ``logits``). Rows never written stay NaN, so a partial pass is caught
-    by ``MemoryBank.add_column``.
+    by ``MemoryBank.add_column``. ``check(i)`` runs before batch ``i`` (it may raise to stop the pass);
+    ``report`` logs the row count and a time estimate (``monitor.PassReport``).
     """
+    from ..monitor import PassReport
+
     shard = shard if shard is not None else Shard(num_examples)
     out: dict[str, torch.Tensor] = {}
-    for batch in tqdm(loader, desc=desc, disable=not show_progress, leave=False):
+    progress = PassReport(desc, len(loader.sampler) if hasattr(loader, "sampler") else shard.size, enabled=report)
+    for i, batch in enumerate(tqdm(loader, desc=desc, disable=not show_progress, leave=False)):
+        if check is not None:
+            check(i)
         rows = shard.local_rows(batch["idx"])
         for key, value in encode_batch(batch).items():
             value = value.detach().float().cpu()
             if key not in out:
                 out[key] = torch.full((shard.size, *value.shape[1:]), float("nan"))
             out[key].index_copy_(0, rows, value)
+        progress.update(len(rows))
     return out

@@ -22,10 +22,25 @@ class Shard:
             raise ValueError(f"rank {rank} outside world of {world}")
         self.num_examples, self.rank, self.world = num_examples, rank, world
         self.size = len(range(rank, num_examples, world))
+        # Rows that hold bank vectors when a short run encodes only what it can reach (None: all owned rows).
+        self.pool: torch.Tensor | None = None
 
     @property
     def indices(self) -> torch.Tensor:
         return torch.arange(self.rank, self.num_examples, self.world)
+
+    @property
+    def encoded(self) -> torch.Tensor:
+        """Global indices of the rows the encode passes fill: the pool, or the whole shard."""
+        return self.indices if self.pool is None else self.pool
+
+    def restrict(self, rows: torch.Tensor | None) -> None:
+        """Encode (and draw extra negatives from) only ``rows`` (owned global indices), or all rows for None."""
+        if rows is not None:
+            rows = torch.unique(rows.to("cpu", torch.long))
+            if self.world > 1 and bool((rows % self.world != self.rank).any()):
+                raise ValueError(f"rank {self.rank}: pool rows must be owned by this rank")
+        self.pool = rows
 
     def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Row of each (owned) global index in this rank's shard; errors on rows owned elsewhere."""
@@ -36,9 +51,10 @@ class Shard:
         return idx // self.world
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        """``count`` owned global indices drawn uniformly without replacement."""
-        count = min(count, self.size)
-        return self.indices[torch.randperm(self.size, generator=generator)[:count]]
+        """``count`` owned global indices (from the pool, if any) drawn uniformly without replacement."""
+        rows = self.encoded
+        count = min(count, len(rows))
+        return rows[torch.randperm(len(rows), generator=generator)[:count]]
 
 
 class ShardSampler(Sampler[int]):
@@ -54,6 +70,11 @@ class ShardSampler(Sampler[int]):
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.length = -(-num_examples // world) if pad else self.shard.size
         self.start_index = 0
+        self.rows: torch.Tensor | None = None  # restrict(): iterate these rows instead (encode passes)
+
+    def restrict(self, rows: torch.Tensor | None) -> None:
+        """Iterate only ``rows`` (in order, no padding), or the whole shard again for None."""
+        self.rows = None if rows is None else torch.unique(rows.to("cpu", torch.long))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,7 +89,11 @@ class ShardSampler(Sampler[int]):
         return idx
 
     def __iter__(self) -> Iterator[int]:
+        if self.rows is not None:
+            return iter(self.rows.tolist())
         return iter(self.order()[self.start_index:].tolist())
 
     def __len__(self) -> int:
+        if self.rows is not None:
+            return len(self.rows)
         return self.length - self.start_index
