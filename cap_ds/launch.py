@@ -13,7 +13,8 @@ and SIGINT, and forwards them to the ranks only (the runner's grandchildren; SIG
 exits non-zero and makes ``launch.py`` kill the others). The ranks write a checkpoint at their next optimizer step
 and exit 0 (``train_state.json`` status ``preempted``); the launcher chain then exits 0, and so does this command
 (130 after Ctrl-C). A second Ctrl-C kills the whole tree at once. Single node only: multi-node runs start their
-ranks through Slurm (``slurm/multi_node.sbatch``), whose srun delivers signals to every task.
+ranks through Slurm (``slurm/multi_node.sbatch``), whose srun delivers signals to every task. The launcher's own
+log is quiet (``--log_level error`` unless you pass ``--log_level``/``--quiet``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
+    script = next((i for i, a in enumerate(argv) if a.endswith(".py")), len(argv))
+    if not any(a.startswith("--log_level") or a in ("-q", "--quiet") for a in argv[:script]):
+        # The launcher's INFO lines (commands, "Unable to find hostfile" for a local run) are expected noise;
+        # --log_level info brings them back. Errors and the ranks' own output are unaffected.
+        argv = ["--log_level", "error", *argv]
     env = dict(os.environ)
     if "DS_ACCELERATOR" not in env:
         try:
