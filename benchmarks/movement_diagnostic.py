@@ -5,7 +5,9 @@ For every variant (criterion + score init) the same model, data order, LR schedu
 only, and every ``--log_steps`` steps it records:
 
 - ``overlap_magnitude``: share of the kept weights that are also in the top-k of |W| at the same k (chance = the
-  kept fraction); ``energy_kept``: share of the weights' squared norm the mask keeps;
+  kept fraction); ``energy_kept``: share of the weights' squared norm the mask keeps; ``dead_rows`` /
+  ``dead_cols``: share of output rows / input columns of the masked matrices with no weight kept (whole neurons or
+  input features cut off, where an unstructured mask turns structured);
 - ``churn_per_step``: share of mask entries that flipped per optimizer step since the last record (every step is
   compared with the step before), and ``regrown_per_step``: the part of it that went from pruned to kept (the ramp
   alone only prunes, so this is the criterion changing its mind);
@@ -60,7 +62,7 @@ PRESETS = {
     "soft_movement_reference": Variant("soft_movement_reference", "soft_movement", "constant", 0.0),
     "soft_movement": Variant("soft_movement", "soft_movement", "magnitude", None),
 }
-LEVELS = (0.3, 0.5, 0.7, 0.9, 0.97)
+LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.97)
 
 
 def parse_variant(spec: str) -> Variant:
@@ -141,7 +143,7 @@ class MaskTracker:
     def record(self) -> dict:
         from scipy.stats import spearmanr
 
-        kept = total = hit = 0
+        kept = total = hit = rows = dead_rows = cols = dead_cols = 0
         energy = energy_total = 0.0
         for n, m in self.modules.items():
             mask = self.prev[n]
@@ -155,8 +157,11 @@ class MaskTracker:
             hit += int((mask & mag).sum())
             energy += float((w[mask] ** 2).sum())
             energy_total += float((w ** 2).sum())
+            rows, dead_rows = rows + mask.shape[0], dead_rows + int((~mask.any(1)).sum())
+            cols, dead_cols = cols + mask.shape[1], dead_cols + int((~mask.any(0)).sum())
         out = {"sparsity": 1.0 - kept / total, "overlap_magnitude": hit / max(kept, 1),
                "energy_kept": energy / max(energy_total, 1e-30),
+               "dead_rows": dead_rows / rows, "dead_cols": dead_cols / cols,
                "churn_per_step": self.flips / total / max(self.steps, 1),
                "regrown_per_step": self.regrown / total / max(self.steps, 1)}
         self.flips = self.regrown = self.steps = 0
@@ -192,7 +197,8 @@ def run_variant(args: argparse.Namespace, variant: Variant, data: dict, write) -
     from cap_ds.compression import CompressionScheduler, init_compression, masked_modules, warmup_offsets
     from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
     from cap_ds.models import default_model_path, load_student
-    from cap_ds.train import optimizer_groups, set_seed
+    from cap_ds.optim import optimizer_groups
+    from cap_ds.train import set_seed
     from cap_ds.trainer import model_inputs
 
     task, train_ds, collate = data["task"], data["train"], data["collate"]
@@ -254,8 +260,8 @@ def run_variant(args: argparse.Namespace, variant: Variant, data: dict, write) -
 
 def summarize(records: list[dict]) -> str:
     """Per variant, the record nearest each sparsity level (with an eval), and the final one."""
-    cols = ["sparsity", "eval", "overlap_magnitude", "energy_kept", "churn_per_step", "regrown_per_step", "score_snr",
-            "score_magnitude_spearman"]
+    cols = ["sparsity", "eval", "overlap_magnitude", "energy_kept", "dead_rows", "dead_cols", "regrown_per_step",
+            "score_snr", "score_magnitude_spearman"]
     lines = ["| variant | step | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for name in dict.fromkeys(r["variant"] for r in records):
         evals = [r for r in records if r["variant"] == name and "eval" in r]
@@ -267,7 +273,7 @@ def summarize(records: list[dict]) -> str:
         if evals and evals[-1] not in picked:
             picked.append(evals[-1])
         for r in sorted(picked, key=lambda r: r["step"]):
-            cells = [f"{r[c]:.4f}" if isinstance(r.get(c), float) else "-" for c in cols]
+            cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else "-" for c in cols]
             lines.append(f"| {name} | {r['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

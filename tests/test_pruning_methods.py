@@ -207,3 +207,107 @@ def test_magnitude_init_for_row_and_head_scores():
     heads = lin.weight.detach().abs().reshape(6, 2, 4).sum((0, 2)).unsqueeze(0)
     assert torch.allclose(m.row_mask_scores, rows / rows.mean())
     assert torch.allclose(m.head_mask_scores, heads / heads.mean())
+
+
+def test_optimizer_groups_match_reference(model_path):
+    """Reference (CAP's masked_run_glue.py): scores in their own group at the score LR with no weight decay;
+    biases and LayerNorm without decay; the embeddings frozen (MaskedBertModel) and so in no group."""
+    from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
+    from cap_ds.models import load_student
+    from cap_ds.optim import optimizer_groups
+
+    model = load_student(model_path, 2, ("negative", "positive"), "num_hidden_layers=1")
+    section = {"sparse_pruning": {"shared_parameters": {"enabled": True, "method": "movement", "schedule_offset": 0},
+                                  "different_groups": {"g": {"params": {"dense_ratio": 0.1},
+                                                             "modules": [ENCODER_LINEAR_PATTERN]}}}}
+    init_compression(model, {"compression_training": section})
+    for p in model.base_model.embeddings.parameters():
+        p.requires_grad_(False)  # as cap_ds/train.py does
+    groups = optimizer_groups(model, weight_decay=0.01, score_lr=1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = [[names[id(p)] for p in g["params"]] for g in groups]
+    scores = [g for g, ns in zip(groups, by_group) if all(n.endswith("mask_scores") for n in ns)]
+    assert len(scores) == 1 and scores[0]["lr"] == 1e-2 and scores[0]["weight_decay"] == 0.0
+    assert len(scores[0]["params"]) == 6  # Q, K, V, attention out, FFN in, FFN out of the one layer
+    flat = [n for ns in by_group for n in ns]
+    assert not any("embeddings" in n for n in flat)
+    for g, ns in zip(groups, by_group):
+        if any(n.endswith("bias") or "LayerNorm" in n for n in ns):
+            assert g["weight_decay"] == 0.0 and all(n.endswith("bias") or "LayerNorm" in n for n in ns)
+
+
+# ---- masks computed once per optimizer step
+def _train_tiny(method: str, cache: bool, monkeypatch) -> tuple[dict, list, int]:
+    """A tiny BERT pruned along a ramp with 2 micro-batches per step and an eval pass between steps."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from cap_ds.compression import layers, methods
+
+    monkeypatch.setattr(layers, "CACHE_MASKS", cache)
+    calls = {"n": 0}
+    real_topk, real_sigmoid = methods.topk_mask, methods.sigmoid_threshold_mask
+
+    def counted(fn):
+        def wrapper(*a, **k):
+            calls["n"] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(methods, "topk_mask", counted(real_topk))
+    monkeypatch.setattr(methods, "sigmoid_threshold_mask", counted(real_sigmoid))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    section = {"sparse_pruning": {"shared_parameters": {"enabled": True, "method": method, "schedule_offset": 1,
+                                                       "schedule_offset_end": 5, "final_lambda": 5.0},
+                                  "different_groups": {"g": {"params": {"dense_ratio": 0.2},
+                                                             "modules": [r"encoder\.layer\.\d+\."]}}}}
+    init_compression(model, {"compression_training": section})
+    sched = CompressionScheduler(model, {"compression_training": section})
+    from cap_ds.optim import optimizer_groups
+
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.01, 0.1), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (4, 9), generator=gen) for _ in range(2)]
+    labels = torch.tensor([0, 1, 1, 0])
+    evals = []
+    model.train()
+    for _ in range(7):
+        for ids in batches:  # gradient accumulation: the weights do not change between micro-batches
+            out = model(input_ids=ids, labels=labels)
+            loss = out.loss + (sched.regularization() if sched.regularization() is not None else 0.0)
+            (loss / 2).backward()
+        model.eval()
+        with torch.no_grad():
+            evals.append(model(input_ids=batches[0]).logits.clone())
+        model.train()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}, evals, calls["n"]
+
+
+@pytest.mark.parametrize("method", ["movement", "magnitude", "soft_movement"])
+def test_cached_masks_train_exactly_as_recomputed_ones(method, monkeypatch):
+    state_c, evals_c, n_cached = _train_tiny(method, True, monkeypatch)
+    state_r, evals_r, n_recomputed = _train_tiny(method, False, monkeypatch)
+    for k in state_r:
+        assert torch.equal(state_c[k], state_r[k]), k  # bit for bit, scores included
+    for a, b in zip(evals_c, evals_r):
+        assert torch.equal(a, b)
+    # 12 masked linears; cached: one mask per layer and step (7 steps); recomputed: 3 forwards per step.
+    assert n_recomputed == 3 * n_cached and n_cached == 12 * 7
+
+
+def test_mask_cache_follows_a_threshold_set_by_hand():
+    lin = nn.Linear(20, 10)
+    cfg = {"compression_training": {"sparse_pruning": {
+        "shared_parameters": {"enabled": True, "method": "magnitude", "schedule_offset": 0},
+        "different_groups": {"g": {"params": {"dense_ratio": 0.5}, "modules": ["0"]}}}}}
+    model = init_compression(nn.Sequential(lin), cfg)
+    CompressionScheduler(model, cfg)
+    assert int(model[0].get_mask().sum()) == 100
+    model[0].threshold = 0.2
+    assert int(model[0].get_mask().sum()) == 40
