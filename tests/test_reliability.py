@@ -95,8 +95,9 @@ def test_a_schedule_short_of_its_target_fails():
     from cap_ds.train import check_reached_target, sparse_section
     from cap_ds.trainer import TrainingFailed
 
-    pargs = SimpleNamespace(pruning_method="magnitude", target_sparsity=0.9, mask_init="magnitude", mask_scale=None,
-                            final_threshold=0.1, final_lambda=0.0, prune_modules="encoder")
+    pargs = SimpleNamespace(pruning_method="magnitude", target_sparsity=0.9, mask_init="magnitude",
+                            score_init="magnitude", mask_scale=None, final_threshold=0.1, final_lambda=0.0,
+                            prune_modules="encoder")
     cfg = parse_compression_config({"compression_training": sparse_section(pargs, 2, 6)})
     trainer = SimpleNamespace(global_step=8)
     lagging = SimpleNamespace(training_steps=4)  # DeepSpeed skipped 4 of the 8 steps
