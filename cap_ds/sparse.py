@@ -159,7 +159,8 @@ def _semi_matmul(semi: Any, backend: str, x2: torch.Tensor, bias: torch.Tensor |
     """y [tokens, out] = x2 @ W^T + b with the compressed W: the aten op directly, as torch's own dispatch would.
 
     The dense operand is ``x2.t()`` (a free view of the row-major activations); tokens are padded to a multiple
-    of 8 as torch requires. cuSPARSELt writes the transposed result directly (``transpose_result``).
+    of 8 as torch requires. cuSPARSELt writes the [tokens, out] result directly (``transpose_result``); the
+    output is always contiguous, so the measured time includes any copy the next layer would otherwise pay.
     """
     tokens = x2.shape[0]
     x2 = x2.contiguous()
@@ -168,11 +169,13 @@ def _semi_matmul(semi: Any, backend: str, x2: torch.Tensor, bias: torch.Tensor |
         x2 = F.pad(x2, (0, 0, 0, pad))
     if backend == "cusparselt":
         y = torch._cslt_sparse_mm(semi.packed, x2.t(), bias=bias, transpose_result=True)
-    elif bias is None:
+    elif bias is None:  # CUTLASS computes W @ x^T: [out, tokens]
         y = torch._sparse_semi_structured_mm(semi.packed, semi.meta, x2.t()).t()
     else:
         y = torch._sparse_semi_structured_addmm(bias, semi.packed, semi.meta, x2.t()).t()
-    return y[:tokens] if pad else y
+    if pad:
+        y = y[:tokens]
+    return y.contiguous()  # a no-op for cuSPARSELt; the transposed CUTLASS result is copied, as torch does
 
 
 class SparseLinear(nn.Module):
@@ -203,6 +206,8 @@ class SparseLinear(nn.Module):
         self.semi_backend: str | None = None  # None: the first of _semi_backends()
         self._dense_cache: tuple[tuple, torch.Tensor] | None = None
         self._semi_cache: tuple[tuple, Any] | None = None  # (key, compressed weight or None if unavailable)
+        self._semi_direct = True  # False once the direct aten call failed: torch's public route from then on
+        self._fallback_logged = False
 
     @classmethod
     @torch.no_grad()
@@ -340,13 +345,15 @@ class SparseLinear(nn.Module):
         if semi is None:
             return None
         backend = self._semi_cache[0][-1]
-        try:
-            return _semi_matmul(semi, backend, x2, self.bias)
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as err:
-            # A private aten op changed in this torch: torch's public (slower) route, still correct.
-            logger.info("2:4 %s direct call failed (%s); using F.linear on the semi-structured tensor", backend,
-                        err)
-            return F.linear(x2, semi, self.bias)
+        if self._semi_direct:
+            try:
+                return _semi_matmul(semi, backend, x2, self.bias)
+            except (RuntimeError, NotImplementedError, TypeError, AttributeError) as err:
+                # A private aten op changed in this torch: torch's public (slower) route, still correct.
+                logger.info("2:4 %s direct call failed (%s); using F.linear on the semi-structured tensor",
+                            backend, err)
+                self._semi_direct = False
+        return F.linear(x2, semi, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -362,6 +369,10 @@ class SparseLinear(nn.Module):
             y = F.linear(x2, self.cached_dense_weight(), self.bias)
         elif fmt == "2:4":
             y = self.semi_forward(x2)
+            if y is None and not self._fallback_logged:
+                self._fallback_logged = True
+                logger.info("SparseLinear %dx%d: 2:4 cannot run on %s/%s here; using the CSR path",
+                            self.out_features, self.in_features, x2.device, x2.dtype)
         if y is None:
             y = self.csr_forward(x2)
         return y.reshape(*lead, self.out_features)
