@@ -20,11 +20,13 @@ keeps its weight as CSR buffers (the ``state_dict`` format), and builds what its
 Why the 2:4 path was 10-100x slower than dense (H200, 0.40-0.83 ms where dense took 0.009-0.05 ms):
 
 1. torch's ``_cslt_sparse_mm`` (cuSPARSELt, the default backend of ``to_sparse_semi_structured``) creates its
-   cuSPARSELt descriptors, plan and workspace on every call; pytorch/pytorch#153825 shows ~0.46 ms of host time
-   between kernel launches on an H100 for the same ``F.linear(x, W_semi)`` call, and pytorch/pytorch#179642 (2026-04)
-   added a plan cache, later than the torch 2.11 the GPU machines have. This is a constant per call, hence the
-   flat 0.4-0.8 ms whatever the shape. It is inside torch: we cannot remove it, only route around it (the CUTLASS
-   backend has no plan, and dense when neither wins).
+   cuSPARSELt descriptors, plan and workspace on every call: pytorch/pytorch#153825 shows ~0.46 ms of host time
+   between kernel launches on an H100 for the same ``F.linear(x, W_semi)`` call (0.60 ms vs 0.25 ms dense), and
+   pytorch/pytorch#179642 (April 2026) adds a plan cache; whether the GPU machines' torch 2.11 has it is not
+   verified. A constant per call explains the flat 0.4-0.8 ms whatever the shape. It is inside torch: we can
+   only route around it (the CUTLASS backend has no plan; dense when neither wins). Even without it, torch's
+   2:4 reached ~1.15x dense on an H100 in that thread, and CUTLASS's 2:4 kernels on Hopper are Ampere kernels
+   (NVIDIA/cutlass#1335), so >= 1.25x on RoBERTa-large FFN shapes is not expected from torch's kernels.
 2. The old ``F.linear(x2, W_semi, bias)`` went through the tensor subclass' Python ``__torch_dispatch__`` chain
    (``linear`` -> ``t`` (a new wrapper subclass) -> ``addmm`` -> ``t`` -> a ``torch.library`` custom op) on every
    call: tens of microseconds of Python per layer where the dense GEMM takes ~10 us. :func:`_semi_matmul` calls
@@ -45,7 +47,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -278,7 +279,8 @@ class SparseLinear(nn.Module):
         """The dense weight, built once per weight version (what the ``dense`` format multiplies)."""
         key = self._weight_key()
         if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self.dense_weight())
+            with torch.inference_mode(False):  # a normal tensor: usable later in a graph that needs gradients
+                self._dense_cache = (key, self.dense_weight())
         return self._dense_cache[1]
 
     def semi_weight(self) -> Any:
@@ -295,7 +297,8 @@ class SparseLinear(nn.Module):
             dense = self.dense_weight()
             if _is_2to4(dense):
                 try:
-                    semi = _semi_convert(dense, backend)
+                    with torch.inference_mode(False):
+                        semi = _semi_convert(dense, backend)
                 except (RuntimeError, ValueError, NotImplementedError, AttributeError) as err:
                     logger.info("2:4 %s conversion failed (%s); using the CSR path", backend, err)
         self._semi_cache = (key, semi)
@@ -397,12 +400,16 @@ class _CSRLinearFunction(torch.autograd.Function):
 MeasureFn = Callable[[dict[str, Callable[[], object]], torch.Tensor], dict[str, float]]
 
 
-def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device, reps: int = 5,
-                    target_s: float = 2e-3) -> dict[str, float]:
-    """Median seconds per call of each candidate: interleaved rounds, each a batch of calls lasting ~target_s.
+def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device, reps: int = 15,
+                    target_s: float = 1e-3) -> dict[str, float]:
+    """Seconds per call of each candidate: the fastest of ``reps`` interleaved rounds.
 
-    Interleaving puts every candidate under the same machine load; batching calls between CUDA syncs times the
-    GPU work plus the host overhead that eager inference pays, not the sync.
+    In each round every candidate runs a batch of calls lasting ~``target_s`` (between CUDA syncs, so GPU work
+    plus the host overhead eager inference pays is timed, not the sync). Load from other processes only ever
+    adds time, so the least-disturbed round estimates each path's own cost; the median (what the benchmarks
+    report) swung 2-5x between identical dense GEMMs on this project's loaded 2-core CPU and flipped decisions.
+    Many short rounds beat few long ones there: dense/CSR ratios of 128x512 layers repeated within ~10 % across
+    runs with 15 rounds of ~1 ms, and swung 0.2-1.6x with 7 rounds of ~5 ms.
     """
     def sync() -> None:
         if device.type == "cuda":
@@ -426,8 +433,8 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
                 for _ in range(inner[name]):
                     fn()
                 sync()
-                times[name].append((time.perf_counter() - t0) / inner[name])
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                times[name].append(max((time.perf_counter() - t0) / inner[name], 1e-12))
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def _device_desc(device: torch.device) -> str:
@@ -624,7 +631,7 @@ def _plan_layer(layer: SparseLinear, classes: dict[str, int], per_class: dict[st
 
 @torch.no_grad()
 def sparsify(model: nn.Module, min_sparsity: float = 0.5, allow_2to4: bool = True, *, policy: str = "measure",
-             batch_tokens: int | None = None, cache_path: str | os.PathLike | None = None, reps: int = 5,
+             batch_tokens: int | None = None, cache_path: str | os.PathLike | None = None, reps: int = 15,
              min_speedup: float = 1.05, max_extra_memory: float = 0.5, measure_fn: MeasureFn | None = None
              ) -> nn.Module:
     """Give every ``nn.Linear`` with at least ``min_sparsity`` zeros the fastest format on its device (in place).
@@ -636,8 +643,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, allow_2to4: bool = Tru
 
     policy:
       ``"measure"`` (default): time dense, CSR and (2:4 weights, CUDA fp16/bf16 sm80+) both torch 2:4 backends
-      with the layer's real weights on a random input of the representative size, ``reps`` interleaved rounds,
-      median; keep the fastest, a sparse path only if ``min_speedup`` x faster than dense. Layers of the same
+      with the layer's real weights on a random input of the representative size, the fastest of ``reps``
+      interleaved rounds (see :func:`time_candidates`); keep the fastest, a sparse path only if ``min_speedup`` x faster than dense. Layers of the same
       (shape, dtype, device, thread count, 5 % sparsity bucket, 2:4-ness, bias, batch class, torch version)
       share one measurement, cached in this process and, with ``cache_path``, in a JSON file reused by later
       runs. Cost: a few ms per key on a CPU for BERT-base shapes at 128 tokens, ~0.1-0.5 s at 1024 tokens;

@@ -455,3 +455,16 @@ def test_semi_matmul_calling_convention(monkeypatch, backend, with_bias):
         assert y.shape == (tokens, 64) and y.is_contiguous()
         torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
         assert calls[-1] == {"rows": tokens + (-tokens) % 8, "b_is_xt": True}  # x^T view, padded to 8 rows
+
+
+def test_cache_built_in_inference_mode_serves_a_later_gradient():
+    dense = nn.Linear(16, 24)
+    with torch.no_grad():
+        dense.weight.copy_(sparse_weight(24, 16, 0.8))
+    layer = SparseLinear.from_linear(dense).set_format("dense")
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        layer(x)  # the dense weight is cached here
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(layer(xg).sum(), xg)
+    torch.testing.assert_close(gx, dense.weight.detach().sum(0).expand(3, 16))
