@@ -182,7 +182,7 @@ def table_main(argv: list[str]) -> int:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--model", default=None, help="--size minilm: a model path instead of the offline package")
     parser.add_argument("--cache_path", default=None, help="sparsify's decision cache file")
     parser.add_argument("--jsonl", default=None, help="append one JSON line per row here")
@@ -259,11 +259,17 @@ def table_main(argv: list[str]) -> int:
         with open(args.jsonl, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    slower = [r for r in rows if r["policy"] == "rule" and r["speedup"] < 1.0 - args.noise]
+    # All-dense rows time two identical computations: their spread is the machine's noise, not a verdict.
+    same = [r["speedup"] for r in rows if set(r["formats"]) <= {"dense"} and r["kind"] != "cap-f"]
+    if same:
+        print(f"noise floor (rows where sparsify kept every layer dense, identical computations): "
+              f"{min(same):.2f}x-{max(same):.2f}x")
+    slower = [r for r in rows if r["policy"] == "rule" and r["speedup"] < 1.0 - args.noise
+              and not set(r["formats"]) <= {"dense"}]
     if "rule" in policies:
         print(f"rule policy never slower than dense here (within {args.noise:.0%} timing noise): " +
               ("yes" if not slower else
-              "NO: " + ", ".join(f"{r['kind']} batch {r['batch']} {r['speedup']:.2f}x" for r in slower)))
+               "NO: " + ", ".join(f"{r['kind']} batch {r['batch']} {r['speedup']:.2f}x" for r in slower)))
     return 0
 
 

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from .atomic import publish_modes
 from .ops import kernels_support, load_kernels
 
 __all__ = ["SparseLinear", "SparsifySummary", "pack_csr", "sparsify", "densify", "weight_sparsity", "rule_format",
@@ -568,7 +569,7 @@ def _write_cache_file(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
-    os.chmod(tmp, 0o644)
+    publish_modes(tmp)  # the modes a plain open() would give under the umask
     os.replace(tmp, path)
 
 
@@ -611,7 +612,8 @@ def _plan_layer(layer: SparseLinear, classes: dict[str, int], per_class: dict[st
 
     Each class gets its fastest path (sparse only with ``min_speedup`` over dense). If the two classes want
     different formats and holding both costs more than ``max_extra_memory`` x the dense weight on top of the CSR
-    buffers, one format serves both: among those not slower than dense in any class, the least total time.
+    buffers, one format serves both: dense, or one that beats dense by ``min_speedup`` in every class (the least
+    total time relative to dense among those).
     """
     picks = {c: _choose(per_class[c], min_speedup) for c in classes}
     if len(classes) == 1 or picks["small"] == picks["large"]:
@@ -623,7 +625,8 @@ def _plan_layer(layer: SparseLinear, classes: dict[str, int], per_class: dict[st
         backends = [p.split("/")[1] for p in picks.values() if "/" in p]
         return picks["small"].split("/")[0], picks["large"].split("/")[0], (backends[0] if backends else None)
     common = set.intersection(*(set(per_class[c]) for c in classes))
-    ok = [n for n in sorted(common) if all(per_class[c][n] <= per_class[c]["dense"] for c in classes)]
+    ok = ["dense"] + [n for n in sorted(common - {"dense"})
+                      if all(per_class[c][n] * min_speedup <= per_class[c]["dense"] for c in classes)]
     best = min(ok, key=lambda n: sum(per_class[c][n] / per_class[c]["dense"] for c in classes))
     fmt, backend = (best.split("/") + [None])[:2]
     return fmt, fmt, backend
@@ -644,7 +647,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, allow_2to4: bool = Tru
     policy:
       ``"measure"`` (default): time dense, CSR and (2:4 weights, CUDA fp16/bf16 sm80+) both torch 2:4 backends
       with the layer's real weights on a random input of the representative size, the fastest of ``reps``
-      interleaved rounds (see :func:`time_candidates`); keep the fastest, a sparse path only if ``min_speedup`` x faster than dense. Layers of the same
+      interleaved rounds (see :func:`time_candidates`); keep the fastest, a sparse path only if ``min_speedup``
+      x faster than dense. Layers of the same
       (shape, dtype, device, thread count, 5 % sparsity bucket, 2:4-ness, bias, batch class, torch version)
       share one measurement, cached in this process and, with ``cache_path``, in a JSON file reused by later
       runs. Cost: a few ms per key on a CPU for BERT-base shapes at 128 tokens, ~0.1-0.5 s at 1024 tokens;
@@ -655,8 +659,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, allow_2to4: bool = Tru
     batch_tokens: the rows per forward you will run (batch x sequence). Given, the layer is measured at exactly
       that size and holds one format. ``None``: both batch classes (<= ``SMALL_BATCH_TOKENS`` rows, measured at
       128; more, measured at 1024) are measured, and a layer whose winner differs holds both formats if that
-      costs at most ``max_extra_memory`` x its dense weight in extra memory, else one format not slower than
-      dense for either class.
+      costs at most ``max_extra_memory`` x its dense weight in extra memory, else dense or one format that beats
+      dense by ``min_speedup`` in both classes.
     measure_fn: replaces the timer (``(candidates, x) -> seconds per candidate``; x is the representative
       input), e.g. for deterministic tests.
     allow_2to4: False keeps 2:4 out of every decision.
