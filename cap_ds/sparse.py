@@ -409,8 +409,8 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
     plus the host overhead eager inference pays is timed, not the sync). Load from other processes only ever
     adds time, so the least-disturbed round estimates each path's own cost; the median (what the benchmarks
     report) swung 2-5x between identical dense GEMMs on this project's loaded 2-core CPU and flipped decisions.
-    Many short rounds beat few long ones there: dense/CSR ratios of 128x512 layers repeated within ~10 % across
-    runs with 15 rounds of ~1 ms, and swung 0.2-1.6x with 7 rounds of ~5 ms.
+    Many short rounds beat few long ones there: over 8 small layer cases run twice, 7 rounds of ~5 ms put CSR on
+    different sides of dense in 4 (e.g. 0.30x then 1.56x), 15 rounds of ~1 ms in none (mostly within 5 %).
     """
     def sync() -> None:
         if device.type == "cuda":
@@ -651,8 +651,10 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, allow_2to4: bool = Tru
       x faster than dense. Layers of the same
       (shape, dtype, device, thread count, 5 % sparsity bucket, 2:4-ness, bias, batch class, torch version)
       share one measurement, cached in this process and, with ``cache_path``, in a JSON file reused by later
-      runs. Cost: a few ms per key on a CPU for BERT-base shapes at 128 tokens, ~0.1-0.5 s at 1024 tokens;
-      BERT-base has 3 linear shapes, so ~6 keys (both batch classes) or ~3 (with ``batch_tokens``).
+      runs. Cost (2-core loaded CPU, 1 thread, fp32): 1.7 s for a 2-layer tiny BERT, 3.7 s for MiniLM at 90 %,
+      18 s for MiniLM at 2:4 (CSR at 50 % zeros is slow to time at 1024 tokens); roughly 15 rounds x (dense +
+      each sparse path) per key, and BERT-like models have 3 linear shapes, so ~6 keys (both batch classes)
+      or ~3 (with ``batch_tokens``). Not measured on GPU.
       ``"rule"``: :func:`rule_format`, no timing (CPU fp32 -> CSR from 70 % zeros; CUDA -> dense).
       ``"csr"``, ``"2:4"``, ``"dense"``: forced. ``"2:4"`` converts the layers whose weight is 2:4 (others stay
       dense); where 2:4 cannot run (CPU) those layers take the CSR path.
