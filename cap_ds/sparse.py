@@ -20,25 +20,28 @@ keeps its weight as CSR buffers (the ``state_dict`` format), and builds what its
 Why the 2:4 path was 10-100x slower than dense (H200, 0.40-0.83 ms where dense took 0.009-0.05 ms):
 
 1. torch's ``_cslt_sparse_mm`` (cuSPARSELt, the default backend of ``to_sparse_semi_structured``) creates its
-   cuSPARSELt descriptors, plan and workspace on every call: pytorch/pytorch#153825 shows ~0.46 ms of host time
-   between kernel launches on an H100 for the same ``F.linear(x, W_semi)`` call (0.60 ms vs 0.25 ms dense), and
-   pytorch/pytorch#179642 (April 2026) adds a plan cache; whether the GPU machines' torch 2.11 has it is not
-   verified. A constant per call explains the flat 0.4-0.8 ms whatever the shape. It is inside torch: we can
-   only route around it (the CUTLASS backend has no plan; dense when neither wins). Even without it, torch's
-   2:4 reached ~1.15x dense on an H100 in that thread, and CUTLASS's 2:4 kernels on Hopper are Ampere kernels
-   (NVIDIA/cutlass#1335), so >= 1.25x on RoBERTa-large FFN shapes is not expected from torch's kernels.
+   cuSPARSELt descriptors, plan and workspace on every call. pytorch/pytorch#153825 reports 2:4 slower than dense
+   on H100; pytorch/pytorch#177866 (a proposed fix) measured ~0.46 ms of host time between kernel launches for
+   ``F.linear(x, W_semi)`` (0.60 ms vs 0.25 ms dense, 3072x10240 -> 3072, fp16) and 1.15x dense once descriptors
+   were cached; pytorch/pytorch#179642 (April 2026) adds such a plan cache. Whether the GPU machines' torch 2.11
+   has it is not verified. A constant host cost per call fits the flat 0.4-0.8 ms whatever the shape. It is
+   inside torch: we can only route around it (the CUTLASS backend has no plan; dense when neither wins). CUTLASS's
+   2:4 kernels on Hopper are Ampere kernels (NVIDIA/cutlass#1335), so >= 1.25x on RoBERTa-large FFN shapes is not
+   expected from torch's kernels; ``bench_inference.py --layers --device cuda`` measures it.
 2. The old ``F.linear(x2, W_semi, bias)`` went through the tensor subclass' Python ``__torch_dispatch__`` chain
-   (``linear`` -> ``t`` (a new wrapper subclass) -> ``addmm`` -> ``t`` -> a ``torch.library`` custom op) on every
-   call: tens of microseconds of Python per layer where the dense GEMM takes ~10 us. :func:`_semi_matmul` calls
-   the aten ops (``_cslt_sparse_mm`` / ``_sparse_semi_structured_addmm``) directly with x's natural layout
-   (``x.t()`` as the dense operand, which is what torch itself passes; ``transpose_result`` writes [tokens, out]).
+   on every call (in torch 2.13's source: ``linear`` -> ``t``, a new wrapper subclass -> ``addmm`` -> ``t`` -> a
+   ``torch.library`` custom op; torch 2.11's may differ), host work where the dense GEMM takes ~10 us.
+   :func:`_semi_matmul` calls the aten ops (``_cslt_sparse_mm`` / ``_sparse_semi_structured_(add)mm``) directly
+   with the operands torch itself passes (``x.t()`` as the dense operand; ``transpose_result`` writes [tokens,
+   out]). How much this saves is not measured (``--layers`` times both routes).
 3. 2:4 was taken unconditionally whenever the weight was 2:4, never compared with dense.
 4. The conversion cache was keyed by ``values.data_ptr()``: it did not re-convert per call, but it also did not
    notice an in-place update (``load_state_dict`` copies into the same storage), so it could serve a stale weight.
    Caches are now keyed by the buffers' version counters too.
 
-Not measured on GPU (no GPU in the session that wrote this): whether (2) and the CUTLASS backend bring 2:4 to
->= 1.25x dense on RoBERTa-large FFN shapes at 4096 tokens in bf16; ``policy="measure"`` then picks it, else dense.
+Not measured on GPU (no GPU in the session that wrote this): the cost of (1) and (2) on the GPU machines, whether
+the direct call or the CUTLASS backend bring 2:4 to >= 1.25x dense on RoBERTa-large FFN shapes at 4096 tokens in
+bf16 (``policy="measure"`` then picks it, else dense), and the time the measurement itself takes on a GPU.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from .atomic import publish_modes
 from .ops import kernels_support, load_kernels
 
 __all__ = ["SparseLinear", "SparsifySummary", "pack_csr", "sparsify", "densify", "weight_sparsity", "rule_format",
-           "FORMATS", "POLICIES", "SMALL_BATCH_TOKENS", "clear_decision_cache"]
+           "FORMATS", "POLICIES", "SMALL_BATCH_TOKENS", "clear_decision_cache", "time_candidates"]
 
 logger = logging.getLogger(__name__)
 
