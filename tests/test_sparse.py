@@ -154,7 +154,7 @@ def test_sparsify_selects_by_sparsity_and_densify_restores():
     x = torch.randn(4, 16)
     with torch.no_grad():
         ref = model(x)
-        sparsify(model, min_sparsity=0.5)
+        sparsify(model, min_sparsity=0.5, policy="csr")
         assert isinstance(model[0], SparseLinear) and isinstance(model[2], nn.Linear)
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
         densify(model)
@@ -174,7 +174,7 @@ def test_sparsify_bakes_masked_linear():
     x = torch.randn(5, 24)
     with torch.no_grad():
         ref = model(x)
-        sparsify(model)
+        sparsify(model, policy="csr")
         assert isinstance(model[0], SparseLinear) and model[0].sparsity > 0.85
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 
@@ -212,7 +212,7 @@ def _check_bert(dense, sparse_model):
 
 def test_sparsify_bert_logits(op):
     dense = tiny_bert()
-    _check_bert(dense, sparsify(copy.deepcopy(dense)))
+    _check_bert(dense, sparsify(copy.deepcopy(dense), policy="csr"))
 
 
 def test_sparsify_bert_saved_and_reloaded(op, tmp_path):
@@ -221,7 +221,7 @@ def test_sparsify_bert_saved_and_reloaded(op, tmp_path):
     tiny_bert().save_pretrained(tmp_path / "final")  # as an exported final/ directory
     dense = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
-    _check_bert(dense, sparsify(reloaded))
+    _check_bert(dense, sparsify(reloaded, policy="csr"))
 
 
 @pytest.mark.gpu
@@ -230,7 +230,7 @@ def test_sparse_linear_cuda(dtype, cuda_kernels):
     w = sparse_weight(300, 256, 0.9, dtype=dtype)
     dense, sparse = layer_pair(w)
     dense, sparse = dense.cuda(), sparse.cuda()
-    sparse.allow_2to4 = False  # the CSR kernel
+    assert sparse.format == "csr"  # the CSR kernel
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for shape in [(1, 256), (2, 77, 256), (300, 256)]:
         x = torch.randn(shape, device="cuda").to(dtype)
@@ -246,10 +246,11 @@ def test_sparse_linear_cuda_2to4():
     w.view(256, 64, 4)[..., 2:] = 0  # 2:4 along the input dim
     dense, sparse = layer_pair(w.half())
     dense, sparse = dense.cuda(), sparse.cuda()
+    sparse.set_format("2:4")
     x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         out = sparse(x)
-    assert sparse._semi is not None and sparse._semi[1] is not None, "2:4 path not taken"
+    assert sparse._semi_cache is not None and sparse._semi_cache[1] is not None, "2:4 path not taken"
     torch.testing.assert_close(out.float(), dense(x).float(), rtol=2e-2, atol=2e-2)
 
 

@@ -1,0 +1,33 @@
+"""benchmarks/bench_inference.py --size tiny on CPU: the table and JSON lines come out and the logits agree."""
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def test_tiny_inference_benchmark_table_and_jsonl(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_inference.py"), "--size", "tiny", "--device", "cpu",
+           "--threads", "1", "--reps", "2", "--policy", "measure,rule", "--jsonl", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].split("|")[1].strip() == "pruning" and len(table) == 1 + 3 * 2 * 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12
+    assert {(r["kind"], r["policy"], r["batch"]) for r in rows} == {
+        (k, p, b) for k in ("90%", "2:4", "cap-f") for p in ("measure", "rule") for b in (1, 32)}
+    for r in rows:
+        assert r["device"] == "CPU" and r["dtype"] == "float32" and r["seq"] == 128
+        assert r["max_logit_diff"] <= 1e-4, r  # fp32: sparsified (or cleaned) model == its dense reference
+        assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] > 0
+        if r["kind"] == "cap-f":
+            assert r["formats"] == {}  # the cleaned model has no zeros left for sparsify
+        else:
+            assert sum(r["formats"].values()) == 12  # 6 encoder linears x 2 layers, each given a format
+            assert abs(r["weight_sparsity"] - (0.9 if r["kind"] == "90%" else 0.5)) < 0.01
+    assert "rule policy never slower than dense here" in proc.stdout
