@@ -364,14 +364,33 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, source):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masked_linear_cuda_matches_pytorch(dtype, cuda_kernels):
+def test_masked_linear_cuda_matches_pytorch(dtype, cuda_kernels, mode_env):
     case = [t.cuda() if t is not None else None for t in _case((4, 33, 96), 80, dtype, 0.3, True)]
+    ops.set_masked_kernel_mode("on")  # the kernel itself (auto routes CUDA to the expression)
     ours, g = _run(masked_linear, *case)
     ref, _ = _run(masked_linear_reference, *case, grad_out=g)
     assert ours[0].grad_fn.name().startswith("MaskedLinearFunction")
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a.float(), r.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_routes_cuda_to_the_expression(dtype, mode_env):
+    """On a real CUDA tensor, auto (the default) takes F.linear(x, W*M): same numbers as the expression, bit for bit;
+    off too; on takes the kernel where the op was built with CUDA."""
+    case = [t.cuda() if t is not None else None for t in _case((8, 64, 96), 128, dtype, 0.1, True, seed=2)]
+    ref, g = _run(masked_linear_reference, *case)
+    for mode in ("auto", "off"):
+        ops.set_masked_kernel_mode(mode)
+        assert not masked_linear_mod.use_kernel(case[0], case[1], case[3].to(dtype), case[4])
+        ours, _ = _run(masked_linear, *case, grad_out=g)
+        assert not ours[0].grad_fn.name().startswith("MaskedLinearFunction")
+        for a, r in zip(ours, ref):
+            assert torch.equal(a, r)
+    ops.set_masked_kernel_mode("on")
+    assert masked_linear_mod.use_kernel(case[0], case[1], case[3].to(dtype), case[4]) == ops.kernels_support("cuda")
 
 
 if __name__ == "__main__":
