@@ -42,7 +42,8 @@ def num_kept(numel: int, keep_ratio: float) -> int:
 # keeps the same entries whenever no tie straddles the cut, but among tied entries its choice is whatever torch's
 # selection happens to leave (unspecified; on CPU neither the lowest nor the highest indices). Ties at the cut are
 # common with bf16 scores (8 mantissa bits), hence the rule. Default: the fastest exact candidate measured on CPU
-# (benchmarks/bench_masks.py --topk_only; figures in the README); CAP_DS_TOPK selects another.
+# (benchmarks/bench_masks.py --part topk, 1 thread under load: kthvalue 0.53-0.91x of torch.topk in fp32 on BERT-base
+# and RoBERTa-large layers, sort 5-9x; README); on GPUs not measured yet. CAP_DS_TOPK selects another.
 TOPK_IMPLS = ("kthvalue", "topk", "sort")
 ENV_TOPK = "CAP_DS_TOPK"
 DEFAULT_TOPK = "kthvalue"
