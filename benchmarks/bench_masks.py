@@ -10,14 +10,20 @@ cache on and off (``cap_ds.compression.layers.CACHE_MASKS``):
 
 Prints median ms and the ratios (off / on). Runs on CPU or CUDA (``--device``).
 
+``--part topk`` times the exact top-k candidates (``CAP_DS_TOPK``: kthvalue + tie fix-up, torch.topk, stable
+sort; plus kthvalue/topk batched over equal-size layers) on BERT-base and RoBERTa-large layer shapes, round-robin.
+
     python benchmarks/bench_masks.py --threads 2 --accum 2
+    python benchmarks/bench_masks.py --part topk --threads 1 --keeps 0.1,0.5 [--device cuda --dtypes fp32,bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,6 +58,71 @@ def build(size: str, device: str):
     return model.to(device), sched
 
 
+TOPK_SHAPES = {"tiny": ((64, 64), (64, 128)),
+               "base": ((768, 768), (768, 3072)),  # BERT-base: QKV/out, FFN (3072x768 has the same numel)
+               "large": ((1024, 1024), (1024, 4096))}  # RoBERTa-large
+
+
+def batched_keep(scores: torch.Tensor, k: int, impl: str) -> torch.Tensor:
+    """Keep-masks of L equal-size layers at once ([L, n] -> [L, n] bool), same tie rule as per layer."""
+    if impl == "topk":
+        idx = torch.topk(scores, k, dim=1, sorted=False).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+    kth = torch.kthvalue(scores, scores.shape[1] - k + 1, dim=1, keepdim=True).values
+    above, tied = scores > kth, scores == kth
+    return above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+
+
+def timed_call(fn, values: torch.Tensor, k: int, impl: str, sync) -> None:
+    fn(values, k, impl)
+    sync()
+
+
+def bench_topk(shape_sets: list[str], keeps: list[float], dtypes: list[str], device: str, reps: int,
+               layers_batched: int) -> list[dict]:
+    """Median ms per layer of every exact top-k candidate (cap_ds.compression.methods.TOPK_IMPLS), timed
+    round-robin, plus a batched kthvalue/topk over ``layers_batched`` equal-size layers (per-layer ms). Each row
+    says whether the candidate's mask equals the default's (exactness, checked on these random scores)."""
+    from cap_ds.compression.methods import TOPK_IMPLS, num_kept, topk_keep
+
+    gen = torch.Generator().manual_seed(0)
+    dts = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rows = []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for size in shape_sets:
+        for shape in TOPK_SHAPES[size]:
+            for dname in dtypes:
+                stack = torch.randn(layers_batched, shape[0] * shape[1], generator=gen).to(device, dts[dname])
+                flat = stack[0].contiguous()
+                for keep in keeps:
+                    k = num_kept(flat.numel(), keep)
+                    ref = topk_keep(flat, k, "kthvalue")
+
+                    fns = {impl: partial(timed_call, topk_keep, flat, k, impl, sync) for impl in TOPK_IMPLS}
+                    fns.update({f"{impl}_batched{layers_batched}": partial(timed_call, batched_keep, stack, k, impl,
+                                                                           sync) for impl in ("kthvalue", "topk")})
+                    t = interleaved(fns, reps, warmup=1)
+                    same = {impl: bool(torch.equal(topk_keep(flat, k, impl), ref)) for impl in TOPK_IMPLS}
+                    same.update({f"{impl}_batched{layers_batched}": bool(torch.equal(
+                        batched_keep(stack, k, impl)[0], ref)) for impl in ("kthvalue", "topk")})
+                    for name, sec in t.items():
+                        per_layer = sec / layers_batched if "batched" in name else sec
+                        rows.append(dict(bench="topk", device=device, size=size, shape=f"{shape[0]}x{shape[1]}",
+                                         dtype=dname, keep=keep, candidate=name, ms=per_layer * 1e3,
+                                         vs_topk=per_layer / t["topk"],
+                                         equals_default=same[name]))
+    return rows
+
+
+def print_topk(rows: list[dict], reps: int) -> None:
+    print(f"Top-k keep-mask candidates, median ms per layer over {reps} interleaved rounds "
+          f"(vs_topk < 1: faster than torch.topk; batched rows are per layer)")
+    print(f"  {'shape':<10} {'dtype':<5} {'keep':>5} {'candidate':<20} {'ms':>9} {'vs topk':>8} {'mask == default':>15}")
+    for r in rows:
+        print(f"  {r['shape']:<10} {r['dtype']:<5} {r['keep']:>5.2f} {r['candidate']:<20} {r['ms']:>9.2f} "
+              f"{r['vs_topk']:>7.2f}x {str(r['equals_default']):>15}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=["minilm", "base", "tiny"], default="minilm")
@@ -61,9 +132,45 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--part", choices=["all", "cache", "topk"], default="all",
+                    help="cache: mask cache on/off; topk: the top-k candidates; all: both")
+    ap.add_argument("--topk_shapes", default=None,
+                    help="comma list of tiny, base, large (default: tiny for --size tiny, else base,large)")
+    ap.add_argument("--keeps", default="0.1", help="top-k part: kept fractions, comma list")
+    ap.add_argument("--dtypes", default="fp32", help="top-k part: fp32, bf16 (comma list)")
+    ap.add_argument("--layers_batched", type=int, default=4, help="top-k part: equal-size layers per batched call")
+    ap.add_argument("--jsonl", default=None, help="append one JSON object per result row to this file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    shape_sets = (args.topk_shapes or ("tiny" if args.size == "tiny" else "base,large")).split(",")
+    bad = [s for s in shape_sets if s not in TOPK_SHAPES] + [d for d in args.dtypes.split(",")
+                                                              if d not in ("fp32", "bf16")]
+    if bad:
+        ap.error(f"--topk_shapes/--dtypes: unknown {', '.join(bad)}; allowed: {', '.join(TOPK_SHAPES)} / fp32, bf16")
+    out: dict = {}
+    if args.part in ("all", "topk"):
+        rows = bench_topk(shape_sets, [float(k) for k in args.keeps.split(",")], args.dtypes.split(","),
+                          args.device, args.reps, args.layers_batched)
+        print_topk(rows, args.reps)
+        out["topk"] = rows
+        write_jsonl(args.jsonl, rows)
+    if args.part == "topk":
+        return out
+    out.update(bench_cache(args))
+    write_jsonl(args.jsonl, [{"bench": "mask_cache", "device": args.device, "size": args.size,
+                              **{k: v for k, v in out.items() if k != "topk"}}])
+    return out
+
+
+def write_jsonl(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with open(path, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+
+
+def bench_cache(args) -> dict:
     from cap_ds.compression import layers, masked_modules
 
     model, sched = build(args.size, args.device)
@@ -116,12 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"per step, {name}")
     for k, v in times.items():
         print(f"  {k:16s} {1e3 * v:9.2f} ms")
-    out = {"step_ratio": times["step_recomputed"] / times["step_cached"],
+    res = {"step_ratio": times["step_recomputed"] / times["step_cached"],
            "eval_ratio": times["eval_recomputed"] / times["eval_cached"],
            "mask_share_of_step": times["masks"] / times["step_cached"], **times}
-    print(f"  step: recomputed / cached = {out['step_ratio']:.2f}x; eval forward: {out['eval_ratio']:.2f}x; "
-          f"all masks once = {100 * out['mask_share_of_step']:.0f} % of a cached step")
-    return out
+    print(f"  step: recomputed / cached = {res['step_ratio']:.2f}x; eval forward: {res['eval_ratio']:.2f}x; "
+          f"all masks once = {100 * res['mask_share_of_step']:.0f} % of a cached step")
+    return res
 
 
 if __name__ == "__main__":

@@ -498,9 +498,8 @@ def _run(margs, dargs, rargs, pargs, cargs, pre, stop, world, rank, state, show_
         "task": task.name, "mode": rargs.mode, "eval": eval_metrics, "primary_metric": task.primary_metric,
         "steps": trainer.global_step, "epochs": num_epochs, "eval_examples": len(eval_ds), "train_runtime_s": runtime,
         "train_time_s": trainer.train_time, "train_examples": trainer.examples_seen,
-        "train_examples_per_second": trainer.timed_examples / max(trainer.train_time, 1e-9),
         "bank_encode_s": encode_seconds, "snapshot_s": trainer.snapshot_time, "world_size": world,
-        "step_time_s": trainer.train_time / max(trainer.timed_steps, 1),
+        **trainer.step_timer.metrics(),  # issue 15: step_time_s = steady-state median, train_examples_per_second
         "bank_bytes_per_rank": sum(b.memory_bytes() for b in banks.values()),
         "bank_rows_per_rank": len(shard.encoded) if banks else 0, "optimizer": optimizer_name(engine),
         **peak_memory(trainer.device),

@@ -24,6 +24,7 @@ from .data import TaskSpec, compute_metrics
 from .models import SentenceVectorHook
 from .monitor import PassReport, ScalarLogger
 from .signals import StopRequested, StopSignals
+from .steptimer import StepTimer  # issue 15
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class CapTrainer:
         self.train_time = 0.0  # optimizer steps only (forward, losses, backward, step)
         self.timed_examples = 0  # examples and optimizer steps train_time covers (throughput, step time)
         self.timed_steps = 0
+        self.step_timer = StepTimer()  # issue 15: steady-state step time (cap_ds/steptimer.py)
         self.snapshot_time = 0.0  # SnC encode passes, reported apart
         self.last_eval_logits: np.ndarray | None = None
         self.shard = Shard(num_train, rank(), world_size())
@@ -356,8 +358,10 @@ class CapTrainer:
                 before = engine.global_steps
                 engine.step()
                 self.batch_in_epoch += 1
-                self.train_time += time.perf_counter() - t0
+                dt = time.perf_counter() - t0  # issue 15: one reading for train_time and the step timer
+                self.train_time += dt
                 n = int(batch["idx"].shape[0]) * world_size()
+                self.step_timer.add_micro(dt, n)  # issue 15
                 self.examples_seen += n
                 self.timed_examples += n
                 window_examples += n
@@ -365,6 +369,7 @@ class CapTrainer:
                     continue  # inside gradient accumulation
                 self.global_step += 1
                 self.timed_steps += 1
+                self.step_timer.end_step()  # issue 15
                 progress.update(1)
                 self._check_step_finite(step_nonfinite, terms["loss"])
                 step_nonfinite = False
@@ -482,6 +487,7 @@ class CapTrainer:
             "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "snapshot_epoch": self.snapshot_epoch, "examples_seen": self.examples_seen, "history": self.s.history,
             "train_time": self.train_time, "timed_examples": self.timed_examples, "timed_steps": self.timed_steps,
+            "step_timer": self.step_timer.state_dict(),  # issue 15
             "snapshot_time": self.snapshot_time,
             "pending_snapshot": self.pending_snapshot, "nonfinite_run": self.nonfinite_run,
             "encode_pool": self.encode_pool,
@@ -504,6 +510,7 @@ class CapTrainer:
         self.train_time = float(state.get("train_time", 0.0))
         self.timed_examples = int(state.get("timed_examples", 0))
         self.timed_steps = int(state.get("timed_steps", 0))
+        self.step_timer.load_state_dict(state.get("step_timer"))  # issue 15
         self.snapshot_time = float(state.get("snapshot_time", 0.0))
         self.pending_snapshot = bool(state.get("pending_snapshot", False))
         self.nonfinite_run = int(state.get("nonfinite_run", 0))

@@ -45,6 +45,12 @@ def test_cap_prune_end_to_end(teacher_dir, glue_dir, tmp_path):
     assert len(metrics["sparsity_per_module"]) == 2 * 6  # 6 encoder linears per layer
     assert set(metrics["eval"]) == {"accuracy"} and 0.0 <= metrics["eval"]["accuracy"] <= 1.0
     assert metrics["teacher_eval"]["accuracy"] > 0.6
+    # issue 15: steady-state step time fields (structural facts and the throughput formula only, never timing)
+    assert metrics["first_step_time_s"] > 0 and metrics["step_time_s"] > 0 and metrics["step_time_mean_s"] > 0
+    assert 1 <= metrics["step_time_steady_steps"] <= metrics["steps"]
+    assert metrics["train_examples_per_step"] == metrics["train_examples"] / metrics["steps"]
+    assert metrics["train_examples_per_second"] == pytest.approx(
+        metrics["train_examples_per_step"] / metrics["step_time_s"])
 
     scalars = tb_scalars(out / "runs" / "cap")
     for tag in ("ce", "kd", "prc", "snc", "fic", "loss", "sparsity", "threshold", "lr", "examples_per_second"):

@@ -27,8 +27,9 @@ from .methods import (
     unit_mask,
 )
 
-# Route the plain sparse-masked product through cap_ds's kernels (cap_ds.ops) when they are built. Also off with
-# CAP_DS_KERNELS=0 (then cap_ds.ops never builds anything).
+# Route the plain sparse-masked product through cap_ds.ops.masked_linear, which picks the kernel or the PyTorch
+# expression (CAP_DS_MASKED_KERNEL=auto|on|off; auto: the expression wherever the kernel was not measured faster,
+# today CPU and CUDA). False: always the expression here. CAP_DS_KERNELS=0 turns every kernel off.
 USE_KERNELS = True
 # Reuse a layer's sparse mask until its scheduler says weights, scores or thresholds changed (one top-k per layer and
 # optimizer step instead of one per forward: micro-steps, eval, bank and snapshot passes). Off: recompute each time.
@@ -265,8 +266,8 @@ class MaskedLinear(nn.Linear):
         if not self.pruning_enabled:
             return F.linear(input, self.weight, self.bias)
         if USE_KERNELS and self.row_method is None and self.head_method is None:
-            # Only a sparse mask: x @ (W*M)^T + b through the cap_masked_gemm op when it is built (same numbers;
-            # W*M not kept for the backward); masked_linear itself falls back to F.linear(x, W*M, b).
+            # Only a sparse mask: masked_linear routes x @ (W*M)^T + b to the cap_masked_gemm op where it wins
+            # (same numbers; W*M not kept for the backward), else to F.linear(x, W*M, b).
             sparse = self.sparse_mask()
             if sparse is not None:
                 return masked_linear(input, self.weight, sparse, self.bias)

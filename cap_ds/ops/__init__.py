@@ -16,10 +16,16 @@ from types import ModuleType
 
 import torch
 
-from .masked_linear import masked_linear, masked_linear_reference
+from .masked_linear import (
+    masked_kernel_mode,
+    masked_linear,
+    masked_linear_reference,
+    set_masked_kernel_mode,
+    use_kernel,
+)
 
-__all__ = ["kernels_enabled", "load_kernels", "kernels_available", "kernels_support", "masked_linear",
-           "masked_linear_reference"]
+__all__ = ["kernels_enabled", "load_kernels", "kernels_available", "kernels_support", "masked_kernel_mode",
+           "masked_linear", "masked_linear_reference", "set_masked_kernel_mode", "use_kernel"]
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,52 @@
+"""benchmarks/bench_train.py synthetic mode at --size tiny on CPU: the plain loop and harness runs really run, and
+the table, the ratios and the JSON lines are reported (no timing is checked, only structure and formulas)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, free_port
+
+sys.path.insert(0, str(REPO))
+
+
+def test_peak_flops_table():
+    from benchmarks.bench_train import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A10") is None
+
+
+def test_tiny_synthetic_benchmark_on_cpu(model_path, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--device", "cpu", "--size", "tiny",
+           "--steps", "7", "--batch", "8", "--runs", "plain,dense,capm", "--stages", "zero2",
+           "--work_dir", str(tmp_path / "work"), "--port", str(free_port()), "--jsonl", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| none | plain |" in proc.stdout and "| zero2 | dense |" in proc.stdout and "| zero2 | capm |" in proc.stdout
+    assert "zero2 capm/dense:" in proc.stdout and "zero2 dense/plain:" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    runs = {r["run"]: r for r in rows if r["bench"] == "train"}
+    assert set(runs) == {"plain", "dense", "capm"}
+    for r in runs.values():
+        assert r["step_time_s"] > 0 and r["first_step_time_s"] > 0 and r["steps"] == 7
+        assert r["step_time_steady_steps"] == 2  # 7 steps less the 5-step warm-up
+        assert r["train_examples_per_second"] == pytest.approx(8 / r["step_time_s"])
+        assert r["params"] > 0 and "mfu" not in r  # no MFU on CPU
+    [ratios] = [r for r in rows if r["bench"] == "train_ratios"]
+    assert ratios["zero2 capm/dense"] == pytest.approx(runs["capm"]["step_time_s"] / runs["dense"]["step_time_s"])
+    assert ratios["zero2 dense/plain"] == pytest.approx(runs["dense"]["step_time_s"] / runs["plain"]["step_time_s"])
+
+
+def test_bad_runs_flag_is_one_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--device", "cpu",
+                           "--runs", "plain,fast"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--runs/--stages: unknown fast; allowed: plain, dense, movement_kd, capm" \
+        in proc.stderr
