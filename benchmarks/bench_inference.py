@@ -51,6 +51,17 @@ KINDS = ("90%", "2:4", "cap-f")
 SIZES = ("tiny", "base", "minilm")
 
 
+def setup_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
+    """The device, the dtype the benchmark runs in there (bf16 on CUDA, fp32 on CPU) and its name; sets threads."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 @torch.no_grad()
 def prune_weight_(w: torch.Tensor, pattern: str | float) -> None:
     """In place: "2:4" keeps the 2 largest-|w| of every 4 consecutive inputs; a float s keeps the largest-|w|
@@ -202,13 +213,7 @@ def table_main(argv: list[str]) -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             parser.error(f"{name} {','.join(bad) or '(empty)'}: allowed {', '.join(allowed)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device, dtype, device_name = setup_device(parser, args)
 
     dense_cpu = base_model(args.size, args.model)
     dense = copy.deepcopy(dense_cpu).to(device=device, dtype=dtype)
@@ -312,13 +317,7 @@ def layers_main(argv: list[str]) -> int:
 
     import cap_ds.sparse as sp
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device, dtype, device_name = setup_device(parser, args)
     print(f"{device_name}, {str(dtype).replace('torch.', '')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, fastest of {args.reps} interleaved rounds (as sparsify measures); "
           "speedup = dense / path")
