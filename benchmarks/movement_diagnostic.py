@@ -178,8 +178,7 @@ class MaskTracker:
 
 
 def evaluate(model, loader, task) -> float:
-    from cap_ds.data import compute_metrics
-    from cap_ds.trainer import model_inputs
+    from cap_ds.data import compute_metrics, model_inputs
 
     model.eval()
     logits, labels = [], []
@@ -194,12 +193,12 @@ def evaluate(model, loader, task) -> float:
 def run_variant(args: argparse.Namespace, variant: Variant, data: dict, write) -> None:
     from transformers import get_linear_schedule_with_warmup
 
+    from cap_ds.checkpoint import set_seed
     from cap_ds.compression import CompressionScheduler, init_compression, masked_modules, warmup_offsets
     from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
+    from cap_ds.data import model_inputs
     from cap_ds.models import default_model_path, load_student
     from cap_ds.optim import optimizer_groups
-    from cap_ds.train import set_seed
-    from cap_ds.trainer import model_inputs
 
     task, train_ds, collate = data["task"], data["train"], data["collate"]
     set_seed(args.seed)

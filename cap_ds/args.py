@@ -13,6 +13,7 @@ from .cap.loss import REDUCTIONS
 from .cap.objective import MODULES
 from .compression.layers import MASK_INITS
 from .compression.stats import ENCODER_LINEAR_PATTERN
+from .data import get_task
 from .models import SENTENCE_VECTORS
 
 MODES = ("prune", "finetune")
@@ -166,6 +167,11 @@ class CapArguments:
         "help": "Teacher engine: cpu = ZeRO-3 with params offloaded to CPU, none = stage 0, auto = cpu for "
                 ">= 300M parameters.", "choices": ["auto", "none", "cpu"]})
 
+    def loss_weights(self, has_teacher: bool) -> tuple[float, float]:
+        """(CE, KD) weights: KD only with a teacher; CE defaults to 0.1 beside KD (the reference's), else 1.0."""
+        kd = self.kd_weight if has_teacher else 0.0
+        return (self.ce_weight if self.ce_weight is not None else (0.1 if kd > 0 else 1.0)), kd
+
     @property
     def modules(self) -> list[str]:
         value = self.cap.strip().lower()
@@ -195,8 +201,6 @@ def parse_args(argv: list[str] | None = None):
 
 def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, pargs: PruningArguments,
              cargs: CapArguments) -> None:
-    from .data import get_task
-
     try:
         get_task(dargs.task_name)
     except ValueError as err:

@@ -5,11 +5,13 @@ file or folder. Temporary files are created private (0600/0700); what is publish
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -71,3 +73,13 @@ def atomic_file(path: str | Path, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """``data`` as indented, key-sorted JSON (non-JSON values as ``str``), written atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+
+    atomic_file(path, write)

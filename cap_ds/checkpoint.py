@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .atomic import atomic_file, publish_modes
+from .atomic import atomic_file, publish_modes, write_json
+from .collectives import barrier
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,13 @@ _STEP_TAG = re.compile(r"^step(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing, incomplete, corrupt, or refused as unsafe); names the file."""
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (the run's one global seed; loaders and samplers have their own)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,11 +72,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------ safe loading
@@ -226,15 +228,6 @@ def read_run_config(root: str | os.PathLike, tag: str) -> dict[str, Any] | None:
         raise CheckpointError(f"{path} is corrupt ({err})") from None
 
 
-def _write_json(path: Path, data: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-
-    atomic_file(path, write)
-
-
 # ------------------------------------------------------------------------------------------------ the run's checkpoints
 class Checkpointer:
     """Saves/loads checkpoints of one run; every method is a collective (all ranks call it)."""
@@ -260,20 +253,20 @@ class Checkpointer:
             # Rewriting a tag (a run resumed from an older checkpoint supersedes the newer ones): it stops
             # counting as complete before any of its files changes.
             (folder / MANIFEST).unlink(missing_ok=True)
-        _barrier()
+        barrier()
         self.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         atomic_file(folder / STATE_FILE.format(rank=self.rank), lambda tmp: torch.save(cap_state, tmp))
-        _barrier()
+        barrier()
         if self.rank == 0:
             if self.run_config is not None:
-                _write_json(folder / RUN_CONFIG, self.run_config)
+                write_json(folder / RUN_CONFIG, self.run_config)
             publish_modes(folder)
             files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
                      if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
-            _write_json(folder / MANIFEST, {"tag": tag, "step": step_of(tag), "files": files})
+            write_json(folder / MANIFEST, {"tag": tag, "step": step_of(tag), "files": files})
             atomic_file(self.root / LATEST, lambda tmp: Path(tmp).write_text(tag))
             self._prune(tag)
-        _barrier()
+        barrier()
         return folder
 
     def _prune(self, current: str) -> None:
@@ -300,4 +293,7 @@ class Checkpointer:
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path} (see its warning above)")
-        return safe_load(state_file)
+        state = safe_load(state_file)
+        if self.rank == 0:
+            logger.info("resumed from %s at step %d", tag, state["global_step"])
+        return state

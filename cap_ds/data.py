@@ -26,6 +26,9 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .cap.shards import ShardSampler
 
 logger = logging.getLogger(__name__)
 
@@ -466,6 +469,47 @@ class GlueCollator:
         if "idx" in features[0]:
             batch["idx"] = torch.as_tensor([int(f["idx"]) for f in features], dtype=torch.long)
         return batch
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The collated batch minus what the model must not see (``idx`` for banks, ``labels`` for our losses)."""
+    return {k: v for k, v in batch.items() if k not in ("idx", "labels")}
+
+
+@dataclass
+class Loaders:
+    """The run's four views of the data. ``train`` draws this rank's shard (bank rows stay local,
+    ``cap/shards.py``), ``encode`` walks it in order for the bank passes (``restrict`` narrows it to a short run's
+    rows), ``evaluate`` splits the dev set, ``importance`` walks the shard in order for CAP-f (None otherwise)."""
+
+    train: DataLoader
+    encode: DataLoader
+    evaluate: DataLoader
+    importance: DataLoader | None
+
+
+def make_loaders(train_ds: datasets.Dataset, eval_ds: datasets.Dataset, collate: GlueCollator, *, rank: int,
+                 world: int, seed: int, train_batch: int, eval_batch: int, num_workers: int,
+                 importance: bool) -> Loaders:
+    """Every loader is seeded with its own generator: creating a loader iterator must not draw from the global RNG
+    (dropout), or a resumed run would diverge from an uninterrupted one."""
+
+    def loader(ds: datasets.Dataset, batch: int, sampler) -> DataLoader:
+        return DataLoader(ds, batch_size=batch, sampler=sampler, generator=torch.Generator().manual_seed(seed),
+                          collate_fn=collate, num_workers=num_workers)
+
+    n = len(train_ds)
+    return Loaders(
+        train=loader(train_ds, train_batch, ShardSampler(n, rank, world, shuffle=True, seed=seed)),
+        encode=loader(train_ds, eval_batch, ShardSampler(n, rank, world, shuffle=False, pad=False)),
+        evaluate=loader(eval_ds, eval_batch, DistributedSampler(eval_ds, num_replicas=world, rank=rank,
+                                                                shuffle=False)),
+        importance=loader(train_ds, train_batch, ShardSampler(n, rank, world, shuffle=False)) if importance else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_dir, atomic_file
-from .cap.distributed import rank
+from .atomic import atomic_dir
+from .collectives import barrier, rank
 from .compression import baked_state, has_structured_masks, masked_modules, save_clean_pretrained
 from .compression.stats import sparsity_report as measure_sparsity
+from .plots import plot_sparsity_heatmap
 
 
 def plain_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -43,8 +44,6 @@ def sparsity_files(report: dict[str, Any] | None, title: str | None = None):
         return None
 
     def write(folder: Path) -> None:
-        from .plots import plot_sparsity_heatmap
-
         (folder / SPARSITY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         plot_sparsity_heatmap(report, folder / HEATMAP_FILE, title=title)
 
@@ -75,15 +74,6 @@ def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path,
                 extra(tmp)
 
         atomic_dir(target, write)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
     return target
 
-
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-
-    atomic_file(path, write)

@@ -11,13 +11,14 @@ Sentence vectors (``--sentence_vector``):
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +157,6 @@ def load_teacher(path: str) -> nn.Module:
     """A fine-tuned classifier, frozen and in eval mode."""
     from transformers import AutoModelForSequenceClassification
 
-    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"--teacher_name_or_path {path!r} does not exist (and the hub is offline)")
     teacher = AutoModelForSequenceClassification.from_pretrained(path)
     teacher.eval()
     for p in teacher.parameters():
@@ -182,6 +181,13 @@ def check_teacher(teacher_config, num_labels: int, label_names: tuple[str, ...] 
     if t_labels != default and t_labels != list(label_names):
         raise ValueError(f"teacher {teacher_path!r} labels {t_labels} differ from the task's {list(label_names)} "
                          "(same names in the same order are required)")
+
+
+def check_fic_width(teacher: nn.Module | None, student: nn.Module, modules: list[str]) -> None:
+    """FiC compares teacher and student sentence vectors: both must have the same hidden size."""
+    if "fic" in modules and teacher.config.hidden_size != student.config.hidden_size:
+        raise UserError(f"--cap fic: teacher hidden size {teacher.config.hidden_size} differs from the student's "
+                        f"{student.config.hidden_size}; FiC compares their sentence vectors")
 
 
 def check_tokenizers(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:

@@ -1,10 +1,34 @@
-"""Observability: scalars through DeepSpeed's monitor (TensorBoard/CSV/W&B as configured) and tqdm on rank 0."""
+"""Observability: scalars through DeepSpeed's monitor (TensorBoard/CSV/W&B as configured), log lines for long
+passes, and the run log (history, diagnostics, timing) that ends in metrics.json."""
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .steptimer import StepTimer
 
 logger = logging.getLogger(__name__)
+
+
+def configure_logging(is_rank0: bool, disable_tqdm: bool) -> bool:
+    """Log lines from rank 0 (warnings from the others); returns whether to show progress bars: not in a
+    redirected log, where they become escape-code noise (``PassReport`` lines remain)."""
+    import transformers
+
+    logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_warning() if is_rank0 else transformers.logging.set_verbosity_error()
+    show_progress = not disable_tqdm and sys.stderr.isatty()
+    if not show_progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    return show_progress
 
 
 class ScalarLogger:
@@ -34,8 +58,6 @@ class PassReport:
 
     def __init__(self, desc: str, rows: int, enabled: bool = True, estimate_after_s: float = 10.0,
                  every_s: float = 300.0) -> None:
-        import time
-
         self.desc, self.rows, self.enabled = desc, rows, enabled
         self.estimate_after_s, self.every_s = estimate_after_s, every_s
         self.clock = time.perf_counter
@@ -65,3 +87,37 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class RunLog:
+    """What a run records as it goes, apart from its settings: the logged training rows, the gradient
+    diagnostics, and the time and examples its optimizer steps and snapshots took. Saved in every checkpoint (a
+    resumed run reports the whole run) and read into metrics.json."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    grad_history: list[dict[str, Any]] = field(default_factory=list)
+    examples_seen: int = 0
+    train_time: float = 0.0  # optimizer steps only (forward, losses, backward, step)
+    timed_examples: int = 0  # examples and optimizer steps train_time covers (throughput, step time)
+    timed_steps: int = 0
+    snapshot_time: float = 0.0  # SnC encode passes (epoch, step and CAP-f stage snapshots), reported apart
+    step_timer: StepTimer = field(default_factory=StepTimer)  # per-step times: steady-state median step time
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "grad_history": self.grad_history, "examples_seen": self.examples_seen,
+                "train_time": self.train_time, "timed_examples": self.timed_examples,
+                "timed_steps": self.timed_steps, "snapshot_time": self.snapshot_time,
+                "step_timer": self.step_timer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Throughput and step time cover every step of the run, before and after the resume (a checkpoint
+        # written before cap_ds saved the timing: only this process's steps).
+        self.history[:] = state["history"]
+        self.grad_history[:] = state.get("grad_history", [])
+        self.examples_seen = state["examples_seen"]
+        self.train_time = float(state.get("train_time", 0.0))
+        self.timed_examples = int(state.get("timed_examples", 0))
+        self.timed_steps = int(state.get("timed_steps", 0))
+        self.snapshot_time = float(state.get("snapshot_time", 0.0))
+        self.step_timer.load_state_dict(state.get("step_timer"))

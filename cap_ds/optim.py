@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from .compression import is_score_parameter
+
 logger = logging.getLogger(__name__)
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float, score_lr: float) -> list[dict]:
     """Scores get their own LR and no decay; biases and LayerNorm get no decay (HF convention)."""
-    from .compression import is_score_parameter
-
     scores, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

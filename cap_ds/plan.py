@@ -8,9 +8,14 @@ reaches) is a :class:`PlanError` naming the flag; ``preflight`` raises it before
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from .compression import parse_compression_config
+
+logger = logging.getLogger(__name__)
 
 
 class PlanError(ValueError):
@@ -27,6 +32,12 @@ class StepPlan:
     offset_end: int | None = None  # ... and at the target from here on
     stages: list[float] = field(default_factory=list)  # CAP-f cumulative pruned fractions
     notes: list[str] = field(default_factory=list)  # what was adapted, for the log
+
+    def log(self, prune: bool) -> None:
+        """The plan, and what was adapted, in the run's log."""
+        logger.info("plan: %s", self.describe(prune))
+        for note in self.notes:
+            logger.warning(note)
 
     def describe(self, prune: bool) -> str:
         text = (f"{self.total_steps} optimizer steps ({self.num_epochs} epoch(s) of {self.steps_per_epoch}), "
@@ -77,8 +88,6 @@ def check_compression_schedule(section: dict[str, Any] | None, total_steps: int,
     """A ``compression_training`` section whose schedule ends after the run would never reach its target."""
     if not section:
         return
-    from .compression import parse_compression_config
-
     cfg = parse_compression_config({"compression_training": section})
     for key in ("sparse_pruning", "row_pruning", "head_pruning"):
         tech = getattr(cfg, key, None)
@@ -117,8 +126,6 @@ def plan_steps(num_train: int, world: int, rargs, pargs, *, prune: bool,
     if not prune:
         return plan
     if compression:
-        from .compression import parse_compression_config
-
         if parse_compression_config({"compression_training": compression}).enabled:
             check_compression_schedule(compression, total, source)  # the section replaces the pruning flags
             return plan

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, read_run_config, resolve_resume
+from .ds_config import MONITOR_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ class RunDirError(ValueError):
 def run_config(all_args, deepspeed_config: dict[str, Any] | None, model_path: str) -> dict[str, Any]:
     """What identifies the computation of a run: every flag (paths made absolute, the default model resolved)
     and the DeepSpeed config's content without its monitoring keys."""
-    from .config import MONITOR_KEYS
-
     flags: dict[str, Any] = {}
     for args in all_args:
         for f in fields(args):
@@ -108,6 +107,15 @@ class RunDirPlan:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+
+    def prepare(self) -> None:
+        """Rank 0, before anything is written: log the notes and passed-over checkpoints, clear, create."""
+        for note in self.notes:
+            logger.warning(note)
+        for tag, problem in self.skipped:
+            logger.warning("checkpoint %s skipped: %s", tag, problem)
+        self.apply()
+        os.makedirs(self.output_dir, exist_ok=True)
 
     def remove_new_files(self) -> None:
         """After a failure before any training: delete what this run created, and the folder if it made it."""

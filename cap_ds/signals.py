@@ -14,6 +14,8 @@ import signal
 
 import torch
 
+from .collectives import any_rank, min_over_ranks
+
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -55,11 +57,7 @@ class StopSignals:
 
     def agreed(self, device: torch.device | str = "cpu") -> bool:
         """True on every rank when any rank was signalled (a collective at world size > 1)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        agreed = bool(flag.item() > 0)
+        agreed = any_rank(self.requested, device)
         if agreed and self.signum is None:
             self.signum = signal.SIGTERM  # another rank was signalled
         return agreed
@@ -67,12 +65,7 @@ class StopSignals:
     def pass_check(self, num_batches: int, device: torch.device | str = "cpu"):
         """A per-batch ``check(i)`` for a pass of ``num_batches`` on this rank (ranks may differ by one batch):
         raises StopRequested on every rank at the same batch once any rank was signalled."""
-        common = num_batches
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            t = torch.tensor([float(num_batches)], device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            common = int(t.item())
+        common = min_over_ranks(num_batches, device)
 
         def check(i: int) -> None:
             if i < common and self.agreed(device):

@@ -46,5 +46,4 @@ def teacher_engine(model: nn.Module, offload: str = "auto", micro_batch: int = 3
     mode = resolve_offload(offload, model)
     engine, *_ = deepspeed.initialize(model=model, config=teacher_ds_config(mode, micro_batch, bf16))
     engine.eval()
-    engine.offload_mode = mode
     return engine

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cap_ds.args import ArgumentError, parse_args
-from cap_ds.train import preflight
+from cap_ds.preflight import preflight
 
 
 def args(*extra):
@@ -180,7 +180,7 @@ def test_teacher_folder_names_the_missing_file(tmp_path, model_path, glue_dir):
 
 
 def test_max_seq_length_beyond_the_models_positions(model_path, glue_dir):
-    from cap_ds.train import UserError
+    from cap_ds.errors import UserError
 
     parsed = args("--data_dir", str(glue_dir), "--cap", "none", "--model_name_or_path", model_path,
                   "--max_seq_length", "1024")

@@ -26,8 +26,8 @@ import torch
 
 from cap_ds.args import parse_args
 from cap_ds.checkpoint import MANIFEST, CheckpointError, check_complete, find_resume_tag, safe_load
+from cap_ds.preflight import preflight
 from cap_ds.rundir import RunDirError
-from cap_ds.train import preflight
 from tests.conftest import REPO, free_port
 
 TINY = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "64",
@@ -91,22 +91,20 @@ def test_diverged_run_fails_without_publishing(glue_dir, model_path, tmp_path):
 def test_a_schedule_short_of_its_target_fails():
     from types import SimpleNamespace
 
-    from cap_ds.compression import parse_compression_config
-    from cap_ds.train import check_reached_target, sparse_section
-    from cap_ds.trainer import TrainingFailed
+    from cap_ds.compression import check_schedule_reached, parse_compression_config
+    from cap_ds.errors import TrainingFailed
+    from cap_ds.pruning import sparse_section
 
     pargs = SimpleNamespace(pruning_method="magnitude", target_sparsity=0.9, mask_init="magnitude",
                             score_init="magnitude", mask_scale=None, final_threshold=0.1, final_lambda=0.0,
                             prune_modules="encoder")
     cfg = parse_compression_config({"compression_training": sparse_section(pargs, 2, 6)})
-    trainer = SimpleNamespace(global_step=8)
-    lagging = SimpleNamespace(training_steps=4)  # DeepSpeed skipped 4 of the 8 steps
+    # DeepSpeed skipped 4 of the run's 8 steps
     with pytest.raises(TrainingFailed, match="did not reach its target.*ends at step 6 but only 4"):
-        check_reached_target(trainer, lagging, cfg, pargs, False, {"sparsity": 0.55})
-    done = SimpleNamespace(training_steps=8)
+        check_schedule_reached(cfg, 4, 8, 0.55)
     with pytest.raises(TrainingFailed, match="measured sparsity 0.0000 is below"):  # NaN weights: top-k keeps all
-        check_reached_target(trainer, done, cfg, pargs, False, {"sparsity": 0.0})
-    check_reached_target(trainer, done, cfg, pargs, False, {"sparsity": 0.9})
+        check_schedule_reached(cfg, 8, 8, 0.0)
+    check_schedule_reached(cfg, 8, 8, 0.9)
 
 
 # ---------------------------------------------------------------- item 3: no code runs from a checkpoint

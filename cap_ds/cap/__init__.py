@@ -1,6 +1,6 @@
 """The paper's idea: memory banks (PrC, SnC, FiC) and the contrastive loss. Knows nothing about GLUE."""
 
-from .banks import MemoryBank, encode_dataset
+from .banks import MemoryBank, encode_dataset, make_banks
 from .loss import (
            REDUCTIONS,
            Candidates,
@@ -14,4 +14,4 @@ from .objective import MODULES, CapObjective
 from .shards import Shard, ShardSampler
 
 __all__ = ["MODULES", "REDUCTIONS", "Candidates", "CapObjective", "MemoryBank", "Shard", "ShardSampler",
-           "build_candidates", "contrastive_terms", "encode_dataset", "kd_loss", "positive_stats", "reduce_stats"]
+           "build_candidates", "contrastive_terms", "encode_dataset", "make_banks", "kd_loss", "positive_stats", "reduce_stats"]

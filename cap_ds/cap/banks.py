@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..monitor import PassReport
 from .shards import Shard
 
 
@@ -72,6 +73,16 @@ class MemoryBank:
         self.columns = [c.to(self.dtype) for c in state["columns"]]
 
 
+BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_banks(modules: list[str], num_examples: int, dim: int, dtype: str, shard: Shard,
+               max_snapshots: int | None = None) -> dict[str, MemoryBank]:
+    """One bank per CAP module (``--cap``), all on the same shard; SnC keeps at most ``max_snapshots`` columns."""
+    return {name: MemoryBank(name, num_examples, dim, BANK_DTYPES[dtype], shard=shard,
+                             max_columns=max_snapshots if name == "snc" else None) for name in modules}
+
+
 @torch.no_grad()
 def encode_dataset(
     encode_batch: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
@@ -90,8 +101,6 @@ def encode_dataset(
     by ``MemoryBank.add_column``. ``check(i)`` runs before batch ``i`` (it may raise to stop the pass);
     ``report`` logs the row count and a time estimate (``monitor.PassReport``).
     """
-    from ..monitor import PassReport
-
     shard = shard if shard is not None else Shard(num_examples)
     out: dict[str, torch.Tensor] = {}
     progress = PassReport(desc, len(loader.sampler) if hasattr(loader, "sampler") else shard.size, enabled=report)

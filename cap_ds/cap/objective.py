@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from ..collectives import all_gather_cat, gather_offset, summed, world_size
 from .banks import MemoryBank
-from .distributed import all_gather_cat, all_reduce_sum, gather_offset, world_size
 from .loss import build_candidates, positive_stats, reduce_stats
 
 MODULES = ("prc", "snc", "fic")
@@ -66,7 +66,7 @@ class CapObjective:
         unsup, sup = positive_stats(anchors, idx, labels if use_labels else None, cand, self.temperature)
         world = world_size()
         parts = [unsup] + ([sup] if sup is not None else [])
-        totals = all_reduce_sum(torch.stack([torch.stack([p.positives.float(), p.anchors.float()]) for p in parts]))
+        totals = summed(torch.stack([torch.stack([p.positives.float(), p.anchors.float()]) for p in parts]))
         loss_u = reduce_stats(unsup, self.reduction, totals[0, 0], totals[0, 1], world)
         out = {"unsup": loss_u}
         total = self.unsup_weight * loss_u

@@ -22,7 +22,13 @@ from .config import (
     parse_compression_config,
     strip_compression_section,
 )
-from .first_order import FirstOrderPruner, first_order_section
+from .first_order import (
+    FirstOrderPruner,
+    ImportancePass,
+    StageSchedule,
+    first_order_section,
+    structured_sparsity,
+)
 from .layers import MaskedLinear, is_score_parameter
 from .pruned_modeling import (
     CapPrunedBertConfig,
@@ -33,8 +39,14 @@ from .pruned_modeling import (
     CapPrunedRobertaModel,
     register_auto_classes,
 )
-from .schedule import cubic_schedule, warmup_offsets
-from .scheduler import CompressionScheduler, compression_scheduler
+from .scheduler import (
+    CompressionScheduler,
+    PruningSchedule,
+    check_schedule_reached,
+    compression_scheduler,
+    cubic_schedule,
+    warmup_offsets,
+)
 from .stats import ENCODER_LINEAR_PATTERN, sparsity_report
 
 register_auto_classes()
@@ -44,7 +56,8 @@ __all__ = [
     "COMPRESSION_KEY", "CapPrunedBertConfig", "CapPrunedBertForSequenceClassification", "CapPrunedBertModel",
     "CapPrunedRobertaConfig", "CapPrunedRobertaForSequenceClassification", "CapPrunedRobertaModel",
     "CompressionConfig", "CompressionConfigError", "CompressionScheduler", "ENCODER_LINEAR_PATTERN",
-    "FirstOrderPruner", "MaskedLinear", "is_score_parameter", "bake_masks", "compression_scheduler", "cubic_schedule",
+    "FirstOrderPruner", "ImportancePass", "MaskedLinear", "PruningSchedule", "StageSchedule",
+    "check_schedule_reached", "structured_sparsity", "is_score_parameter", "bake_masks", "compression_scheduler", "cubic_schedule",
     "first_order_section", "init_compression", "masked_modules", "parameter_counts", "parse_compression_config",
     "redundancy_clean", "save_clean_pretrained", "sparsity_report", "strip_compression_section", "warmup_offsets",
 ]

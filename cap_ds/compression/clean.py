@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
+from ..collectives import barrier, rank
 from .compress import _set_submodule, stored_config
 from .config import (
     HEAD_PRUNING,
@@ -38,7 +39,7 @@ from .pruned_modeling import (
     CapPrunedRobertaForSequenceClassification,
     CapPrunedRobertaModel,
 )
-from .zero import dist_world, gathered, model_is_zero3, module_params
+from .zero import gathered, model_is_zero3, module_params
 
 MODELING_FILE = "modeling_cap_pruned.py"
 _PRUNED_FOR = {  # exact class -> (pruned class, config class, prefix of the encoder in parameter names)
@@ -252,8 +253,7 @@ def save_clean_pretrained(model: nn.Module, out_dir: str | Path, tokenizer: Any 
         raise CompressionConfigError(
             f"save_clean_pretrained supports BERT/RoBERTa (base or sequence classification), not {type(target).__name__}")
     out = Path(out_dir)
-    rank, world = dist_world()
-    if rank == 0:
+    if rank() == 0:
         config_cls = type(clean.config)
         module = Path(MODELING_FILE).stem
         clean.config.auto_map = {"AutoConfig": f"{module}.{config_cls.__name__}"}
@@ -269,6 +269,5 @@ def save_clean_pretrained(model: nn.Module, out_dir: str | Path, tokenizer: Any 
                 extra_files(tmp)
 
         atomic_dir(out, write)
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     return out

@@ -49,7 +49,6 @@ SHARED_KEYS = {
     ROW_PRUNING: set(_COMMON_SHARED_KEYS),
     HEAD_PRUNING: _COMMON_SHARED_KEYS | {"num_heads"},
 }
-SPARSE_SHARED_KEYS = SHARED_KEYS[SPARSE_PRUNING]
 METHODS = {SPARSE_PRUNING: SPARSE_METHODS, ROW_PRUNING: ROW_METHODS, HEAD_PRUNING: HEAD_METHODS}
 DEFAULT_METHOD = {SPARSE_PRUNING: "l1", ROW_PRUNING: "l1", HEAD_PRUNING: "topk"}
 GROUP_KEYS = {"params", "modules", "related_modules"}
@@ -65,9 +64,6 @@ class PruningGroup:
     dense_ratio: float
     modules: list[str]
     related_modules: list[list[str]] | None = None
-
-
-SparseGroup = PruningGroup  # former name
 
 
 @dataclass
@@ -104,10 +100,6 @@ class SparsePruningConfig(TechniqueConfig):
     final_lambda: float = 0.0  # soft movement: L1 weight of sigmoid(scores) at the end
     excluded_modules: list[str] = field(default_factory=list)
     block: tuple[int, int] | None = None  # N:M pattern, None = unstructured
-
-    @property
-    def canonical_method(self) -> str:
-        return canonical_method(self.method)
 
 
 @dataclass

@@ -7,18 +7,26 @@ backward of each batch ADDS |dL/dgate| to an importance buffer (Michel et al. 20
 in the ``first_order`` slots of ``MaskedLinear`` (head mask on the output projection, row mask on
 ``intermediate.dense``), so forward, statistics and ``redundancy_clean`` treat them like any structured mask.
 Importance is summed across ranks (all_reduce) and the chosen masks broadcast from rank 0: every rank prunes alike.
+``StageSchedule`` is CAP-f's pruning schedule (stages at epoch starts), ``ImportancePass`` its data pass and
+``structured_sparsity`` how much of the encoder a clean removes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..collectives import broadcast_from_rank0, sum_in_place
+from ..errors import TrainingFailed
+from ..monitor import PassReport
 from .compress import init_compression, stored_config
 from .config import (
     HEAD_PRUNING,
@@ -29,7 +37,10 @@ from .config import (
 )
 from .groups import linear_modules, resolve, unwrap
 from .layers import MaskedLinear
-from .zero import all_reduce_sum, broadcast_from_rank0, model_is_zero3
+from .scheduler import PruningSchedule
+from .zero import model_is_zero3
+
+logger = logging.getLogger(__name__)
 
 HEADS, NEURONS = "heads", "neurons"
 
@@ -164,7 +175,7 @@ class FirstOrderPruner:
             h.remove()
         self._handles = []
         local = [self._local.get(u.owner, torch.zeros(u.count)).cpu() for u in self.units]
-        all_reduce_sum(local)
+        sum_in_place(local)
         for unit, value in zip(self.units, local):
             self.importance[unit.owner] += value
         self._local = {}
@@ -250,3 +261,109 @@ class FirstOrderPruner:
         for u in self.units:
             self._set_mask(u, state["masks"][u.owner + (":heads" if u.kind == HEADS else ":neurons")])
         self.batches = int(state.get("batches", 0))
+
+
+# ---------------------------------------------------------------------------------------------------- CAP-f
+def structured_sparsity(config, report: dict[str, Any]) -> float:
+    """Fraction of encoder linear weights a clean removes (``config``: the model's; ``report``: the pruner's): heads
+    take Q/K/V rows and O columns, neurons take FFN-in rows and FFN-out columns."""
+    h, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    head_dim = h // heads
+    layers = config.num_hidden_layers
+    kept_heads = report.get("heads_kept", heads * layers)
+    kept_neurons = report.get("neurons_kept", inter * layers)
+    dense = layers * (4 * h * h + 2 * h * inter)
+    kept = 4 * h * head_dim * kept_heads + 2 * h * kept_neurons
+    return 1.0 - kept / dense
+
+
+@dataclass(frozen=True)
+class ImportancePass:
+    """Sum of |dL/dgate| over the training data with the full training loss, in eval mode (the reference's).
+
+    ``loss(batch, forward)`` returns (loss, terms); ``stop.pass_check(n, device)`` gives the per-batch stop check;
+    ``batches`` limits the pass (0: the whole loader)."""
+
+    engine: Any
+    loader: Any
+    loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]
+    stop: Any
+    batches: int = 0
+    show_progress: bool = False
+    report: bool = False
+
+    def __call__(self, pruner: FirstOrderPruner) -> None:
+        engine, limit = self.engine, self.batches
+        device = engine.device
+        engine.eval()
+        pruner.start_accumulation(reset=True)
+        batches = min(limit, len(self.loader)) if limit else len(self.loader)
+        check = self.stop.pass_check(batches, device)
+        report = PassReport("CAP-f importance", batches * (self.loader.batch_size or 1), enabled=self.report)
+        try:
+            for i, batch in enumerate(tqdm(self.loader, desc="importance", leave=False,
+                                           disable=not self.show_progress)):
+                if limit and i >= limit:
+                    break
+                check(i)
+                loss, _ = self.loss({k: v.to(device) for k, v in batch.items()}, engine)
+                engine.backward(loss)
+                engine.zero_grad()
+                report.update(int(batch["idx"].shape[0]))
+        finally:
+            pruner.stop_accumulation()
+            engine.train()
+
+
+class StageSchedule(PruningSchedule):
+    """CAP-f's schedule: before every ``epochs_per_stage``-th epoch, one stage: ``before_stage`` (from stage 1 on:
+    the SnC snapshot before the new mask), the importance pass, then heads and neurons pruned up to the stage's
+    cumulative fraction. Nothing moves between stages."""
+
+    def __init__(self, pruner: FirstOrderPruner, stages: list[float], epochs_per_stage: int,
+                 importance: Callable[[FirstOrderPruner], None],
+                 before_stage: Callable[[], None] | None = None) -> None:
+        self.pruner, self.stages, self.epochs_per_stage = pruner, list(stages), epochs_per_stage
+        self.importance, self.before_stage = importance, before_stage
+        self.stage_done = -1
+        self.reports: list[dict[str, Any]] = []
+
+    def epoch_start(self, epoch: int, step: int) -> dict[str, float] | None:
+        stage = epoch // self.epochs_per_stage
+        if epoch % self.epochs_per_stage != 0 or stage <= self.stage_done or stage >= len(self.stages):
+            return None
+        if stage >= 1 and self.before_stage is not None:
+            self.before_stage()
+        self.importance(self.pruner)
+        fraction = self.stages[stage]
+        result = self.pruner.prune_step(fraction)
+        self.stage_done = stage
+        report = {"stage": stage, "fraction": fraction, "step": step, **result,
+                  "structured_sparsity": self.sparsity()}
+        self.reports.append(report)
+        logger.info("CAP-f stage %d: pruned %.0f%% of heads/neurons %s", stage, 100 * fraction, result)
+        return {"fraction": fraction, "structured_sparsity": report["structured_sparsity"]}
+
+    def sparsity(self) -> float:
+        return structured_sparsity(self.pruner.model.config, self.pruner.report())
+
+    def check_reached(self, run_steps: int, measured: float) -> None:
+        done, total = self.stage_done + 1, len(self.stages)
+        if done < total:
+            raise TrainingFailed(f"CAP-f applied {done} of its {total} pruning stages; the run did not reach "
+                                 f"--target_sparsity {self.stages[-1]}")
+
+    def results(self) -> dict[str, Any]:
+        rep = self.pruner.report()
+        return {"sparsity": self.sparsity(),
+                "heads_kept": rep.get("heads_kept"), "heads_total": rep.get("heads_total"),
+                "neurons_kept": rep.get("neurons_kept"), "neurons_total": rep.get("neurons_total"),
+                "kept_per_layer": {k: rep[k] for k in ("heads", "neurons") if k in rep},
+                "stages": self.reports}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pruner": self.pruner.state_dict(), "stage_done": self.stage_done, "stage_reports": self.reports}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pruner.load_state_dict(state["pruner"])
+        self.stage_done, self.reports = state["stage_done"], state["stage_reports"]

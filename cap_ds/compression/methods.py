@@ -15,7 +15,6 @@ import os
 import torch
 
 SCORE_METHODS = ("movement", "soft_movement")
-DATA_METHODS = ("magnitude",)
 SPARSE_METHODS = ("magnitude", "movement", "soft_movement", "l1", "topk")
 ROW_METHODS = ("l1", "topk", "first_order")
 HEAD_METHODS = ("topk", "l1", "first_order")

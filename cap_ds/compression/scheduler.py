@@ -1,9 +1,15 @@
-"""Compression scheduler: moves every compressed module's thresholds along the cubic schedule.
+"""Pruning schedules: the cubic sparsity curve and the scheduler that moves every compressed module along it.
 
-Stepped by the training loop after each *applied* optimizer step (DeepSpeed's engine used to do this itself).
-Unlike DeepSpeed's on/off switch, each technique ramps from dense at its ``schedule_offset`` to each group's
-``dense_ratio`` at ``schedule_offset_end`` (no end: DeepSpeed's switch at ``schedule_offset``, no KeyError).
-``first_order`` structured masks are not scheduled: ``FirstOrderPruner`` sets them.
+The curve (Zhu & Gupta 2017, as in Sanh et al.'s movement pruning) is written in terms of two step offsets, as in
+DeepSpeed's compression config: ``schedule_offset`` (end of the dense warm-up) and ``schedule_offset_end`` (from
+here on the final value holds). The reference code's (initial_warmup, final_warmup, warmup_steps) map to
+``offset = initial_warmup * warmup_steps`` and ``offset_end = total_steps - final_warmup * warmup_steps``.
+
+``CompressionScheduler`` is stepped by the training loop after each *applied* optimizer step (DeepSpeed's engine
+used to do this itself). Unlike DeepSpeed's on/off switch, each technique ramps from dense at its
+``schedule_offset`` to each group's ``dense_ratio`` at ``schedule_offset_end`` (no end: DeepSpeed's switch at
+``schedule_offset``, no KeyError). ``first_order`` structured masks are not scheduled here: CAP-f's stage
+schedule (``first_order.StageSchedule``) sets them.
 """
 
 from __future__ import annotations
@@ -14,9 +20,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import TrainingFailed
 from .compress import masked_modules
 from .config import CompressionConfig, TechniqueConfig, as_compression_config
-from .schedule import cubic_schedule
+from .stats import sparsity_report
+
+
+def cubic_schedule(step: int, offset: int, offset_end: int, initial: float, final: float) -> float:
+    """Value at ``step``: ``initial`` up to ``offset``, cubic ramp, ``final`` from ``offset_end`` on."""
+    if step <= offset:
+        return float(initial)
+    if step >= offset_end:
+        return float(final)
+    progress = (step - offset) / (offset_end - offset)
+    return float(final + (initial - final) * (1.0 - progress) ** 3)
+
+
+def warmup_offsets(total_steps: int, warmup_steps: int, initial_warmup: float, final_warmup: float) -> tuple[int, int]:
+    """Reference-code offsets; clipped so that the ramp is never negative on short runs."""
+    offset = int(round(initial_warmup * warmup_steps))
+    offset_end = int(round(total_steps - final_warmup * warmup_steps))
+    if offset_end <= offset:
+        raise ValueError(
+            f"pruning schedule is empty: total steps {total_steps} leave no room for the ramp between "
+            f"initial_warmup*warmup_steps={offset} and total-final_warmup*warmup_steps={offset_end}; "
+            "lower --warmup_steps/--warmup_ratio or raise --num_train_epochs/--max_steps"
+        )
+    return offset, offset_end
 
 
 def _scheduled(tech: TechniqueConfig, step: int, initial: float, final: float) -> float:
@@ -34,11 +64,68 @@ def _kept_fraction(tech: TechniqueConfig, step: int, final: float) -> float:
     return _scheduled(tech, step, 1.0, final)
 
 
-class CompressionScheduler:
+class PruningSchedule:
+    """What the training loop asks of a pruning method, and nothing more (``torch.ao.pruning``'s split: masks are
+    computed by the masked layers or a pruner, the level is moved by a schedule). The loop calls
+    :meth:`epoch_start` before an epoch's first batch and :meth:`step` after every applied optimizer step."""
+
+    def epoch_start(self, epoch: int, step: int) -> dict[str, float] | None:
+        """Work due before ``epoch`` (e.g. a CAP-f stage); returns scalars to log under ``Prune/``, if any."""
+        return None
+
+    def step(self) -> None:
+        """One optimizer step was applied."""
+
+    def regularization(self) -> torch.Tensor | None:
+        """A loss term the method adds to the batch just forwarded (None: none)."""
+        return None
+
+    def scalars(self) -> dict[str, float]:
+        """Schedule values worth logging with the training scalars."""
+        return {}
+
+    def sparsity(self) -> float:
+        """The model's sparsity as this method counts it."""
+        raise NotImplementedError
+
+    def check_reached(self, run_steps: int, measured: float) -> None:
+        """Raise :class:`TrainingFailed` when the run ended short of the schedule's target."""
+
+    def results(self) -> dict[str, Any]:
+        """Fields the method adds to metrics.json."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def check_schedule_reached(config: CompressionConfig, applied_steps: int, run_steps: int, measured: float) -> None:
+    """A scheduled run that ends short of its schedule (DeepSpeed skipped steps) or below the sparsity its masks
+    should have (a non-finite model keeps everything) is a failed run."""
+    for tech in config.techniques():
+        if tech.enabled and tech.canonical_method != "first_order" and applied_steps < tech.offset_end:
+            raise TrainingFailed(
+                f"the pruning schedule did not reach its target: {tech.key} ends at step {tech.offset_end} but "
+                f"only {applied_steps} of the run's {run_steps} steps were applied (DeepSpeed "
+                f"skipped the others); measured sparsity {measured:.4f}")
+    sparse = config.sparse_pruning
+    if sparse.enabled and sparse.canonical_method in ("magnitude", "movement") and sparse.groups:
+        target = 1.0 - max(g.dense_ratio for g in sparse.groups)
+        if measured < target - 0.01:
+            raise TrainingFailed(f"measured sparsity {measured:.4f} is below the schedule's target "
+                                 f"{target:.4f} at its end: the masks are not what the method asks for (a "
+                                 "non-finite model?)")
+
+
+class CompressionScheduler(PruningSchedule):
     """Owns the pruning step counter; DeepSpeed's ``compression_scheduler(model, config)`` shape."""
 
     def __init__(self, model: nn.Module, deepspeed_config: str | Path | dict[str, Any] | CompressionConfig) -> None:
         self.config = as_compression_config(deepspeed_config)
+        self.model = model
         self.sparse = self.config.sparse_pruning
         self.row = self.config.row_pruning
         self.head = self.config.head_pruning
@@ -93,7 +180,7 @@ class CompressionScheduler:
             if module.head_method not in (None, "first_order") and module.head_group in self.head_groups:
                 module.head_threshold = self.head_threshold_for(module.head_group)
 
-    def step(self, step_zero_check: bool = False) -> None:
+    def step(self) -> None:
         """Advance one optimizer step and update all thresholds. Call it after every applied optimizer step (and
         only then): it also drops the masks cached for the step before."""
         self.training_steps += 1
@@ -111,6 +198,15 @@ class CompressionScheduler:
         if not terms:
             return None
         return self.regularization_lambda * torch.stack(terms).mean()
+
+    def scalars(self) -> dict[str, float]:
+        return {"threshold": self.threshold}
+
+    def sparsity(self) -> float:
+        return sparsity_report(self.model)["sparsity"]
+
+    def check_reached(self, run_steps: int, measured: float) -> None:
+        check_schedule_reached(self.config, self.training_steps, run_steps, measured)
 
     def state_dict(self) -> dict[str, Any]:
         return {"training_steps": self.training_steps}

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..collectives import rank
+
 
 def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
@@ -21,13 +23,6 @@ def is_zero3_param(param: torch.Tensor) -> bool:
 
 def model_is_zero3(model: nn.Module) -> bool:
     return any(is_zero3_param(p) for p in model.parameters())
-
-
-def dist_world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 @contextlib.contextmanager
@@ -62,36 +57,7 @@ def write_param(param: nn.Parameter, value: torch.Tensor) -> None:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if dist_world()[0] == 0:
+            if rank() == 0:
                 param.copy_(value.to(param.dtype).reshape(param.shape))
     else:
         param.copy_(value.to(param.dtype).reshape(param.shape))
-
-
-def _comm_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def broadcast_from_rank0(tensor: torch.Tensor) -> None:
-    """Overwrite ``tensor`` with rank 0's copy (no-op at world size 1)."""
-    if dist_world()[1] == 1:
-        return
-    buf = tensor.to(_comm_device())
-    torch.distributed.broadcast(buf, 0)
-    tensor.copy_(buf)
-
-
-def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum tensors across ranks in place (no-op at world size 1); one flat collective."""
-    if dist_world()[1] == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float().cpu() for t in tensors]).to(_comm_device())
-    torch.distributed.all_reduce(flat)
-    flat = flat.cpu()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].reshape(t.shape).to(t.dtype))
-        offset += n

@@ -70,6 +70,13 @@ def warn_unknown_keys(cfg: dict[str, Any], path: str | Path) -> list[str]:
     return unknown
 
 
+def check_diagnostic(cfg: dict[str, Any], grad_norm_steps: int, path: str | Path | None) -> None:
+    """``--grad_norm_steps`` reads whole parameters on every rank: not under ZeRO stage 3."""
+    if grad_norm_steps and cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise DeepSpeedConfigError(f"--grad_norm_steps needs whole parameters on rank 0; {path} uses ZeRO stage 3 "
+                                   "(use a stage 0-2 config for the diagnostic run)")
+
+
 def build_ds_config(path: str | Path | None, *, micro_batch: int, grad_accum: int, world_size: int,
                     max_grad_norm: float, output_dir: str, learning_rate: float | None = None,
                     adam_epsilon: float | None = None,
@@ -103,9 +110,3 @@ def build_ds_config(path: str | Path | None, *, micro_batch: int, grad_accum: in
     cfg.setdefault("steps_per_print", 1000000)
     return cfg, compression
 
-
-def tensorboard_dir(cfg: dict[str, Any]) -> Path | None:
-    tb = cfg.get("tensorboard")
-    if not isinstance(tb, dict) or not tb.get("enabled"):
-        return None
-    return Path(tb.get("output_path", "runs")) / tb.get("job_name", "DeepSpeedJobName")

@@ -1,0 +1,76 @@
+"""What a run leaves in its output folder besides checkpoints and the model: ``metrics.json`` (built by
+:func:`run_results`, the one place that decides its fields), ``eval_logits.npy`` and ``train_state.json``
+(completed, preempted or failed, with the step)."""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import write_json
+from .collectives import all_gather_cat
+
+
+def write_state(output_dir: str, status: str, step: int, error: BaseException | None = None) -> None:
+    """``train_state.json``: how the run ended (rank 0 writes it)."""
+    state: dict[str, Any] = {"status": status, "step": step}
+    if error is not None:
+        state["error"] = f"{type(error).__name__}: {str(error)[:500]}"
+    write_json(os.path.join(output_dir, "train_state.json"), state)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak host RSS of every rank (and peak CUDA allocation on GPUs), gathered to every rank (collective)."""
+    local = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+    if device.type == "cuda":
+        local.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    per_rank = all_gather_cat(torch.tensor([local], dtype=torch.float64, device=device)).cpu().tolist()
+    out = {"peak_rss_mb": per_rank[0][0], "peak_rss_mb_per_rank": [r[0] for r in per_rank]}
+    if device.type == "cuda":
+        out["peak_gpu_mb_per_rank"] = [r[1] for r in per_rank]
+        out["gpu_name"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def run_results(*, trainer, eval_metrics: dict[str, float], margs, rargs, pargs, model_path: str, plan,
+                eval_examples: int, runtime: float, encode_seconds: float, banks: dict, shard, optimizer: str,
+                modules: list[str], ce_weight: float, kd_weight: float,
+                sparsity: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json's content (``peak_memory`` inside: collective, every rank calls this). ``sparsity``: the
+    measured mask report of a pruning run (None: fine-tuning)."""
+    log, task = trainer.log, trainer.task
+    result = {
+        "task": task.name, "mode": rargs.mode, "eval": eval_metrics, "primary_metric": task.primary_metric,
+        "steps": trainer.global_step, "epochs": plan.num_epochs, "eval_examples": eval_examples,
+        "train_runtime_s": runtime, "train_time_s": log.train_time, "train_examples": log.examples_seen,
+        "bank_encode_s": encode_seconds, "snapshot_s": log.snapshot_time, "world_size": shard.world,
+        **log.step_timer.metrics(),  # step_time_s: steady-state median; train_examples_per_second follows it
+        "bank_bytes_per_rank": sum(b.memory_bytes() for b in banks.values()),
+        "bank_rows_per_rank": len(shard.encoded) if banks else 0, "optimizer": optimizer,
+        **peak_memory(trainer.device),
+        "model_name_or_path": model_path, "teacher_name_or_path": margs.teacher_name_or_path,
+        "teacher_eval": trainer.teacher_metrics, "cap_modules": modules, "ce_weight": ce_weight,
+        "kd_weight": kd_weight,
+    }
+    if log.grad_history:
+        result["grad_diagnostics"] = log.grad_history
+    if sparsity is not None:
+        result.update({"pruning_method": pargs.pruning_method, "target_sparsity": pargs.target_sparsity,
+                       "sparsity": sparsity["sparsity"], "sparsity_per_module": sparsity["per_module"],
+                       "snapshots": banks["snc"].num_columns if "snc" in banks else 0})
+        extra = trainer.schedule.results()
+        if extra:  # CAP-f: sparsity counts removed heads/neurons; the masked weights' share is kept apart
+            result.update({"masked_weight_sparsity": sparsity["sparsity"], **extra})
+    return result
+
+
+def write_results(output_dir: str, result: dict[str, Any], eval_logits: np.ndarray | None, step: int) -> None:
+    """eval_logits.npy, metrics.json and a completed train_state.json (rank 0)."""
+    if eval_logits is not None:
+        np.save(os.path.join(output_dir, "eval_logits.npy"), eval_logits)
+    write_json(os.path.join(output_dir, "metrics.json"), result)
+    write_state(output_dir, "completed", step)
