@@ -19,6 +19,7 @@ MAJORITY = 444 / 872  # SST-2 dev: the share of the larger class
 BUDGET = ["--task_name", "sst2", "--max_train_samples", "1000", "--max_seq_length", "64",
           "--per_device_train_batch_size", "16", "--num_train_epochs", "3", "--learning_rate", "1e-4",
           "--target_sparsity", "0.9", "--cap", "none", "--disable_tqdm", "--logging_steps", "50",
+          "--eval_steps", "1000",  # > the run's 189 steps: only the final evaluation (CI time)
           "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
 
 
