@@ -97,18 +97,21 @@ class PruningArguments:
     final_warmup: float = field(default=3.0, metadata={"help": "Steps at final sparsity = final_warmup * warmup_steps."})
     final_threshold: float = field(default=0.1, metadata={"help": "Soft movement: final sigmoid threshold."})
     final_lambda: float = field(default=400.0, metadata={"help": "Soft movement: final L1 weight on sigmoid(scores)."})
-    mask_init: str = field(default="magnitude", metadata={
-        "help": "Init of the movement / soft-movement scores. magnitude (default): S0 = --mask_scale * |W| / mean|W| "
-                "per matrix, so the first masks are the magnitude masks and movement moves weights in or out only "
-                "as its evidence accumulates; it does not collapse at short budgets. constant: every score = "
-                "--mask_scale; '--mask_init constant' (scale 0) is the REFERENCE init of Sanh et al. and CAP's "
-                "scripts, which needs a long dense phase (the reference warms up for ~22k steps).",
+    mask_init: str | None = field(default=None, metadata={
+        "help": "Init of the learned scores. Default: magnitude for movement, constant for soft_movement.",
         "choices": list(MASK_INITS)})
     mask_scale: float | None = field(default=None, metadata={
         "help": "Score init scale: the magnitude prior's mean (default 1.0), the constant (default 0.0, the "
                 "reference) or the uniform range."})
     prune_modules: str = field(default=ENCODER_LINEAR_PATTERN, metadata={
         "help": "Regex of linear layers to prune (default: every encoder-layer linear)."})
+
+
+    @property
+    def score_init(self) -> str:
+        if self.mask_init is not None:
+            return self.mask_init
+        return "constant" if self.pruning_method == "soft_movement" else "magnitude"
 
 
 @dataclass

@@ -78,7 +78,7 @@ def sparse_section(pargs, offset: int, offset_end: int) -> dict:
     return {"sparse_pruning": {
         "shared_parameters": {
             "enabled": True, "method": pargs.pruning_method, "schedule_offset": offset,
-            "schedule_offset_end": offset_end, "mask_init": pargs.mask_init, "mask_scale": pargs.mask_scale,
+            "schedule_offset_end": offset_end, "mask_init": pargs.score_init, "mask_scale": pargs.mask_scale,
             "final_threshold": pargs.final_threshold, "final_lambda": pargs.final_lambda,
         },
         "different_groups": {"sp1": {"params": {"dense_ratio": round(1.0 - pargs.target_sparsity, 10)},
