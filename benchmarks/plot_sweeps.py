@@ -2,8 +2,8 @@
 CAP setting) into one table and one accuracy-vs-sparsity plot. Runs are labelled by method and the sweep's
 ``--extra_args``; points of one method join into a line. Deltas compare with the KD baseline of the same sweep
 folder, or, for a folder that ran no baseline (e.g. a CAP-only variant), with that of ``--baseline`` when both
-used the same seed. When one method ran at several seeds, a second table gives its mean, standard deviation and
-the paired difference to its KD baseline over those seeds.
+used the same seed. When one method ran at several seeds, a second table gives its mean ± standard error, its
+standard deviation and the paired difference to its KD baseline over those seeds.
 
     python benchmarks/plot_sweeps.py runs/sst2 runs/sst2_soft_l12000 runs/sst2_soft_l80000 --output merged.png
     python benchmarks/plot_sweeps.py runs/sst2 runs/inv/temp005 runs/inv/neg0 --baseline runs/sst2 --output inv.png
@@ -13,32 +13,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.reproduce_glue import BASELINES, markdown  # noqa: E402
+from benchmarks.reproduce_glue import markdown, seed_table  # noqa: E402
 from cap_ds.plots import plot_accuracy_vs_sparsity  # noqa: E402
 
 
 def load_rows(folders: list[str], baseline: str | None = None) -> tuple[list[dict], float | None, str]:
     """Rows of every sweep's results.json, tagged with their folder ("group"), seed and extra_args."""
     rows, teacher, metric = [], None, None
-    base_seed = None
+    base_seed, base_seeds = None, set()
     if baseline is not None:
-        base_seed = _load(baseline)["settings"].get("seed")
+        base = _load(baseline)
+        base_seed = base["settings"].get("seed")
+        base_seeds = {r["seed"] for r in base["runs"] if "seed" in r}
     datas = [_load(folder) for folder in folders]
-    several_seeds = len({d["settings"].get("seed") for d in datas}) > 1
+    several_seeds = len({r.get("seed", d["settings"].get("seed")) for d in datas for r in d["runs"]}) > 1
     for folder, data in zip(folders, datas):
         if metric is not None and data["metric"] != metric:
             raise SystemExit(f"{folder}/results.json: metric {data['metric']!r} differs from {metric!r}")
         metric, teacher = data["metric"], teacher if teacher is not None else data["teacher"]
         extra = data["settings"].get("extra_args") or ""
-        seed = data["settings"].get("seed")
-        same_seed = baseline is not None and seed == base_seed
         for r in data["runs"]:
+            seed = r.get("seed", data["settings"].get("seed"))  # sweeps before --seeds held one seed each
+            same_seed = baseline is not None and (seed == base_seed or seed in base_seeds)
             name = r["label"] + (f" [{extra}]" if extra else "")
             rows.append({**r, "label": name + (f" (seed {seed})" if several_seeds else ""), "name": name,
                          "group": folder, "seed": seed, "extra_args": extra,
@@ -53,39 +54,6 @@ def _load(folder: str) -> dict:
     return json.loads(path.read_text())
 
 
-def seed_summary(rows: list[dict], metric: str) -> str:
-    """Mean +- sample std over seeds per (method, target, extra_args), and the paired difference to the KD baseline of the same
-    criterion over the seeds both ran. Empty when no method ran at two or more seeds."""
-    by, info = {}, {}
-    for r in rows:
-        key = (r["method"], r["target_sparsity"], r["extra_args"])
-        by.setdefault(key, {})[r["seed"]] = r["score"]
-        info[key] = r
-    lines = []
-    for (method, target, extra), scores in by.items():
-        if len(scores) < 2:
-            continue
-        first = info[(method, target, extra)]
-        label, pruning, cap = first["name"], first["pruning"], first["cap"]
-        vals = [100 * v for v in scores.values()]
-        cell = f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
-        paired = "-"
-        base = by.get((BASELINES[pruning], target, extra))
-        if cap != "none" and base:
-            common = sorted(set(scores) & set(base))
-            if len(common) >= 2:
-                diffs = [100 * (scores[s] - base[s]) for s in common]
-                paired = f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} (n={len(common)})"
-            elif len(common) == 1:
-                paired = f"{100 * (scores[common[0]] - base[common[0]]):+.2f} (n=1)"
-        seeds = ",".join(str(s) for s in sorted(scores))
-        lines.append(f"| {label} | {100 * target:g} % | {seeds} | {cell} | {paired} |")
-    if not lines:
-        return ""
-    return ("\n".join([f"| method | target | seeds | {metric} mean ± sd | paired vs same criterion + KD |",
-                       "|---|---|---|---|---|", *lines]) + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="sweep folders holding results.json")
@@ -96,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows, teacher, metric = load_rows(args.sweeps, args.baseline)
     print(markdown(rows, teacher, metric))
-    summary = seed_summary(rows, metric)
+    summary = seed_table(rows, metric)
     if summary:
         print("Across seeds:\n\n" + summary)
     plot_accuracy_vs_sparsity([{"method": r["method"].replace("_", " "), "sparsity": r["sparsity"],

@@ -4,29 +4,40 @@ Steps: fine-tune the dense teacher, then for each target sparsity prune the pre-
 magnitude+KD, movement+KD, soft movement+KD, CAP-m (movement + PrC/SnC/FiC + KD), CAP-soft, the ablations
 CAP-m without PrC / SnC / FiC, and the same CAP over magnitude pruning (CAP-mag and its ablations). Every run is a real ``cap_ds/train.py`` process (or ``deepspeed --num_gpus N``).
 
-Writes to ``--output_dir``: one folder per run (model, metrics.json, sparsity heat-map in ``final/``),
-``results.json``, ``results.md`` (the table) and ``accuracy_vs_sparsity.png``. Re-running the same command
-resumes a partly finished sweep: finished runs are read back, an interrupted run resumes from its last checkpoint
-(``--save_steps``) and the rest are started. Changing the budget flags of an existing sweep is refused.
+Every method runs at every seed of ``--seeds`` with the same teacher (fine-tuned once, at ``--teacher_seed``);
+``--parallel N`` runs N pruning runs side by side (on a CPU each gets 1/N of the cores; on a GPU they share it).
+
+Writes to ``--output_dir``: one folder per run ``<method>_<sparsity>_s<seed>`` (model, metrics.json, sparsity
+heat-map in ``final/``), ``results.json`` (every run with its seed, steps, budget and the machine), ``results.md``
+(per-run table, then mean ± standard error over seeds and the paired difference to the same criterion + KD) and
+``accuracy_vs_sparsity.png``. Re-running the same command resumes a partly finished sweep: finished runs are read
+back, an interrupted run resumes from its last checkpoint (``--save_steps``) and the rest are started; more seeds
+can be added later. Changing the budget flags of an existing sweep is refused.
 
     python benchmarks/reproduce_glue.py --task_name sst2 --data_dir ../shared/data/glue --output_dir runs/sst2 \\
-        --max_train_samples 3000 --num_train_epochs 4 --sparsities 0.9
+        --max_train_samples 3000 --num_train_epochs 3 --sparsities 0.9 --seeds 42,43,44 --parallel 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shlex
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.launch import DEFAULT_GLUE, REPO, offline_env, train_command  # noqa: E402
+from cap_ds.atomic import atomic_file  # noqa: E402
 
 # name -> (label, pruning method, CAP modules)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -50,7 +61,7 @@ BASELINES = {pruning: name for name, (_, pruning, cap) in METHODS.items() if cap
 # Flags that define the budget: a sweep folder is only resumed with the same values.
 BUDGET_KEYS = ("task_name", "model_name_or_path", "max_train_samples", "max_eval_samples", "max_seq_length",
                "per_device_train_batch_size", "num_train_epochs", "learning_rate", "teacher_epochs",
-               "teacher_learning_rate", "seed", "extra_args", "deepspeed", "num_gpus")
+               "teacher_learning_rate", "teacher_seed", "extra_args", "deepspeed", "num_gpus")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="use this fine-tuned teacher instead of fine-tuning one (not part of the sweep budget)")
     ap.add_argument("--sparsities", default="0.9", help="comma list of target sparsities, e.g. 0.9,0.97")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seeds", "--seed", dest="seeds", default="42",
+                    help="comma list of seeds; every method runs at each (same teacher)")
+    ap.add_argument("--teacher_seed", type=int, default=42, help="seed of the teacher fine-tuning run")
+    ap.add_argument("--parallel", type=int, default=1, help="pruning runs at once (default 1)")
     ap.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"))
     ap.add_argument("--num_gpus", type=int, default=0, help="> 0: launch each run with deepspeed --num_gpus N")
     ap.add_argument("--save_steps", type=int, default=0, help="checkpoint interval of each run (for resume)")
@@ -83,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [s for s in args.sparsity_list if not 0.0 < s < 1.0]
     if bad or not args.sparsity_list:
         ap.error(f"--sparsities: values must lie in (0, 1), got {args.sparsities!r}")
+    try:
+        args.seed_list = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
+    except ValueError:
+        ap.error(f"--seeds: comma list of integers, got {args.seeds!r}")
+    if not args.seed_list:
+        ap.error("--seeds: give at least one seed")
+    if args.parallel < 1:
+        ap.error(f"--parallel must be >= 1, got {args.parallel}")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.method_list if m not in METHODS]
     if unknown or not args.method_list:
@@ -91,8 +113,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    from cap_ds.atomic import atomic_file
-
     atomic_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -120,10 +140,10 @@ class Sweep:
         else:
             write_atomic(path, json.dumps(budget, indent=2) + "\n")
 
-    def common(self) -> list[str]:
+    def common(self, seed: int) -> list[str]:
         a = self.args
         flags = ["--deepspeed", a.deepspeed, "--task_name", a.task_name, "--max_seq_length", str(a.max_seq_length),
-                 "--per_device_train_batch_size", str(a.per_device_train_batch_size), "--seed", str(a.seed),
+                 "--per_device_train_batch_size", str(a.per_device_train_batch_size), "--seed", str(seed),
                  "--disable_tqdm", "--resume", "auto", "--save_steps", str(a.save_steps)]
         if a.max_train_samples:
             flags += ["--max_train_samples", str(a.max_train_samples)]
@@ -135,8 +155,9 @@ class Sweep:
             flags += ["--max_eval_samples", str(a.max_eval_samples)]
         return flags
 
-    def launch(self, name: str, flags: list[str]) -> dict:
-        """Run train.py into ``<out>/<name>`` unless it already finished; returns its metrics."""
+    def launch(self, name: str, flags: list[str], threads: int | None = None) -> dict:
+        """Run train.py into ``<out>/<name>`` unless it already finished; returns its metrics. ``threads`` caps
+        the run's CPU threads (runs side by side on a CPU) unless the caller's environment sets them."""
         run_dir = self.out / name
         metrics = run_dir / "metrics.json"
         if metrics.exists():
@@ -149,10 +170,13 @@ class Sweep:
             return {}
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        env = offline_env()
+        if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(threads)
         with open(run_dir / "train.log", "a") as log:
             log.write(f"$ {line}\n")
             log.flush()
-            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=offline_env())
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0 or not metrics.exists():
             raise SystemExit(f"[{name}] failed (exit {proc.returncode}); see {run_dir / 'train.log'}; "
                              "re-run the same command to resume")
@@ -165,28 +189,46 @@ class Sweep:
         a = self.args
         if a.teacher_name_or_path:
             return a.teacher_name_or_path, {}
-        metrics = self.launch("teacher", [*self.common(), "--mode", "finetune", "--num_train_epochs",
+        metrics = self.launch("teacher", [*self.common(a.teacher_seed), "--mode", "finetune", "--num_train_epochs",
                                           str(a.teacher_epochs), "--learning_rate", str(a.teacher_learning_rate)])
         return str(self.out / "teacher" / "final"), metrics
 
-    def prune(self, method: str, sparsity: float, teacher: str) -> dict:
+    def prune(self, method: str, sparsity: float, seed: int, teacher: str) -> dict:
         a = self.args
         _, pruning, cap = METHODS[method]
-        flags = [*self.common(), "--teacher_name_or_path", teacher, "--pruning_method", pruning,
+        flags = [*self.common(seed), "--teacher_name_or_path", teacher, "--pruning_method", pruning,
                  "--target_sparsity", str(sparsity), "--cap", cap, "--num_train_epochs", str(a.num_train_epochs),
                  "--learning_rate", str(a.learning_rate), *shlex.split(a.extra_args)]
-        return self.launch(f"{method}_{round(sparsity * 100):g}", flags)
+        threads = max(1, (os.cpu_count() or 1) // a.parallel) if a.parallel > 1 and a.num_gpus == 0 else None
+        return self.launch(f"{method}_{round(sparsity * 100):g}_s{seed}", flags, threads)
 
     def run(self) -> list[dict]:
         self.check_budget()
         teacher_dir, teacher_metrics = self.teacher()
+        jobs = [(method, sparsity, seed) for sparsity in self.args.sparsity_list for seed in self.args.seed_list
+                for method in self.args.method_list]
+        done: dict[tuple[str, float, int], dict] = {}
+        lock = threading.Lock()
+
+        def one(job: tuple[str, float, int]) -> None:
+            method, sparsity, seed = job
+            m = self.prune(method, sparsity, seed, teacher_dir)
+            if m:
+                with lock:
+                    done[job] = row(method, sparsity, seed, m)
+
+        # Results are reported in job order whatever order the runs finish in; a failed run stops the sweep once
+        # the runs in flight finish (their results stay on disk for the next resume).
         rows: list[dict] = []
-        for sparsity in self.args.sparsity_list:
-            for method in self.args.method_list:
-                m = self.prune(method, sparsity, teacher_dir)
-                if m:
-                    rows.append(row(method, sparsity, m))
+        pool = ThreadPoolExecutor(max_workers=self.args.parallel)
+        try:
+            for _ in pool.map(one, jobs):
+                with lock:
+                    rows = [done[j] for j in jobs if j in done]
+                if rows:
                     self.report(rows, teacher_metrics)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return rows
 
     def report(self, rows: list[dict], teacher_metrics: dict) -> None:
@@ -194,19 +236,31 @@ class Sweep:
 
         metric = rows[0]["metric_name"]
         dense = (teacher_metrics.get("eval") or {}).get(metric) if teacher_metrics else rows[0]["teacher"]
-        data = {"settings": {k: getattr(self.args, k) for k in BUDGET_KEYS}, "teacher": dense, "metric": metric,
-                "runs": rows}
+        data = {"settings": {**{k: getattr(self.args, k) for k in BUDGET_KEYS}, "seeds": self.args.seed_list},
+                "machine": machine(self.args.num_gpus), "teacher": dense, "metric": metric, "runs": rows}
         write_atomic(self.out / "results.json", json.dumps(data, indent=2) + "\n")
-        write_atomic(self.out / "results.md", markdown(rows, dense, metric))
+        summary = seed_table(rows, metric)
+        text = markdown(rows, dense, metric) + (f"\nAcross seeds:\n\n{summary}" if summary else "")
+        write_atomic(self.out / "results.md", text + f"\nMachine: {data['machine']['description']}.\n")
         plot_accuracy_vs_sparsity([{"method": r["label"], "sparsity": r["sparsity"], metric: r["score"]}
                                    for r in rows], self.out / "accuracy_vs_sparsity.png", metric=metric,
                                   dense=dense, title=f"{self.args.task_name.upper()}: pruning at equal budget")
 
 
-def row(method: str, target: float, m: dict) -> dict:
+def machine(num_gpus: int) -> dict:
+    """Where the runs ran: host, CPU count, torch, and the GPU name when they used GPUs."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if num_gpus > 0 and torch.cuda.is_available() else None
+    desc = (f"{num_gpus} x {gpu}" if gpu else f"CPU only, {os.cpu_count()} cores") + f", torch {torch.__version__}"
+    return {"host": platform.node(), "cpus": os.cpu_count(), "gpu": gpu, "num_gpus": num_gpus,
+            "torch": torch.__version__, "description": desc}
+
+
+def row(method: str, target: float, seed: int, m: dict) -> dict:
     label, pruning, cap = METHODS[method]
     metric = m["primary_metric"]
-    return {"method": method, "label": label, "pruning": pruning, "cap": cap, "target_sparsity": target,
+    return {"method": method, "label": label, "pruning": pruning, "cap": cap, "target_sparsity": target, "seed": seed,
             "sparsity": m["sparsity"], "metric_name": metric, "score": m["eval"][metric], "eval": m["eval"],
             "teacher": (m.get("teacher_eval") or {}).get(metric), "steps": m["steps"],
             "step_time_s": m["step_time_s"], "train_runtime_s": m["train_runtime_s"],
@@ -214,20 +268,20 @@ def row(method: str, target: float, m: dict) -> dict:
 
 
 def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
-    # baseline of the same criterion, target and sweep folder ("group": set when several sweeps are merged)
-    base = {(r.get("group"), r["method"], r["target_sparsity"]): r["score"] for r in rows
+    # baseline of the same criterion, target, seed and sweep folder ("group": set when several sweeps are merged)
+    base = {(r.get("group"), r.get("seed"), r["method"], r["target_sparsity"]): r["score"] for r in rows
             if r["method"] in BASELINES.values()}
-    lines = [f"| method | target | sparsity | {metric} | % of dense | vs same criterion + KD | step time | run time |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | seed | target | sparsity | {metric} | % of dense | vs same criterion + KD | steps | step time "
+             "| run time |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = f"{100 * r['score'] / dense:.1f} %" if dense else "-"
-        ref = base.get((r.get("group"), BASELINES[r["pruning"]], r["target_sparsity"]))
+        ref = base.get((r.get("group"), r.get("seed"), BASELINES[r["pruning"]], r["target_sparsity"]))
         if ref is None and r.get("baseline_group"):  # a merged sweep without its own KD run (plot_sweeps --baseline)
-            ref = base.get((r["baseline_group"], BASELINES[r["pruning"]], r["target_sparsity"]))
+            ref = base.get((r["baseline_group"], r.get("seed"), BASELINES[r["pruning"]], r["target_sparsity"]))
         delta = f"{100 * (r['score'] - ref):+.2f}" if ref is not None and r["cap"] != "none" else "-"
-        lines.append(f"| {r['label']} | {100 * r['target_sparsity']:g} % | {100 * r['sparsity']:.1f} % | "
-                     f"{100 * r['score']:.2f} | {pct} | {delta} | {1e3 * r['step_time_s']:.0f} ms | "
-                     f"{r['train_runtime_s'] / 60:.1f} min |")
+        lines.append(f"| {r['label']} | {r.get('seed', '-')} | {100 * r['target_sparsity']:g} % | "
+                     f"{100 * r['sparsity']:.1f} % | {100 * r['score']:.2f} | {pct} | {delta} | {r.get('steps', '-')} | "
+                     f"{1e3 * r['step_time_s']:.0f} ms | {r['train_runtime_s'] / 60:.1f} min |")
     head = f"Dense teacher {metric}: {100 * dense:.2f}\n\n" if dense else ""
     foot = ""
     n = rows[0].get("eval_examples")
@@ -236,6 +290,42 @@ def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
         foot = (f"\nDev set: {n} examples; one standard error of an accuracy near {100 * p:.0f} is "
                 f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points (one run per row).\n")
     return head + "\n".join(lines) + "\n" + foot
+
+
+def seed_table(rows: list[dict], metric: str) -> str:
+    """Per (method, target, extra_args): mean ± standard error over seeds (and the sd), and the paired difference
+    to the KD baseline of the same criterion over the seeds both ran (mean ± its standard error). Empty when no
+    method ran at two or more seeds. Scores in points (x100)."""
+    by, info = {}, {}
+    for r in rows:
+        key = (r["method"], r["target_sparsity"], r.get("extra_args", ""))
+        by.setdefault(key, {})[r.get("seed")] = r["score"]
+        info.setdefault(key, r)
+    lines = []
+    for (method, target, extra), scores in by.items():
+        if len(scores) < 2:
+            continue
+        first = info[(method, target, extra)]
+        vals = [100 * v for v in scores.values()]
+        sd = statistics.stdev(vals)
+        cell = f"{statistics.mean(vals):.2f} ± {sd / len(vals) ** 0.5:.2f}"
+        paired = "-"
+        base = by.get((BASELINES[first["pruning"]], target, extra))
+        if first["cap"] != "none" and base:
+            common = sorted(set(scores) & set(base))
+            diffs = [100 * (scores[s] - base[s]) for s in common]
+            if len(diffs) >= 2:
+                paired = f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f} " \
+                         f"(n={len(diffs)})"
+            elif diffs:
+                paired = f"{diffs[0]:+.2f} (n=1)"
+        seeds = ",".join(str(s) for s in sorted(scores))
+        lines.append(f"| {first.get('name', first['label'])} | {100 * target:g} % | {seeds} | {cell} | {sd:.2f} | "
+                     f"{paired} |")
+    if not lines:
+        return ""
+    return "\n".join([f"| method | target | seeds | {metric} mean ± SE | sd | paired vs same criterion + KD ± SE |",
+                      "|---|---|---|---|---|---|", *lines]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
