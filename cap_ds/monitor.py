@@ -99,10 +99,18 @@ class RunLog:
     grad_history: list[dict[str, Any]] = field(default_factory=list)
     examples_seen: int = 0
     train_time: float = 0.0  # optimizer steps only (forward, losses, backward, step)
-    timed_examples: int = 0  # examples and optimizer steps train_time covers (throughput, step time)
-    timed_steps: int = 0
     snapshot_time: float = 0.0  # SnC encode passes (epoch, step and CAP-f stage snapshots), reported apart
     step_timer: StepTimer = field(default_factory=StepTimer)  # per-step times: steady-state median step time
+
+    @property
+    def timed_steps(self) -> int:
+        """Optimizer steps timed so far (the step timer's count; kept in checkpoints for readers)."""
+        return self.step_timer.steps
+
+    @property
+    def timed_examples(self) -> int:
+        """Examples of the timed optimizer steps."""
+        return self.step_timer.examples
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "grad_history": self.grad_history, "examples_seen": self.examples_seen,
@@ -117,7 +125,5 @@ class RunLog:
         self.grad_history[:] = state.get("grad_history", [])
         self.examples_seen = state["examples_seen"]
         self.train_time = float(state.get("train_time", 0.0))
-        self.timed_examples = int(state.get("timed_examples", 0))
-        self.timed_steps = int(state.get("timed_steps", 0))
         self.snapshot_time = float(state.get("snapshot_time", 0.0))
         self.step_timer.load_state_dict(state.get("step_timer"))

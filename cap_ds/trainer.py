@@ -143,7 +143,6 @@ class CapTrainer:
                 if engine.global_steps == before:
                     continue  # inside gradient accumulation
                 self.global_step += 1
-                self.log.timed_steps += 1
                 self.log.step_timer.end_step()
                 progress.update(1)
                 self._check_step_finite(step_nonfinite, terms["loss"])
@@ -191,7 +190,6 @@ class CapTrainer:
     def _count_batch(self, seconds: float, examples: int) -> None:
         self.log.train_time += seconds
         self.log.examples_seen += examples
-        self.log.timed_examples += examples
         self.log.step_timer.add_micro(seconds, examples)
 
     def _log_train(self, terms: dict[str, float], examples_per_second: float) -> None:
