@@ -11,8 +11,10 @@ Writes to ``--output_dir``: one folder per run ``<method>_<sparsity>_s<seed>`` (
 heat-map in ``final/``), ``results.json`` (every run with its seed, steps, budget and the machine), ``results.md``
 (per-run table, then mean ± standard error over seeds and the paired difference to the same criterion + KD) and
 ``accuracy_vs_sparsity.png``. Re-running the same command resumes a partly finished sweep: finished runs are read
-back, an interrupted run resumes from its last checkpoint (``--save_steps``) and the rest are started; more seeds
-can be added later. Changing the budget flags of an existing sweep is refused.
+back, an interrupted run resumes from its last checkpoint (``--save_steps``) and the rest are started; more seeds,
+methods or sparsities can be added later. The results always cover every finished run in the folder, whichever
+command started it (``--collect`` rewrites them without training, e.g. after runs were copied in from another
+machine). Changing the budget flags of an existing sweep is refused.
 
     python benchmarks/reproduce_glue.py --task_name sst2 --data_dir ../shared/data/glue --output_dir runs/sst2 \\
         --max_train_samples 3000 --num_train_epochs 3 --sparsities 0.9 --seeds 42,43,44 --parallel 2
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -96,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "logs, sparsity.json and the heat-map: a sweep folder small enough to carry off a GPU "
                          "machine and resume elsewhere (finished runs are read back from metrics.json)")
     ap.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: rewrite results.json / results.md / the plot from every finished run in "
+                         "--output_dir (its budget is read from the folder's sweep_config.json)")
     args = ap.parse_args(argv)
     args.sparsity_list = [float(s) for s in args.sparsities.split(",") if s.strip()]
     bad = [s for s in args.sparsity_list if not 0.0 < s < 1.0]
@@ -120,11 +126,15 @@ def write_atomic(path: Path, text: str) -> None:
     atomic_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
+RUN_NAME = re.compile(r"^(?P<method>.+)_(?P<target>\d+(?:\.\d+)?)_s(?P<seed>-?\d+)$")
+
+
 class Sweep:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.out = Path(args.output_dir).resolve()
-        self.out.mkdir(parents=True, exist_ok=True)
+        if not args.collect:
+            self.out.mkdir(parents=True, exist_ok=True)
 
     # ---- bookkeeping
     def check_budget(self) -> None:
@@ -185,19 +195,21 @@ class Sweep:
             raise SystemExit(f"[{name}] failed (exit {proc.returncode}); see {run_dir / 'train.log'}; "
                              "re-run the same command to resume")
         result = json.loads(metrics.read_text())
+        # the machine travels with the run, so that a sweep resumed elsewhere still says where each row ran
+        write_atomic(run_dir / "machine.json", json.dumps(machine(self.args.num_gpus)) + "\n")
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s: {result['eval']}", flush=True)
         if self.args.discard_weights and name != "teacher":
             discard_weights(run_dir)
         return result
 
     # ---- steps
-    def teacher(self) -> tuple[str, dict]:
+    def teacher(self) -> str:
         a = self.args
         if a.teacher_name_or_path:
-            return a.teacher_name_or_path, {}
-        metrics = self.launch("teacher", [*self.common(a.teacher_seed), "--mode", "finetune", "--num_train_epochs",
-                                          str(a.teacher_epochs), "--learning_rate", str(a.teacher_learning_rate)])
-        return str(self.out / "teacher" / "final"), metrics
+            return a.teacher_name_or_path
+        self.launch("teacher", [*self.common(a.teacher_seed), "--mode", "finetune", "--num_train_epochs",
+                                str(a.teacher_epochs), "--learning_rate", str(a.teacher_learning_rate)])
+        return str(self.out / "teacher" / "final")
 
     def prune(self, method: str, sparsity: float, seed: int, teacher: str) -> dict:
         a = self.args
@@ -210,44 +222,67 @@ class Sweep:
 
     def run(self) -> list[dict]:
         self.check_budget()
-        teacher_dir, teacher_metrics = self.teacher()
+        teacher_dir = self.teacher()
         jobs = [(method, sparsity, seed) for sparsity in self.args.sparsity_list for seed in self.args.seed_list
                 for method in self.args.method_list]
-        done: dict[tuple[str, float, int], dict] = {}
         lock = threading.Lock()
 
         def one(job: tuple[str, float, int]) -> None:
             method, sparsity, seed = job
-            m = self.prune(method, sparsity, seed, teacher_dir)
-            if m:
-                with lock:
-                    done[job] = row(method, sparsity, seed, m)
+            if self.prune(method, sparsity, seed, teacher_dir) and not self.args.dry_run:
+                with lock:  # runs finish in any order; the results are rebuilt from the folder each time
+                    self.report(self.finished())
 
-        # Results are reported in job order whatever order the runs finish in; a failed run stops the sweep once
-        # the runs in flight finish (their results stay on disk for the next resume).
-        rows: list[dict] = []
+        # A failed run stops the sweep once the runs in flight finish (their results stay on disk for the next
+        # resume).
         pool = ThreadPoolExecutor(max_workers=self.args.parallel)
         try:
-            for _ in pool.map(one, jobs):
-                with lock:
-                    rows = [done[j] for j in jobs if j in done]
-                if rows:
-                    self.report(rows, teacher_metrics)
+            list(pool.map(one, jobs))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        return self.finished() if not self.args.dry_run else []
+
+    def finished(self) -> list[dict]:
+        """Every finished pruning run in the folder (``<method>_<target>_s<seed>/metrics.json``), in the order
+        target sparsity, seed, method (as listed in METHODS)."""
+        order = list(METHODS)
+        found = []
+        for metrics in self.out.glob("*/metrics.json"):
+            m = RUN_NAME.match(metrics.parent.name)
+            if not m or m["method"] not in METHODS:
+                continue
+            data = json.loads(metrics.read_text())
+            run = row(m["method"], data.get("target_sparsity", float(m["target"]) / 100), int(m["seed"]), data)
+            where = metrics.parent / "machine.json"
+            run["machine"] = json.loads(where.read_text()) if where.exists() else None
+            found.append(run)
+        return sorted(found, key=lambda r: (r["target_sparsity"], r["seed"], order.index(r["method"])))
+
+    def collect(self) -> list[dict]:
+        """Rewrite the results from the folder alone, training nothing."""
+        if not (self.out / "sweep_config.json").exists():
+            raise SystemExit(f"--collect: {self.out / 'sweep_config.json'} not found: {self.out} is not a sweep folder")
+        rows = self.finished()
+        if not rows:
+            raise SystemExit(f"--collect: no finished run (<method>_<sparsity>_s<seed>/metrics.json) in {self.out}")
+        self.report(rows)
         return rows
 
-    def report(self, rows: list[dict], teacher_metrics: dict) -> None:
+    def report(self, rows: list[dict]) -> None:
         from cap_ds.plots import plot_accuracy_vs_sparsity
 
         metric = rows[0]["metric_name"]
-        dense = (teacher_metrics.get("eval") or {}).get(metric) if teacher_metrics else rows[0]["teacher"]
-        data = {"settings": {**{k: getattr(self.args, k) for k in BUDGET_KEYS}, "seeds": self.args.seed_list},
+        teacher = self.out / "teacher" / "metrics.json"  # a teacher fine-tuned in this folder, else the given one
+        dense = json.loads(teacher.read_text())["eval"][metric] if teacher.exists() else rows[0]["teacher"]
+        settings = json.loads((self.out / "sweep_config.json").read_text())
+        data = {"settings": {**settings, "seeds": sorted({r["seed"] for r in rows})},
                 "machine": machine(self.args.num_gpus), "teacher": dense, "metric": metric, "runs": rows}
         write_atomic(self.out / "results.json", json.dumps(data, indent=2) + "\n")
         summary = seed_table(rows, metric)
         text = markdown(rows, dense, metric) + (f"\nAcross seeds:\n\n{summary}" if summary else "")
-        write_atomic(self.out / "results.md", text + f"\nMachine: {data['machine']['description']}.\n")
+        ran_on = sorted({r["machine"]["description"] for r in rows if r.get("machine")})
+        where = "; ".join(ran_on) if ran_on else data["machine"]["description"]
+        write_atomic(self.out / "results.md", text + f"\nMachine: {where}.\n")
         plot_accuracy_vs_sparsity([{"method": r["label"], "sparsity": r["sparsity"], metric: r["score"]}
                                    for r in rows], self.out / "accuracy_vs_sparsity.png", metric=metric,
                                   dense=dense, title=f"{self.args.task_name.upper()}: pruning at equal budget")
@@ -346,8 +381,9 @@ def seed_table(rows: list[dict], metric: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rows = Sweep(args).run()
-    if rows and not args.dry_run:
+    sweep = Sweep(args)
+    rows = sweep.collect() if args.collect else sweep.run()
+    if rows:
         print((Path(args.output_dir) / "results.md").read_text())
 
 

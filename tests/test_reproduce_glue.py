@@ -67,6 +67,24 @@ def test_sweep_writes_results_and_resumes(teacher_dir, glue_dir, tmp_path):
     table = (out / "results.md").read_text()
     # (CAP-m's paired baseline is movement + KD, not in this sweep; pairing is tested in test_plot_sweeps.)
     assert "Across seeds:" in table and "| CAP-m | 50 % | 42,43 |" in table and "| magnitude + KD | 50 % | 42,43 |" in table
+    assert all(r["machine"]["description"].startswith("CPU only") for r in data["runs"])  # where each row ran
+
+    # --collect rebuilds the results from the folder alone (e.g. runs carried back from a GPU machine), whatever
+    # commands started the runs, and trains nothing.
+    (out / "results.json").unlink()
+    (out / "results.md").unlink()
+    collected = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(out), "--collect"], cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    assert "cap_ds/train.py" not in collected.stdout
+    again = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"], r["score"]) for r in again["runs"]] == [
+        (r["method"], r["seed"], r["score"]) for r in data["runs"]]
+    assert again["settings"]["max_train_samples"] == 64 and again["settings"]["seeds"] == [42, 43]
+    assert "| CAP-m | 50 % | 42,43 |" in (out / "results.md").read_text()
+    nothing = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path / "empty"), "--collect"],
+                             capture_output=True, text=True, timeout=120)
+    assert nothing.returncode != 0 and "is not a sweep folder" in nothing.stderr
 
     # A different budget in the same folder is refused, naming the setting.
     other = sweep(out, teacher_dir, glue_dir, "--learning_rate", "5e-5")

@@ -9,8 +9,9 @@
 # Sizes come from the environment (defaults: the issue's GPU budget, 16k rows x 2 epochs x batch 32 = 1,000 steps).
 # A CPU smoke test of the script itself: NUM_GPUS=0 ROWS=64 EPOCHS=1 BATCH=16 TEACHER_EPOCHS=1 SEEDS=42 PAR=1
 # EVAL_ROWS=32 MODEL=<2-layer model dir> OUT=/tmp/o bash benchmarks/gpu/issue12_sweep.sh
-# Outputs in $OUT (<= 8 files): stages.jsonl (rc and seconds per stage), runs.jsonl (one line per finished run with
-# seed, steps, budget and machine), main.md / reference.md (the sweep tables), log.txt (all stage output), gpu.txt.
+# Outputs in $OUT (<= 8 files): stages.jsonl (rc and seconds per stage), main.json / reference.json (every finished
+# run with seed, steps, budget and machine: reproduce_glue --collect), main.md / reference.md (the sweep tables),
+# log.txt (all stage output), gpu.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?set OUT to the results folder}"
@@ -49,23 +50,12 @@ stage reference "$T_REF" python benchmarks/reproduce_glue.py "${common[@]}" --ou
     --teacher_name_or_path "$W/main/teacher/final" --methods movement_kd \
     --extra_args "--mask_init constant --mask_scale 0"
 
-# Collect every finished run (also those of a stage that timed out) with its seed, budget and machine.
-python - "$W" "$OUT" "$NUM_GPUS" <<'PY'
-import json, sys
-from pathlib import Path
-sys.path.insert(0, ".")
-from benchmarks.reproduce_glue import machine
-work, out, gpus = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-mach = machine(gpus)
-with open(out / "runs.jsonl", "w") as f:
-    for sweep in ("main", "reference"):
-        budget = json.loads((work / sweep / "sweep_config.json").read_text()) if (work / sweep / "sweep_config.json").exists() else {}
-        for m in sorted((work / sweep).glob("*/metrics.json")):
-            r = json.loads(m.read_text())
-            f.write(json.dumps({"sweep": sweep, "run": m.parent.name, "eval": r.get("eval"), "sparsity": r.get("sparsity"),
-                                "steps": r.get("steps"), "seed": int(m.parent.name.rsplit("_s", 1)[1]) if "_s" in m.parent.name else None, "step_time_s": r.get("step_time_s"),
-                                "train_runtime_s": r.get("train_runtime_s"), "budget": budget, "machine": mach}) + "\n")
-        if (work / sweep / "results.md").exists():
-            (out / f"{sweep}.md").write_text((work / sweep / "results.md").read_text())
-print(f"collected {sum(1 for _ in open(out / 'runs.jsonl'))} runs")
-PY
+# Collect every finished run (also those of a stage that timed out): each row carries its seed, steps, budget and
+# the machine it ran on; the folders themselves (weights discarded) can be carried off and resumed elsewhere.
+for sweep in main reference; do
+    [ -f "$W/$sweep/sweep_config.json" ] || continue
+    python benchmarks/reproduce_glue.py --output_dir "$W/$sweep" --num_gpus "$NUM_GPUS" --collect \
+        >> "$OUT/log.txt" 2>&1 || continue
+    cp "$W/$sweep/results.json" "$OUT/$sweep.json"
+    cp "$W/$sweep/results.md" "$OUT/$sweep.md"
+done
