@@ -165,8 +165,14 @@ def check_complete(root: str | os.PathLike, tag: str) -> str | None:
         return f"{folder} does not exist"
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        # Written before cap_ds recorded completeness: `latest` was only ever moved to a complete checkpoint.
-        if read_latest(root) == tag and (folder / STATE_FILE.format(rank=0)).is_file():
+        # Written before cap_ds recorded completeness: `latest` was only ever moved to a complete checkpoint, but
+        # a file may have gone since (a cleanup, a copy that left the large files behind), so the two files every
+        # checkpoint has must still be there.
+        if read_latest(root) == tag:
+            if not (folder / STATE_FILE.format(rank=0)).is_file():
+                return f"{folder / STATE_FILE.format(rank=0)} is missing"
+            if not any(folder.glob("*model_states.pt")):
+                return f"{folder} has no DeepSpeed *model_states.pt file"
             return None
         return f"{folder} has no {MANIFEST} (its writing was interrupted)"
     try:

@@ -181,6 +181,13 @@ def test_truncated_file_is_named_and_skipped(ckpt_run, tmp_path):
     assert check_complete(out / "checkpoints", "step2") is None
     (out / "checkpoints" / "step2" / MANIFEST).unlink()  # a write that never finished
     assert find_resume_tag(out / "checkpoints")[0] is None
+    # A checkpoint from before manifests existed counts when `latest` names it, unless a file every checkpoint has
+    # is gone (seen: a legacy checkpoint whose model states had been deleted crashed DeepSpeed's loader).
+    (out / "checkpoints" / "latest").write_text("step2")
+    assert find_resume_tag(out / "checkpoints")[0] == "step2"
+    (out / "checkpoints" / "step2" / "mp_rank_00_model_states.pt").unlink()
+    tag, skipped = find_resume_tag(out / "checkpoints")
+    assert tag is None and "has no DeepSpeed *model_states.pt file" in dict(skipped)["step2"]
 
 
 def test_checkpoint_files_get_umask_modes(ckpt_run):
