@@ -129,6 +129,11 @@ def write_atomic(path: Path, text: str) -> None:
 RUN_NAME = re.compile(r"^(?P<method>.+)_(?P<target>\d+(?:\.\d+)?)_s(?P<seed>-?\d+)$")
 
 
+def run_name(method: str, sparsity: float, seed: int) -> str:
+    """A pruning run's folder, ``<method>_<sparsity %>_s<seed>``: what :data:`RUN_NAME` reads back."""
+    return f"{method}_{round(sparsity * 100):g}_s{seed}"
+
+
 class Sweep:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -218,7 +223,7 @@ class Sweep:
                  "--target_sparsity", str(sparsity), "--cap", cap, "--num_train_epochs", str(a.num_train_epochs),
                  "--learning_rate", str(a.learning_rate), *shlex.split(a.extra_args)]
         threads = max(1, (os.cpu_count() or 1) // a.parallel) if a.parallel > 1 and a.num_gpus == 0 else None
-        return self.launch(f"{method}_{round(sparsity * 100):g}_s{seed}", flags, threads)
+        return self.launch(run_name(method, sparsity, seed), flags, threads)
 
     def run(self) -> list[dict]:
         self.check_budget()
