@@ -115,7 +115,13 @@ class PruningArguments:
     initial_warmup: float = field(default=2.0, metadata={"help": "Dense steps = initial_warmup * warmup_steps."})
     final_warmup: float = field(default=3.0, metadata={"help": "Steps at final sparsity = final_warmup * warmup_steps."})
     final_threshold: float = field(default=0.1, metadata={"help": "Soft movement: final sigmoid threshold."})
-    final_lambda: float = field(default=400.0, metadata={"help": "Soft movement: final L1 weight on sigmoid(scores)."})
+    final_lambda: float = field(default=400.0, metadata={
+        "help": "Soft movement: final L1 weight on sigmoid(scores)."})
+    threshold_control: bool = field(default=False, metadata={
+        "help": "Soft movement: each step, set the sigmoid threshold to the global quantile (over all pruned "
+                "layers) that gives the cubic schedule's sparsity, ending at --target_sparsity; layers still get "
+                "different sparsities. Our addition: the reference ramps the threshold to --final_threshold and "
+                "reaches whatever sparsity --final_lambda gives, which moves with the task and the seed."})
     mask_init: str | None = field(default=None, metadata={
         "help": "Init of the learned scores. Default: magnitude for movement, constant for soft_movement. magnitude: "
                 "S0 = --mask_scale * |W| / mean|W| per matrix, so the first masks are the magnitude masks and "
@@ -228,6 +234,9 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
         raise ArgumentError(f"--structured_step must be in (0, --target_sparsity], got {pargs.structured_step}")
     if pargs.epochs_per_stage < 1:
         raise ArgumentError(f"--epochs_per_stage must be >= 1, got {pargs.epochs_per_stage}")
+    if pargs.threshold_control and pargs.pruning_method != "soft_movement":
+        raise ArgumentError(f"--threshold_control sets soft movement's threshold; it needs --pruning_method "
+                            f"soft_movement, not {pargs.pruning_method}")
     if not 0.0 <= pargs.target_sparsity < 1.0:
         raise ArgumentError(f"--target_sparsity must be in [0, 1), got {pargs.target_sparsity}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -63,8 +63,9 @@ def run_results(*, trainer, eval_metrics: dict[str, float], margs, rargs, pargs,
                        "sparsity": sparsity["sparsity"], "sparsity_per_module": sparsity["per_module"],
                        "snapshots": banks["snc"].num_columns if "snc" in banks else 0})
         extra = trainer.schedule.results()
-        if extra:  # CAP-f: sparsity counts removed heads/neurons; the masked weights' share is kept apart
-            result.update({"masked_weight_sparsity": sparsity["sparsity"], **extra})
+        if "sparsity" in extra:  # CAP-f: sparsity counts removed heads/neurons; the masked weights' share apart
+            result["masked_weight_sparsity"] = sparsity["sparsity"]
+        result.update(extra)
     return result
 
 

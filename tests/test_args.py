@@ -21,6 +21,7 @@ def args(*extra):
     (["--deepspeed", "/no/such.json", "--cap", "none"], "--deepspeed '/no/such.json': file not found"),
     (["--data_dir", "/no/such/dir", "--cap", "none"], "--data_dir '/no/such/dir' is not a directory"),
     (["--per_device_train_batch_size", "0", "--cap", "none"], "--per_device_train_batch_size must be >= 1"),
+    (["--threshold_control", "--cap", "none"], "--threshold_control .* needs --pruning_method soft_movement"),
 ])
 def test_flag_errors(flags, match):
     with pytest.raises(ArgumentError, match=match):

@@ -14,7 +14,9 @@ from cap_ds.compression import (
     sparsity_report,
     warmup_offsets,
 )
+from cap_ds.compression.config import CompressionConfigError
 from cap_ds.compression.methods import num_kept, sigmoid_threshold_mask, topk_mask
+from cap_ds.compression.scheduler import quantile_threshold
 
 
 def test_cubic_schedule_reference_values():
@@ -128,6 +130,68 @@ def test_soft_movement_regulariser_follows_threshold():
     assert sched.regularization_lambda == pytest.approx(10.0)
     # sigmoid(0) = 0.5 for every score -> regulariser = lambda * 0.5
     assert sched.regularization().item() == pytest.approx(5.0)
+
+
+def test_quantile_threshold_keeps_at_most_the_asked_fraction():
+    hist = torch.tensor([4.0, 3.0, 2.0, 1.0])  # bins [0, .25), [.25, .5), [.5, .75), [.75, 1]
+    assert quantile_threshold(hist, 1.0) == 0.0
+    assert quantile_threshold(hist, 0.3) == 0.5  # 3 of 10 entries lie at or above 0.5
+    assert quantile_threshold(hist, 0.25) == 0.75  # 0.5 would keep 3 > 2.5: the next edge up
+    assert quantile_threshold(hist, 0.0) == 1.0
+
+
+def _train_soft(control: bool, final_lambda: float, seed: int, target: float = 0.8) -> tuple[float, CompressionScheduler]:
+    """A few Adam steps of a Tiny model on a fixed random task with soft movement."""
+    torch.manual_seed(seed)
+    model = Tiny()
+    cfg = _section("soft_movement", ratio=1 - target, offset=5, end=30, final_lambda=final_lambda,
+                   threshold_control=control)
+    init_compression(model, cfg)
+    sched = CompressionScheduler(model, cfg)
+    scores = [p for n, p in model.named_parameters() if n.endswith("mask_scores")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("mask_scores")]
+    opt = torch.optim.Adam([{"params": rest, "lr": 1e-3}, {"params": scores, "lr": 0.2}])
+    x, y = torch.randn(64, 16), torch.randint(0, 2, (64,))
+    for _ in range(40):
+        h = x
+        for layer in model.encoder.layer:
+            h = layer["b"](torch.relu(layer["a"](h)))
+            h = torch.cat([h, h], 1)
+        loss = F.cross_entropy(model.head(h[:, :8]), y) + sched.regularization()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return sparsity_report(model)["sparsity"], sched
+
+
+def test_soft_movement_threshold_control_reaches_the_target_whatever_lambda():
+    # The reference threshold schedule reaches whatever sparsity lambda gives; the quantile threshold reaches the
+    # target (and follows the cubic schedule on the way) for any lambda and seed.
+    reached = {lam: _train_soft(False, lam, 0)[0] for lam in (1.0, 100.0)}
+    assert reached[1.0] < 0.7 and reached[100.0] > 0.95
+    for lam in (1.0, 100.0):
+        for seed in (0, 1):
+            sparsity, sched = _train_soft(True, lam, seed)
+            assert sparsity == pytest.approx(0.8, abs=0.005)
+            assert sched.scalars()["scheduled_sparsity"] == pytest.approx(0.8)
+            assert 0.0 < sched.results()["soft_threshold"] < 1.0
+            assert sched.regularization_lambda == pytest.approx(lam)  # lambda keeps the reference's ramp
+
+
+def test_soft_movement_threshold_control_resumes_its_threshold():
+    _, sched = _train_soft(True, 10.0, 0)
+    model = Tiny()
+    cfg = _section("soft_movement", ratio=0.2, offset=5, end=30, final_lambda=10.0, threshold_control=True)
+    init_compression(model, cfg)
+    fresh = CompressionScheduler(model, cfg)
+    fresh.load_state_dict(sched.state_dict())
+    assert fresh.training_steps == 40 and fresh.soft_threshold == sched.soft_threshold > 0
+    assert model.encoder.layer[0]["a"].threshold == sched.soft_threshold
+    with pytest.raises(CompressionConfigError, match="threshold_control needs method soft_movement"):
+        init_compression(Tiny(), _section("movement", threshold_control=True))
+    with pytest.raises(CompressionConfigError, match="threshold_control must be true or false"):
+        init_compression(Tiny(), _section("soft_movement", threshold_control="yes"))
 
 
 # ---- agreement with the reference code (HF emmental / CAP's UnstructuredPruning) and the magnitude score init

@@ -105,6 +105,21 @@ def test_soft_movement_logs_regulariser_and_reports_sparsity(teacher_dir, glue_d
     assert not any("mask_scores" in k for k in weights)
 
 
+def test_soft_movement_threshold_control_reaches_target_sparsity(teacher_dir, glue_dir, tmp_path):
+    out = tmp_path / "soft_ctl"
+    run([sys.executable, "cap_ds/train.py", "--teacher_name_or_path", str(teacher_dir / "final"),
+         "--pruning_method", "soft_movement", "--threshold_control", "--target_sparsity", "0.8",
+         "--final_lambda", "200", "--mask_scores_learning_rate", "0.3", "--data_dir", str(glue_dir),
+         "--output_dir", str(out), "--max_steps", "20", *COMMON])
+    metrics = json.loads((out / "metrics.json").read_text())
+    # every encoder linear is pruned by the global threshold: the model's sparsity is the schedule's target
+    assert metrics["sparsity"] == pytest.approx(0.8, abs=0.005)
+    assert 0.0 < metrics["soft_threshold"] < 1.0
+    scalars = tb_scalars(out / "runs" / "cap")
+    assert scalars["Train/scheduled_sparsity"][-1] == pytest.approx(0.8)
+    assert scalars["Train/lambda"][-1] == pytest.approx(200.0)
+
+
 def test_grad_norm_diagnostic_logs_terms_and_leaves_training_unchanged(teacher_dir, glue_dir, tmp_path):
     base = ["--teacher_name_or_path", str(teacher_dir / "final"), "--cap", "prc,fic", "--pruning_method",
             "magnitude", "--target_sparsity", "0.5", "--extra_negatives", "64", "--data_dir", str(glue_dir),

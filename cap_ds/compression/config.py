@@ -13,7 +13,9 @@ Keys beyond DeepSpeed's (all optional):
   ``block_pattern: "N:M"`` keeps the top N of every M consecutive weights along the input dim (ranked by |W| for
   l1/magnitude, by learned scores for topk/movement); ``mask_init``/``mask_scale`` for the score init (movement:
   ``magnitude`` unless given, ``constant`` with scale 0 is the reference; soft movement: ``constant``);
-  ``initial_threshold``/``final_threshold``/``final_lambda`` for soft movement.
+  ``initial_threshold``/``final_threshold``/``final_lambda`` for soft movement, and ``threshold_control`` (true:
+  the sigmoid threshold is set every step to the global quantile that gives the cubic schedule's sparsity, ending
+  at the groups' ``dense_ratio``, instead of whatever sparsity ``final_lambda`` happens to give).
 - ``row_pruning`` / ``head_pruning``: method ``first_order`` (masks set by ``FirstOrderPruner``, no schedule;
   ``dense_ratio`` optional and unused), ``mask_init``/``mask_scale`` for topk scores (default kaiming, as DeepSpeed).
 """
@@ -45,7 +47,8 @@ _COMMON_SHARED_KEYS = {
 }
 SHARED_KEYS = {
     SPARSE_PRUNING: _COMMON_SHARED_KEYS | {
-        "block_pattern", "excluded_modules", "initial_threshold", "final_threshold", "final_lambda"},
+        "block_pattern", "excluded_modules", "initial_threshold", "final_threshold", "final_lambda",
+        "threshold_control"},
     ROW_PRUNING: set(_COMMON_SHARED_KEYS),
     HEAD_PRUNING: _COMMON_SHARED_KEYS | {"num_heads"},
 }
@@ -98,6 +101,7 @@ class SparsePruningConfig(TechniqueConfig):
     initial_threshold: float = 0.0  # soft movement: sigmoid threshold at the start
     final_threshold: float = 0.1  # soft movement: sigmoid threshold at the end
     final_lambda: float = 0.0  # soft movement: L1 weight of sigmoid(scores) at the end
+    threshold_control: bool = False  # soft movement: threshold = the quantile giving the scheduled sparsity
     excluded_modules: list[str] = field(default_factory=list)
     block: tuple[int, int] | None = None  # N:M pattern, None = unstructured
 
@@ -297,6 +301,11 @@ def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
     cfg.initial_threshold = _number(shared.get("initial_threshold", 0.0), f"{sp}.initial_threshold", float, 0, 1)
     cfg.final_threshold = _number(shared.get("final_threshold", 0.1), f"{sp}.final_threshold", float, 0, 1)
     cfg.final_lambda = _number(shared.get("final_lambda", 0.0), f"{sp}.final_lambda", float, 0)
+    cfg.threshold_control = shared.get("threshold_control", False)
+    if not isinstance(cfg.threshold_control, bool):
+        raise CompressionConfigError(f"{sp}.threshold_control must be true or false, got {cfg.threshold_control!r}")
+    if cfg.threshold_control and cfg.canonical_method != "soft_movement":
+        raise CompressionConfigError(f"{sp}.threshold_control needs method soft_movement, not {cfg.method!r}")
     cfg.excluded_modules = _regex_list(shared["excluded_modules"], f"{sp}.excluded_modules") \
         if shared.get("excluded_modules") else []
     cfg.block = parse_block_pattern(shared.get("block_pattern"), f"{sp}.block_pattern")
@@ -305,7 +314,8 @@ def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
             f"{sp}.block_pattern {shared['block_pattern']!r} needs a ranked method (l1, magnitude, topk, movement), "
             "not soft_movement")
     fixed = cfg.block[0] / cfg.block[1] if cfg.block is not None else None
-    _parse_groups(cfg, section, shared, ratio_optional=cfg.canonical_method == "soft_movement", fixed_ratio=fixed)
+    _parse_groups(cfg, section, shared, ratio_optional=cfg.canonical_method == "soft_movement"
+                  and not cfg.threshold_control, fixed_ratio=fixed)
     return cfg
 
 

@@ -31,6 +31,9 @@ from .methods import (
 # expression (CAP_DS_MASKED_KERNEL=auto|on|off; auto: the expression wherever the kernel was not measured faster,
 # today CPU and CUDA). False: always the expression here. CAP_DS_KERNELS=0 turns every kernel off.
 USE_KERNELS = True
+# Resolution of the sigmoid(score) histogram behind soft movement's quantile threshold (width 1.5e-5).
+SCORE_HISTOGRAM_BINS = 1 << 16
+
 # Reuse a layer's sparse mask until its scheduler says weights, scores or thresholds changed (one top-k per layer and
 # optimizer step instead of one per forward: micro-steps, eval, bank and snapshot passes). Off: recompute each time.
 CACHE_MASKS = True
@@ -110,6 +113,8 @@ class MaskedLinear(nn.Linear):
         self.mask_cache_enabled = False  # turned on by CompressionScheduler, which invalidates it at every step
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         self.last_regularization: torch.Tensor | None = None
+        self.track_scores = False  # set by CompressionScheduler when it sets soft movement's threshold by quantile
+        self.last_histogram: torch.Tensor | None = None
         self.group: str | None = None
         self.row_method: str | None = None
         self.row_group: str | None = None
@@ -245,6 +250,11 @@ class MaskedLinear(nn.Linear):
             weight = weight * head.repeat_interleave(self.head_size).unsqueeze(0)
         return weight
 
+    def score_histogram(self) -> torch.Tensor:
+        """Counts of sigmoid(scores) in SCORE_HISTOGRAM_BINS equal bins over [0, 1] (soft movement)."""
+        return torch.histc(torch.sigmoid(self.mask_scores.detach().float()), bins=SCORE_HISTOGRAM_BINS,
+                           min=0.0, max=1.0)
+
     def get_mask(self) -> torch.Tensor:
         """Combined keep-mask (sparse x row x head) over the weight, in the weight's dtype."""
         return self._apply_masks(torch.ones_like(self.weight))
@@ -263,6 +273,9 @@ class MaskedLinear(nn.Linear):
         if self.method == "soft_movement" and self.training:
             # Stashed here (inside forward) so the regulariser is ZeRO-3 safe: scores hold data only now.
             self.last_regularization = torch.sigmoid(self.mask_scores.float()).mean()
+            if self.track_scores and hasattr(self.mask_scores, "ds_id"):
+                # ZeRO-3 scores are whole only in forward: stash what the scheduler's global threshold needs.
+                self.last_histogram = self.score_histogram()
         if not self.pruning_enabled:
             return F.linear(input, self.weight, self.bias)
         if USE_KERNELS and self.row_method is None and self.head_method is None:

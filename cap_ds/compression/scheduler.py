@@ -64,6 +64,16 @@ def _kept_fraction(tech: TechniqueConfig, step: int, final: float) -> float:
     return _scheduled(tech, step, 1.0, final)
 
 
+def quantile_threshold(histogram: torch.Tensor, kept: float) -> float:
+    """The lowest bin edge t of a [0, 1] histogram with at most ``kept`` of its entries above t (soft movement's
+    global threshold: keep sigmoid(S) > t)."""
+    if kept >= 1.0:
+        return 0.0
+    above = histogram.flip(0).cumsum(0).flip(0)  # above[i]: entries in bins i and up
+    ok = (above <= kept * histogram.sum()).nonzero()
+    return float(ok[0].item()) / histogram.numel() if ok.numel() else 1.0
+
+
 class PruningSchedule:
     """What the training loop asks of a pruning method, and nothing more (``torch.ao.pruning``'s split: masks are
     computed by the masked layers or a pruner, the level is moved by a schedule). The loop calls
@@ -136,6 +146,14 @@ class CompressionScheduler(PruningSchedule):
         self.training_steps = 0
         for module in self.modules.values():
             module.mask_cache_enabled = True  # this scheduler invalidates the masks whenever they may change
+        # Soft movement with threshold_control: one global threshold, re-set after every step from histograms of
+        # the updated scores (under ZeRO-3, of the scores the layers stash in forward, one update old).
+        self.quantile = self.sparse.enabled and self.sparse.threshold_control
+        self.controlled = [m for m in self.modules.values()
+                           if self.quantile and m.method == "soft_movement" and m.group in self.groups]
+        for module in self.controlled:
+            module.track_scores = True
+        self.soft_threshold = 0.0
         self._apply()
 
     @property
@@ -146,6 +164,8 @@ class CompressionScheduler(PruningSchedule):
         """Sparse kept fraction (magnitude/movement) or sigmoid threshold (soft movement) at the current step."""
         sp = self.sparse
         if self.method == "soft_movement":
+            if self.quantile:
+                return self.soft_threshold
             return _scheduled(sp, self.training_steps, sp.initial_threshold, sp.final_threshold)
         return _kept_fraction(sp, self.training_steps, self.groups[group].dense_ratio)
 
@@ -168,7 +188,27 @@ class CompressionScheduler(PruningSchedule):
         sp = self.sparse
         if not sp.enabled or self.method != "soft_movement" or sp.final_threshold == 0:
             return 0.0
+        if self.quantile:  # the reference's lambda_t / lambda_final = tau_t / tau_final, as a schedule progress
+            return sp.final_lambda * _scheduled(sp, self.training_steps, 0.0, 1.0)
         return sp.final_lambda * self.threshold / sp.final_threshold
+
+    def scheduled_kept(self, step: int) -> float:
+        """The kept fraction the cubic schedule asks for at ``step`` over the soft-movement weights (the groups'
+        dense_ratios weighted by size)."""
+        sizes = [getattr(m.weight, "ds_numel", m.weight.numel()) for m in self.controlled]
+        kept = [_kept_fraction(self.sparse, step, self.groups[m.group].dense_ratio) for m in self.controlled]
+        return sum(n * k for n, k in zip(sizes, kept)) / max(sum(sizes), 1)
+
+    def _set_quantile_threshold(self) -> None:
+        """The global threshold for the next step (histograms after this step's update, or of its forward)."""
+        hists = [m.last_histogram if hasattr(m.mask_scores, "ds_id") else m.score_histogram()
+                 for m in self.controlled]
+        if not hists or any(h is None for h in hists):
+            return  # ZeRO-3 and no training forward since the last step: keep the threshold
+        kept = self.scheduled_kept(self.training_steps + 1)
+        self.soft_threshold = quantile_threshold(torch.stack(hists).sum(0), kept)
+        for m in self.controlled:
+            m.last_histogram = None
 
     def _apply(self) -> None:
         for module in self.modules.values():
@@ -183,6 +223,8 @@ class CompressionScheduler(PruningSchedule):
     def step(self) -> None:
         """Advance one optimizer step and update all thresholds. Call it after every applied optimizer step (and
         only then): it also drops the masks cached for the step before."""
+        if self.quantile:
+            self._set_quantile_threshold()
         self.training_steps += 1
         self._apply()
 
@@ -200,7 +242,12 @@ class CompressionScheduler(PruningSchedule):
         return self.regularization_lambda * torch.stack(terms).mean()
 
     def scalars(self) -> dict[str, float]:
-        return {"threshold": self.threshold}
+        out = {"threshold": self.threshold}
+        if self.method == "soft_movement" and self.sparse.enabled:
+            out["lambda"] = self.regularization_lambda
+        if self.quantile:
+            out["scheduled_sparsity"] = 1.0 - self.scheduled_kept(self.training_steps)
+        return out
 
     def sparsity(self) -> float:
         return sparsity_report(self.model)["sparsity"]
@@ -208,10 +255,18 @@ class CompressionScheduler(PruningSchedule):
     def check_reached(self, run_steps: int, measured: float) -> None:
         check_schedule_reached(self.config, self.training_steps, run_steps, measured)
 
+    def results(self) -> dict[str, Any]:
+        return {"soft_threshold": self.soft_threshold} if self.quantile else {}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"training_steps": self.training_steps}
+        state: dict[str, Any] = {"training_steps": self.training_steps}
+        if self.quantile:
+            state["soft_threshold"] = self.soft_threshold
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.quantile and "soft_threshold" in state:
+            self.soft_threshold = float(state["soft_threshold"])
         self.set_step(state["training_steps"])
 
 
