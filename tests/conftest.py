@@ -60,10 +60,14 @@ COMMON = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "-
           "--disable_tqdm", "--logging_steps", "5", "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
 
 
+def run_env(**env: str) -> dict[str, str]:
+    """The environment of a training subprocess: the offline hub and a free master port, plus ``env``."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port()), **env}
+
+
 def run(cmd, **env):
     """Run a command in the repo with the offline hub and a free master port; fail with its output."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port()), **env}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(**env), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

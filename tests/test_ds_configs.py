@@ -5,7 +5,6 @@ section drives the optimizer. Unknown top-level keys are warned about, by name."
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import textwrap
 import pytest
 
 from cap_ds.ds_config import KNOWN_TOP_LEVEL_KEYS, warn_unknown_keys
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, run_env
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
@@ -72,7 +71,7 @@ def test_every_shipped_config_prunes(glue_dir, model_path, tmp_path):
     assert CONFIGS[-1].stem == "zero3_offload_bf16"
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(glue_dir), *map(str, CONFIGS)],
                           cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port())})
+                          env=run_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     data = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULTS "))[8:])
     for cfg in CONFIGS:

@@ -8,13 +8,12 @@ at the same budget.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO, free_port
+from .conftest import REPO, run_env
 
 MAJORITY = 444 / 872  # SST-2 dev: the share of the larger class
 
@@ -30,7 +29,7 @@ def prune_side_by_side(tmp_path, glue_dir, runs: dict[str, list[str]]) -> dict[s
     other at 2 threads); their metrics.json by name."""
     procs = {}
     for name, flags in runs.items():
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+        env = run_env(OMP_NUM_THREADS="1")
         cmd = [sys.executable, "cap_ds/train.py", "--data_dir", str(glue_dir), "--output_dir", str(tmp_path / name),
                *BUDGET, *flags]
         procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -28,7 +28,7 @@ from cap_ds.args import parse_args
 from cap_ds.checkpoint import MANIFEST, CheckpointError, check_complete, find_resume_tag, safe_load
 from cap_ds.preflight import preflight
 from cap_ds.rundir import RunDirError
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, run_env
 
 TINY = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "64",
         "--max_eval_samples", "32", "--max_seq_length", "32", "--per_device_train_batch_size", "8",
@@ -38,7 +38,7 @@ CKPT_RUN = [*TINY, "--max_steps", "4", "--cap", "prc,snc", "--snapshot_steps", "
 
 def train(args, timeout=600, **env):
     """Run cap_ds/train.py; returns the finished process (output captured)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port()), **env}
+    full_env = run_env(**env)
     return subprocess.run([sys.executable, "cap_ds/train.py", *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -262,7 +262,7 @@ def test_sigint_stops_a_bank_encode_within_a_batch(glue_dir, model_path, tmp_pat
     cmd = [sys.executable, "cap_ds/train.py", "--config_overrides", "num_hidden_layers=2", "--task_name", "sst2",
            "--data_dir", str(glue_dir), "--max_train_samples", "4000", "--num_train_epochs", "1",
            "--max_seq_length", "64", "--cap", "prc", "--per_device_eval_batch_size", "16", "--output_dir", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port())}
+    env = run_env()
     log = tmp_path / "int.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)

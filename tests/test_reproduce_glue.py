@@ -1,13 +1,12 @@
 """benchmarks/reproduce_glue.py: a real (tiny) sweep writes table, JSON, plot and heat-maps, and resumes."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO, free_port
+from .conftest import REPO, run_env
 
 SCRIPT = str(REPO / "benchmarks" / "reproduce_glue.py")
 
@@ -18,7 +17,7 @@ def sweep(out, teacher_dir, glue_dir, *extra):
            "--sparsities", "0.5", "--max_train_samples", "64", "--max_eval_samples", "64",
            "--num_train_epochs", "2", "--extra_args", "--config_overrides num_hidden_layers=2 --extra_negatives 64",
            *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port())}
+    env = run_env()
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import COMMON, REPO, free_port, run
+from tests.conftest import COMMON, REPO, free_port, run, run_env
 
 
 def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -144,5 +144,5 @@ def test_grad_norm_diagnostic_logs_terms_and_leaves_training_unchanged(teacher_d
     proc = subprocess.run([sys.executable, "cap_ds/train.py", *base, "--output_dir", str(tmp_path / "z3"),
                            "--grad_norm_steps", "5", "--deepspeed", str(REPO / "ds_configs" / "zero3.json")],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port())})
+                          env=run_env())
     assert proc.returncode != 0 and "--grad_norm_steps" in proc.stderr and "ZeRO stage 3" in proc.stderr
