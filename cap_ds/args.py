@@ -123,7 +123,8 @@ class PruningArguments:
                 "different sparsities. Our addition: the reference ramps the threshold to --final_threshold and "
                 "reaches whatever sparsity --final_lambda gives, which moves with the task and the seed."})
     mask_init: str | None = field(default=None, metadata={
-        "help": "Init of the learned scores. Default: magnitude for movement, constant for soft_movement. magnitude: "
+        "help": "Init of the learned scores. Default: magnitude for movement and for soft_movement with "
+                "--threshold_control, else constant for soft_movement. magnitude: "
                 "S0 = --mask_scale * |W| / mean|W| per matrix, so the first masks are the magnitude masks and "
                 "movement moves weights in or out only as its evidence accumulates; it does not collapse at short "
                 "budgets. constant: every score = --mask_scale; '--mask_init constant' (scale 0) is the REFERENCE "
@@ -139,10 +140,12 @@ class PruningArguments:
     @property
     def score_init(self) -> str:
         """--mask_init, or the method's default: magnitude for movement, the reference constant for soft movement
-        (which does not collapse at short budgets, and whose --final_lambda calibration assumes zero-init scores)."""
+        (which does not collapse at short budgets, and whose --final_lambda calibration assumes zero-init scores),
+        magnitude for soft movement under --threshold_control (which prunes on the cubic schedule from its first
+        step, where zero-init scores collapse as movement's do)."""
         if self.mask_init is not None:
             return self.mask_init
-        return "constant" if self.pruning_method == "soft_movement" else "magnitude"
+        return "constant" if self.pruning_method == "soft_movement" and not self.threshold_control else "magnitude"
 
 
 @dataclass

@@ -206,3 +206,10 @@ def test_schedules_that_cannot_work_are_refused_before_loading(tmp_path, model_p
     # the flags' own schedule always fits: short runs shrink the warm-ups and say so
     plan = preflight(*args(*base, "--max_steps", "5")).plan
     assert (plan.offset, plan.offset_end) == (1, 3) and "shrunk" in plan.notes[0]
+
+
+def test_soft_movement_score_init_default_follows_threshold_control():
+    soft = ["--pruning_method", "soft_movement", "--cap", "none"]
+    assert args(*soft)[3].score_init == "constant"  # the reference init, its lambda calibration assumes it
+    assert args(*soft, "--threshold_control")[3].score_init == "magnitude"
+    assert args(*soft, "--threshold_control", "--mask_init", "constant")[3].score_init == "constant"

@@ -14,7 +14,7 @@ from cap_ds.compression import (
     sparsity_report,
     warmup_offsets,
 )
-from cap_ds.compression.config import CompressionConfigError
+from cap_ds.compression.config import CompressionConfigError, as_compression_config
 from cap_ds.compression.methods import num_kept, sigmoid_threshold_mask, topk_mask
 from cap_ds.compression.scheduler import quantile_threshold
 
@@ -188,6 +188,9 @@ def test_soft_movement_threshold_control_resumes_its_threshold():
     fresh.load_state_dict(sched.state_dict())
     assert fresh.training_steps == 40 and fresh.soft_threshold == sched.soft_threshold > 0
     assert model.encoder.layer[0]["a"].threshold == sched.soft_threshold
+    # pruning on the schedule from the ramp's first step needs the magnitude prior, as movement does
+    assert as_compression_config(cfg).sparse_pruning.mask_init == "magnitude"
+    assert as_compression_config(_section("soft_movement")).sparse_pruning.mask_init == "constant"
     with pytest.raises(CompressionConfigError, match="threshold_control needs method soft_movement"):
         init_compression(Tiny(), _section("movement", threshold_control=True))
     with pytest.raises(CompressionConfigError, match="threshold_control must be true or false"):

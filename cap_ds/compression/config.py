@@ -11,8 +11,9 @@ Keys beyond DeepSpeed's (all optional):
   missing = switch on at once at ``schedule_offset``, DeepSpeed's behaviour) and ``schedule_offset_stride``.
 - ``sparse_pruning``: methods ``magnitude`` (= ``l1``), ``movement`` (= ``topk``), ``soft_movement``;
   ``block_pattern: "N:M"`` keeps the top N of every M consecutive weights along the input dim (ranked by |W| for
-  l1/magnitude, by learned scores for topk/movement); ``mask_init``/``mask_scale`` for the score init (movement:
-  ``magnitude`` unless given, ``constant`` with scale 0 is the reference; soft movement: ``constant``);
+  l1/magnitude, by learned scores for topk/movement); ``mask_init``/``mask_scale`` for the score init (movement
+  and soft movement with ``threshold_control``: ``magnitude`` unless given, ``constant`` with scale 0 is the
+  reference; soft movement: ``constant``);
   ``initial_threshold``/``final_threshold``/``final_lambda`` for soft movement, and ``threshold_control`` (true:
   the sigmoid threshold is set every step to the global quantile that gives the cubic schedule's sparsity, ending
   at the groups' ``dense_ratio``, instead of whatever sparsity ``final_lambda`` happens to give).
@@ -295,7 +296,7 @@ def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
     _check_shared_keys(SPARSE_PRUNING, shared)
     cfg = SparsePruningConfig()
     _parse_common(cfg, shared)
-    if shared.get("mask_init") is None and cfg.canonical_method == "movement":
+    if shared.get("mask_init") is None and (cfg.canonical_method == "movement" or shared.get("threshold_control")):
         cfg.mask_init = "magnitude"  # zero-init scores collapse at short budgets (README "Movement pruning")
     sp = f"{cfg.key}.shared_parameters"
     cfg.initial_threshold = _number(shared.get("initial_threshold", 0.0), f"{sp}.initial_threshold", float, 0, 1)
