@@ -122,7 +122,8 @@ def check_schedule_reached(config: CompressionConfig, applied_steps: int, run_st
                 f"only {applied_steps} of the run's {run_steps} steps were applied (DeepSpeed "
                 f"skipped the others); measured sparsity {measured:.4f}")
     sparse = config.sparse_pruning
-    if sparse.enabled and sparse.canonical_method in ("magnitude", "movement") and sparse.groups:
+    exact = sparse.canonical_method in ("magnitude", "movement") or sparse.threshold_control
+    if sparse.enabled and exact and sparse.groups:
         target = 1.0 - max(g.dense_ratio for g in sparse.groups)
         if measured < target - 0.01:
             raise TrainingFailed(f"measured sparsity {measured:.4f} is below the schedule's target "
