@@ -105,7 +105,8 @@ class PruningArguments:
         "help": "Unstructured: magnitude, movement, soft_movement. Structured CAP-f: first_order (heads + FFN "
                 "neurons, iterative).", "choices": list(PRUNING_METHODS)})
     target_sparsity: float = field(default=0.9, metadata={
-        "help": "Fraction of encoder linear weights removed (soft movement: reached through --final_lambda; "
+        "help": "Fraction of encoder linear weights removed (soft movement with --no_threshold_control: reached "
+                "through --final_lambda; "
                 "first_order: fraction of heads and of FFN neurons removed)."})
     structured_step: float = field(default=0.1, metadata={
         "help": "first_order: pruned fraction added per stage (0.1 -> 10%%, 20%%, ... up to --target_sparsity)."})
@@ -117,14 +118,16 @@ class PruningArguments:
     final_threshold: float = field(default=0.1, metadata={"help": "Soft movement: final sigmoid threshold."})
     final_lambda: float = field(default=400.0, metadata={
         "help": "Soft movement: final L1 weight on sigmoid(scores)."})
-    threshold_control: bool = field(default=False, metadata={
+    threshold_control: bool = field(default=True, metadata={
         "help": "Soft movement: each step, set the sigmoid threshold to the global quantile (over all pruned "
                 "layers) that gives the cubic schedule's sparsity, ending at --target_sparsity; layers still get "
-                "different sparsities. Our addition: the reference ramps the threshold to --final_threshold and "
-                "reaches whatever sparsity --final_lambda gives, which moves with the task and the seed."})
+                "different sparsities, and the scores start from the magnitude prior. Our addition, on by "
+                "default. --no_threshold_control is the REFERENCE soft movement: the threshold ramps to "
+                "--final_threshold and the run reaches whatever sparsity --final_lambda gives, which moves with "
+                "the task and the seed."})
     mask_init: str | None = field(default=None, metadata={
-        "help": "Init of the learned scores. Default: magnitude for movement and for soft_movement with "
-                "--threshold_control, else constant for soft_movement. magnitude: "
+        "help": "Init of the learned scores. Default: magnitude for movement and soft_movement, constant for the "
+                "reference soft_movement (--no_threshold_control). magnitude: "
                 "S0 = --mask_scale * |W| / mean|W| per matrix, so the first masks are the magnitude masks and "
                 "movement moves weights in or out only as its evidence accumulates; it does not collapse at short "
                 "budgets. constant: every score = --mask_scale; '--mask_init constant' (scale 0) is the REFERENCE "
@@ -237,9 +240,6 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
         raise ArgumentError(f"--structured_step must be in (0, --target_sparsity], got {pargs.structured_step}")
     if pargs.epochs_per_stage < 1:
         raise ArgumentError(f"--epochs_per_stage must be >= 1, got {pargs.epochs_per_stage}")
-    if pargs.threshold_control and pargs.pruning_method != "soft_movement":
-        raise ArgumentError(f"--threshold_control sets soft movement's threshold; it needs --pruning_method "
-                            f"soft_movement, not {pargs.pruning_method}")
     if not 0.0 <= pargs.target_sparsity < 1.0:
         raise ArgumentError(f"--target_sparsity must be in [0, 1), got {pargs.target_sparsity}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -21,7 +21,6 @@ def args(*extra):
     (["--deepspeed", "/no/such.json", "--cap", "none"], "--deepspeed '/no/such.json': file not found"),
     (["--data_dir", "/no/such/dir", "--cap", "none"], "--data_dir '/no/such/dir' is not a directory"),
     (["--per_device_train_batch_size", "0", "--cap", "none"], "--per_device_train_batch_size must be >= 1"),
-    (["--threshold_control", "--cap", "none"], "--threshold_control .* needs --pruning_method soft_movement"),
 ])
 def test_flag_errors(flags, match):
     with pytest.raises(ArgumentError, match=match):
@@ -210,6 +209,8 @@ def test_schedules_that_cannot_work_are_refused_before_loading(tmp_path, model_p
 
 def test_soft_movement_score_init_default_follows_threshold_control():
     soft = ["--pruning_method", "soft_movement", "--cap", "none"]
-    assert args(*soft)[3].score_init == "constant"  # the reference init, its lambda calibration assumes it
-    assert args(*soft, "--threshold_control")[3].score_init == "magnitude"
-    assert args(*soft, "--threshold_control", "--mask_init", "constant")[3].score_init == "constant"
+    assert args(*soft)[3].threshold_control and args(*soft)[3].score_init == "magnitude"
+    # the reference soft movement: zero-init scores (its lambda calibration assumes them), threshold schedule
+    reference = args(*soft, "--no_threshold_control")[3]
+    assert not reference.threshold_control and reference.score_init == "constant"
+    assert args(*soft, "--mask_init", "constant")[3].score_init == "constant"

@@ -91,8 +91,8 @@ def test_cap_prune_end_to_end(teacher_dir, glue_dir, tmp_path):
 def test_soft_movement_logs_regulariser_and_reports_sparsity(teacher_dir, glue_dir, tmp_path):
     out = tmp_path / "soft"
     run([sys.executable, "cap_ds/train.py", "--teacher_name_or_path", str(teacher_dir / "final"), "--cap", "snc",
-         "--pruning_method", "soft_movement", "--final_lambda", "200", "--mask_scores_learning_rate", "0.3",
-         "--snapshot_steps", "5",
+         "--pruning_method", "soft_movement", "--no_threshold_control", "--final_lambda", "200",
+         "--mask_scores_learning_rate", "0.3", "--snapshot_steps", "5",
          "--data_dir", str(glue_dir), "--output_dir", str(out), "--max_steps", "20", *COMMON])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["snapshots"] == 3  # steps 5, 10, 15 (none at the last step)
@@ -108,7 +108,7 @@ def test_soft_movement_logs_regulariser_and_reports_sparsity(teacher_dir, glue_d
 def test_soft_movement_threshold_control_reaches_target_sparsity(teacher_dir, glue_dir, tmp_path):
     out = tmp_path / "soft_ctl"
     run([sys.executable, "cap_ds/train.py", "--teacher_name_or_path", str(teacher_dir / "final"),
-         "--pruning_method", "soft_movement", "--threshold_control", "--target_sparsity", "0.8",
+         "--pruning_method", "soft_movement", "--target_sparsity", "0.8",  # threshold control: the default
          "--final_lambda", "200", "--mask_scores_learning_rate", "0.3", "--data_dir", str(glue_dir),
          "--output_dir", str(out), "--max_steps", "20", *COMMON])
     metrics = json.loads((out / "metrics.json").read_text())
