@@ -89,15 +89,12 @@ def test_diverged_run_fails_without_publishing(glue_dir, model_path, tmp_path):
 
 
 def test_a_schedule_short_of_its_target_fails():
-    from types import SimpleNamespace
-
+    from cap_ds.args import PruningArguments
     from cap_ds.compression import check_schedule_reached, parse_compression_config
     from cap_ds.errors import TrainingFailed
     from cap_ds.pruning import sparse_section
 
-    pargs = SimpleNamespace(pruning_method="magnitude", target_sparsity=0.9, mask_init="magnitude",
-                            score_init="magnitude", mask_scale=None, final_threshold=0.1, final_lambda=0.0,
-                            prune_modules="encoder")
+    pargs = PruningArguments(pruning_method="magnitude", target_sparsity=0.9, prune_modules="encoder")
     cfg = parse_compression_config({"compression_training": sparse_section(pargs, 2, 6)})
     # DeepSpeed skipped 4 of the run's 8 steps
     with pytest.raises(TrainingFailed, match="did not reach its target.*ends at step 6 but only 4"):
