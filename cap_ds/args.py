@@ -142,10 +142,10 @@ class PruningArguments:
 
     @property
     def score_init(self) -> str:
-        """--mask_init, or the method's default: magnitude for movement, the reference constant for soft movement
-        (which does not collapse at short budgets, and whose --final_lambda calibration assumes zero-init scores),
-        magnitude for soft movement under --threshold_control (which prunes on the cubic schedule from its first
-        step, where zero-init scores collapse as movement's do)."""
+        """--mask_init, or the method's default: magnitude for movement and for soft movement under
+        --threshold_control (which prunes on the cubic schedule from the ramp's first step, where zero-init scores
+        collapse as movement's do); the reference constant for the reference soft movement (--no_threshold_control,
+        which prunes late enough not to collapse, and whose --final_lambda calibration assumes zero-init scores)."""
         if self.mask_init is not None:
             return self.mask_init
         return "constant" if self.pruning_method == "soft_movement" and not self.threshold_control else "magnitude"

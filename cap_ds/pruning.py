@@ -41,8 +41,7 @@ def sparse_section(pargs, offset: int, offset_end: int) -> dict[str, Any]:
             "schedule_offset_end": offset_end, "mask_init": pargs.score_init,
             "mask_scale": pargs.mask_scale,
             "final_threshold": pargs.final_threshold, "final_lambda": pargs.final_lambda,
-            **({"threshold_control": True} if pargs.threshold_control and pargs.pruning_method == "soft_movement"
-               else {}),
+            "threshold_control": pargs.threshold_control and pargs.pruning_method == "soft_movement",
         },
         "different_groups": {"sp1": {"params": {"dense_ratio": round(1.0 - pargs.target_sparsity, 10)},
                                      "modules": [pargs.prune_modules]}},

@@ -197,6 +197,18 @@ def test_soft_movement_threshold_control_resumes_its_threshold():
         init_compression(Tiny(), _section("soft_movement", threshold_control="yes"))
 
 
+def test_score_histogram_under_zero3_comes_from_the_last_forward():
+    layer = MaskedLinear.from_linear(nn.Linear(8, 8), "soft_movement")
+    layer.track_scores = True
+    assert int(layer.latest_score_histogram().sum()) == 64  # whole scores: histogram of the current ones
+    layer.mask_scores.ds_id = 0  # what ZeRO-3 puts on a partitioned parameter
+    assert layer.latest_score_histogram() is None  # no training forward yet
+    layer.train()
+    layer(torch.randn(2, 8))
+    assert int(layer.latest_score_histogram().sum()) == 64
+    assert layer.latest_score_histogram() is None  # consumed: one histogram per forward
+
+
 # ---- agreement with the reference code (HF emmental / CAP's UnstructuredPruning) and the magnitude score init
 def _reference_topk(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """emmental's TopKBinarizer: sort descending, keep the first int(threshold * numel)."""

@@ -250,10 +250,22 @@ class MaskedLinear(nn.Linear):
             weight = weight * head.repeat_interleave(self.head_size).unsqueeze(0)
         return weight
 
+    def _scores_partitioned(self) -> bool:
+        """ZeRO-3 holds the scores' data only inside this layer's forward."""
+        return hasattr(self.mask_scores, "ds_id")
+
     def score_histogram(self) -> torch.Tensor:
         """Counts of sigmoid(scores) in SCORE_HISTOGRAM_BINS equal bins over [0, 1] (soft movement)."""
         return torch.histc(torch.sigmoid(self.mask_scores.detach().float()), bins=SCORE_HISTOGRAM_BINS,
                            min=0.0, max=1.0)
+
+    def latest_score_histogram(self) -> torch.Tensor | None:
+        """The histogram of the current scores, or under ZeRO-3 the one stashed by the last training forward
+        (None if there was none); the stash is consumed."""
+        if not self._scores_partitioned():
+            return self.score_histogram()
+        hist, self.last_histogram = self.last_histogram, None
+        return hist
 
     def get_mask(self) -> torch.Tensor:
         """Combined keep-mask (sparse x row x head) over the weight, in the weight's dtype."""
@@ -273,7 +285,7 @@ class MaskedLinear(nn.Linear):
         if self.method == "soft_movement" and self.training:
             # Stashed here (inside forward) so the regulariser is ZeRO-3 safe: scores hold data only now.
             self.last_regularization = torch.sigmoid(self.mask_scores.float()).mean()
-            if self.track_scores and hasattr(self.mask_scores, "ds_id"):
+            if self.track_scores and self._scores_partitioned():
                 # ZeRO-3 scores are whole only in forward: stash what the scheduler's global threshold needs.
                 self.last_histogram = self.score_histogram()
         if not self.pruning_enabled:

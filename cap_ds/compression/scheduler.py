@@ -202,14 +202,11 @@ class CompressionScheduler(PruningSchedule):
 
     def _set_quantile_threshold(self) -> None:
         """The global threshold for the next step (histograms after this step's update, or of its forward)."""
-        hists = [m.last_histogram if hasattr(m.mask_scores, "ds_id") else m.score_histogram()
-                 for m in self.controlled]
+        hists = [m.latest_score_histogram() for m in self.controlled]
         if not hists or any(h is None for h in hists):
             return  # ZeRO-3 and no training forward since the last step: keep the threshold
         kept = self.scheduled_kept(self.training_steps + 1)
         self.soft_threshold = quantile_threshold(torch.stack(hists).sum(0), kept)
-        for m in self.controlled:
-            m.last_histogram = None
 
     def _apply(self) -> None:
         for module in self.modules.values():
