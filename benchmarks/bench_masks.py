@@ -11,7 +11,8 @@ cache on and off (``cap_ds.compression.layers.CACHE_MASKS``):
 Prints median ms and the ratios (off / on). Runs on CPU or CUDA (``--device``).
 
 ``--part topk`` times the exact top-k candidates (``CAP_DS_TOPK``: kthvalue + tie fix-up, torch.topk, stable
-sort; plus kthvalue/topk batched over equal-size layers) on BERT-base and RoBERTa-large layer shapes, round-robin.
+sort, the sync-free radix search; plus kthvalue/topk/radix batched over equal-size layers) on BERT-base and
+RoBERTa-large layer shapes, round-robin.
 
     python benchmarks/bench_masks.py --threads 2 --accum 2
     python benchmarks/bench_masks.py --part topk --threads 1 --keeps 0.1,0.5 [--device cuda --dtypes fp32,bf16]
@@ -59,12 +60,21 @@ def build(size: str, device: str):
 
 
 TOPK_SHAPES = {"tiny": ((64, 64), (64, 128)),
+               "minilm": ((384, 384), (384, 1536)),  # all-MiniLM-L6-v2, the CPU runs' model
                "base": ((768, 768), (768, 3072)),  # BERT-base: QKV/out, FFN (3072x768 has the same numel)
                "large": ((1024, 1024), (1024, 4096))}  # RoBERTa-large
 
 
+BATCHED_IMPLS = ("kthvalue", "topk", "radix")
+
+
 def batched_keep(scores: torch.Tensor, k: int, impl: str) -> torch.Tensor:
-    """Keep-masks of L equal-size layers at once ([L, n] -> [L, n] bool), same tie rule as per layer."""
+    """Keep-masks of L equal-size layers at once ([L, n] -> [L, n] bool), same tie rule as per layer (except
+    topk: torch's tie choice). radix is the library's batched path (the scheduler's prefill)."""
+    if impl == "radix":
+        from cap_ds.compression.topk import topk_keep_batched
+
+        return topk_keep_batched(scores, k)
     if impl == "topk":
         idx = torch.topk(scores, k, dim=1, sorted=False).indices
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
@@ -81,8 +91,9 @@ def timed_call(fn, values: torch.Tensor, k: int, impl: str, sync) -> None:
 def bench_topk(shape_sets: list[str], keeps: list[float], dtypes: list[str], device: str, reps: int,
                layers_batched: int) -> list[dict]:
     """Median ms per layer of every exact top-k candidate (cap_ds.compression.methods.TOPK_IMPLS), timed
-    round-robin, plus a batched kthvalue/topk over ``layers_batched`` equal-size layers (per-layer ms). Each row
-    says whether the candidate's mask equals the default's (exactness, checked on these random scores)."""
+    round-robin, plus batched kthvalue/topk/radix over ``layers_batched`` equal-size layers (per-layer ms). Each
+    row says whether the candidate's mask equals the tie rule's (kthvalue's; exactness, checked on these random
+    scores) and its time relative to torch.topk and to kthvalue."""
     from cap_ds.compression.methods import TOPK_IMPLS, num_kept, topk_keep
 
     gen = torch.Generator().manual_seed(0)
@@ -100,27 +111,28 @@ def bench_topk(shape_sets: list[str], keeps: list[float], dtypes: list[str], dev
 
                     fns = {impl: partial(timed_call, topk_keep, flat, k, impl, sync) for impl in TOPK_IMPLS}
                     fns.update({f"{impl}_batched{layers_batched}": partial(timed_call, batched_keep, stack, k, impl,
-                                                                           sync) for impl in ("kthvalue", "topk")})
+                                                                           sync) for impl in BATCHED_IMPLS})
                     t = interleaved(fns, reps, warmup=1)
                     same = {impl: bool(torch.equal(topk_keep(flat, k, impl), ref)) for impl in TOPK_IMPLS}
                     same.update({f"{impl}_batched{layers_batched}": bool(torch.equal(
-                        batched_keep(stack, k, impl)[0], ref)) for impl in ("kthvalue", "topk")})
+                        batched_keep(stack, k, impl)[0], ref)) for impl in BATCHED_IMPLS})
                     for name, sec in t.items():
                         per_layer = sec / layers_batched if "batched" in name else sec
                         rows.append(dict(bench="topk", device=device, size=size, shape=f"{shape[0]}x{shape[1]}",
                                          dtype=dname, keep=keep, candidate=name, ms=per_layer * 1e3,
-                                         vs_topk=per_layer / t["topk"],
+                                         vs_topk=per_layer / t["topk"], vs_kthvalue=per_layer / t["kthvalue"],
                                          equals_default=same[name]))
     return rows
 
 
 def print_topk(rows: list[dict], reps: int) -> None:
     print(f"Top-k keep-mask candidates, median ms per layer over {reps} interleaved rounds "
-          f"(vs_topk < 1: faster than torch.topk; batched rows are per layer)")
-    print(f"  {'shape':<10} {'dtype':<5} {'keep':>5} {'candidate':<20} {'ms':>9} {'vs topk':>8} {'mask == default':>15}")
+          f"(vs < 1: faster than torch.topk / kthvalue; batched rows are per layer)")
+    print(f"  {'shape':<10} {'dtype':<5} {'keep':>5} {'candidate':<20} {'ms':>9} {'vs topk':>8} {'vs kth':>8} "
+          f"{'mask == rule':>12}")
     for r in rows:
         print(f"  {r['shape']:<10} {r['dtype']:<5} {r['keep']:>5.2f} {r['candidate']:<20} {r['ms']:>9.2f} "
-              f"{r['vs_topk']:>7.2f}x {str(r['equals_default']):>15}")
+              f"{r['vs_topk']:>7.2f}x {r['vs_kthvalue']:>7.2f}x {str(r['equals_default']):>12}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--part", choices=["all", "cache", "topk"], default="all",
                     help="cache: mask cache on/off; topk: the top-k candidates; all: both")
     ap.add_argument("--topk_shapes", default=None,
-                    help="comma list of tiny, base, large (default: tiny for --size tiny, else base,large)")
+                    help="comma list of tiny, minilm, base, large (default: tiny for --size tiny, else base,large)")
     ap.add_argument("--keeps", default="0.1", help="top-k part: kept fractions, comma list")
     ap.add_argument("--dtypes", default="fp32", help="top-k part: fp32, bf16 (comma list)")
     ap.add_argument("--layers_batched", type=int, default=4, help="top-k part: equal-size layers per batched call")

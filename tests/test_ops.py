@@ -395,3 +395,44 @@ def test_auto_routes_cuda_to_the_expression(dtype, mode_env):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---------------------------------------------------------------- issue 22: W*M not kept for the backward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("learned", [True, False])
+def test_recomputed_masked_linear_matches_the_expression_and_keeps_no_masked_copy(dtype, learned):
+    from cap_ds.compression.methods import CachedBinarizer
+    from cap_ds.ops import recomputed_masked_linear
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 5, 48, generator=g).to(dtype)
+    w0 = torch.randn(40, 48, generator=g).to(dtype)
+    b0 = torch.randn(40, generator=g).to(dtype)
+    s0 = torch.randn(40, 48, generator=g).to(dtype)
+    keep = torch.rand(40, 48, generator=g) > 0.7
+    grad_out = torch.randn(3, 5, 40, generator=g).to(dtype)
+
+    def leaves():
+        return [t.clone().requires_grad_(True) for t in (x0, w0, b0, s0)]
+
+    x, w, b, s = leaves()
+    mask = CachedBinarizer.apply(s, keep.to(dtype)) if learned else keep.to(dtype)
+    ref = F.linear(x, w * mask, b)
+    ref.backward(grad_out)
+
+    x2, w2, b2, s2 = leaves()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = recomputed_masked_linear(x2, w2, b2, keep, s2 if learned else None)
+    out.backward(grad_out)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    assert torch.equal(out, ref)
+    for got, want in ((x2.grad, x.grad), (w2.grad, w.grad), (b2.grad, b.grad)):
+        torch.testing.assert_close(got, want, **tol)
+    if learned:
+        torch.testing.assert_close(s2.grad, s.grad, **tol)
+    else:
+        assert s2.grad is None
+    # Kept for the backward: the input, the weight itself and the boolean mask; no full-size copy in the weight's
+    # dtype (the expression keeps W*M and the mask cast to the weight's dtype).
+    assert {t.data_ptr() for t in saved} == {x2.data_ptr(), w2.data_ptr(), keep.data_ptr()}

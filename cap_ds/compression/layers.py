@@ -11,12 +11,14 @@ module's forward. Masks are built in the weight's dtype (bf16 safe); fixed masks
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import masked_linear
+from ..ops import kernel_wanted, masked_linear, recomputed_masked_linear
 from .methods import (
     HEAD_METHODS,
     ROW_METHODS,
@@ -24,6 +26,7 @@ from .methods import (
     CachedBinarizer,
     canonical_method,
     compute_mask,
+    num_kept,
     unit_mask,
 )
 
@@ -37,6 +40,16 @@ SCORE_HISTOGRAM_BINS = 1 << 16
 # Reuse a layer's sparse mask until its scheduler says weights, scores or thresholds changed (one top-k per layer and
 # optimizer step instead of one per forward: micro-steps, eval, bank and snapshot passes). Off: recompute each time.
 CACHE_MASKS = True
+
+# Layer -> (weakly) the scheduler method that fills many layers' mask caches with one batched top-k
+# (CompressionScheduler.prefill_masks); called at a layer's cache miss. Weak both ways: a copied or pickled model
+# carries none of it, and the layer then computes its own mask.
+_MASK_PREFILL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register_mask_prefill(module: MaskedLinear, prefill: Callable[[], None]) -> None:
+    """Let ``prefill`` (a bound method) fill ``module``'s mask cache, batched with other layers, at a cache miss."""
+    _MASK_PREFILL[module] = weakref.WeakMethod(prefill)
 
 
 def is_score_parameter(name: str) -> bool:
@@ -202,23 +215,69 @@ class MaskedLinear(nn.Linear):
         """Forget the cached sparse mask (weights, scores or the threshold changed)."""
         self._mask_cache = None
 
+    def _mask_cache_key(self) -> tuple:
+        """The key guards against a threshold or placement changed by hand; weights and scores only change at
+        optimizer steps, after which the scheduler invalidates the cache."""
+        return (self.threshold, self.block, self.weight.shape, self.weight.device)
+
+    def _mask_cached(self) -> bool:
+        return self._mask_cache is not None and self._mask_cache[0] == self._mask_cache_key()
+
+    def topk_request(self) -> tuple[int, int, torch.dtype, torch.device] | None:
+        """(entries, kept, dtype, device) of the top-k this layer's cached sparse mask still needs, when a batched
+        top-k may compute it instead (:meth:`store_mask`): unstructured magnitude/movement, cache on and stale,
+        weight and scores whole (not ZeRO-3 partitioned: those hold data only inside forward). Else None."""
+        if (self.method not in ("magnitude", "movement") or self.block is not None or not self.pruning_enabled
+                or not (CACHE_MASKS and self.mask_cache_enabled) or self.weight.numel() == 0
+                or hasattr(self.weight, "ds_id") or hasattr(self.mask_scores, "ds_id") or self._mask_cached()):
+            return None
+        values = self.weight if self.method == "magnitude" else self.mask_scores
+        return values.numel(), num_kept(values.numel(), self.threshold), values.dtype, values.device
+
+    @torch.no_grad()
+    def topk_values(self, out: torch.Tensor) -> torch.Tensor:
+        """Write what the sparse mask ranks (|W| for magnitude, the scores for movement), flattened, into ``out``."""
+        if self.method == "magnitude":
+            return torch.abs(self.weight.detach().reshape(-1), out=out)
+        return out.copy_(self.mask_scores.detach().reshape(-1))
+
+    def store_mask(self, keep: torch.Tensor) -> None:
+        """Cache ``keep`` (bool, the weight's numel) as this step's sparse mask, as :meth:`sparse_mask` would."""
+        self._mask_cache = (self._mask_cache_key(), keep.view(self.weight.shape))
+
+    def cached_keep(self) -> torch.Tensor | None:
+        """This step's boolean sparse mask from the per-step cache (filled by the scheduler's batched prefill or
+        computed here), or None when the cache is not in use (no sparse method, pruning off, cache off)."""
+        if self.method is None or not self.pruning_enabled or not (CACHE_MASKS and self.mask_cache_enabled) \
+                or self.weight.numel() == 0:
+            return None
+        if not self._mask_cached():
+            ref = _MASK_PREFILL.get(self)
+            prefill = ref() if ref is not None else None  # None too once its scheduler is gone
+            if prefill is not None:
+                prefill()  # may fill this layer's cache (and its size group's) with one batched top-k
+        if not self._mask_cached():
+            with torch.no_grad():
+                mask = compute_mask(self.method, self.weight, self.mask_scores, self.threshold, self.block)
+            self._mask_cache = (self._mask_cache_key(), mask.bool())
+        return self._mask_cache[1]
+
+    def _learning_scores(self) -> torch.Tensor | None:
+        """The scores the mask's straight-through gradient goes to in this forward, if any."""
+        if self.mask_scores is not None and self.mask_scores.requires_grad and torch.is_grad_enabled():
+            return self.mask_scores
+        return None
+
     def sparse_mask(self) -> torch.Tensor | None:
         if self.method is None or not self.pruning_enabled:
             return None
-        if not (CACHE_MASKS and self.mask_cache_enabled) or self.weight.numel() == 0:
+        keep = self.cached_keep()
+        if keep is None:
             return compute_mask(self.method, self.weight, self.mask_scores, self.threshold,
                                 self.block).to(self.weight.dtype)
-        # The key guards against a threshold or placement changed by hand; weights and scores only change at
-        # optimizer steps, after which the scheduler invalidates the cache.
-        key = (self.threshold, self.block, self.weight.shape, self.weight.device)
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            with torch.no_grad():
-                mask = compute_mask(self.method, self.weight, self.mask_scores, self.threshold, self.block)
-            self._mask_cache = (key, mask.bool())
-        mask = self._mask_cache[1].to(self.weight.dtype)
-        if self.mask_scores is not None and self.mask_scores.requires_grad and torch.is_grad_enabled():
-            return CachedBinarizer.apply(self.mask_scores, mask)
-        return mask
+        mask = keep.to(self.weight.dtype)
+        scores = self._learning_scores()
+        return CachedBinarizer.apply(scores, mask) if scores is not None else mask
 
     def row_mask(self) -> torch.Tensor | None:
         """[out] keep-mask over output rows, or None."""
@@ -291,6 +350,11 @@ class MaskedLinear(nn.Linear):
         if not self.pruning_enabled:
             return F.linear(input, self.weight, self.bias)
         if USE_KERNELS and self.row_method is None and self.head_method is None:
+            keep = self.cached_keep()
+            if keep is not None and not kernel_wanted(input) and not torch.is_autocast_enabled(input.device.type):
+                # The cached mask, and the straight-through gradient to the scores, without keeping W*M (nor
+                # the mask in the weight's dtype) from forward to backward (ops.RecomputedMaskedLinear).
+                return recomputed_masked_linear(input, self.weight, self.bias, keep, self._learning_scores())
             # Only a sparse mask: masked_linear routes x @ (W*M)^T + b to the cap_masked_gemm op where it wins
             # (same numbers; W*M not kept for the backward), else to F.linear(x, W*M, b).
             sparse = self.sparse_mask()

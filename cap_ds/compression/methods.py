@@ -2,17 +2,28 @@
 
 ``movement`` / ``topk`` and ``soft_movement`` learn scores through a straight-through estimator (STE): the
 mask's gradient is passed to the scores unchanged, so d loss / d score = (d loss / d W') * W (Sanh et al. 2020).
-Top-k selects with ``torch.kthvalue`` plus a tie fix-up by default (``TOPK_IMPLS``; never a full sort per forward:
-DeepSpeed's old binarizer sorted every forward).
+Top-k selection is exact, with one tie rule, and chosen per device type (``topk.py``: the sync-free ``radix``
+search by default, ``kthvalue`` for small CPU inputs; never a full sort per forward: DeepSpeed's old binarizer
+sorted every forward).
 N:M masks keep the top N of every M consecutive entries along the input dim (the last one).
 Structured masks (rows of a weight, groups of input columns = heads) rank a per-unit vector the same way.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .topk import (  # noqa: F401  (re-exported: the top-k candidates used to live here)
+    DEFAULT_TOPK,
+    DEFAULT_TOPK_OTHER,
+    ENV_TOPK,
+    SMALL_TOPK,
+    TOPK_IMPLS,
+    _keep_from_kth,
+    topk_impl,
+    topk_keep,
+    topk_keep_batched,
+)
 
 SCORE_METHODS = ("movement", "soft_movement")
 SPARSE_METHODS = ("magnitude", "movement", "soft_movement", "l1", "topk")
@@ -35,65 +46,9 @@ def num_kept(numel: int, keep_ratio: float) -> int:
     return min(numel, int(keep_ratio * numel + 1e-6))
 
 
-# How the top-k keep-mask is selected (issue 15). ``kthvalue`` and ``sort`` follow one tie rule on every device:
-# entries above the k-th largest value, then the LOWEST-INDEX entries equal to it until exactly k are kept (NaN ranks
-# above everything, as in torch.topk). ``topk`` is the previous code, torch.topk(sorted=False), kept selectable: it
-# keeps the same entries whenever no tie straddles the cut, but among tied entries its choice is whatever torch's
-# selection happens to leave (unspecified; on CPU neither the lowest nor the highest indices). Ties at the cut are
-# common with bf16 scores (8 mantissa bits), hence the rule. Default: the fastest exact candidate measured on CPU
-# (benchmarks/bench_masks.py --part topk, 1 thread under load: kthvalue 0.53-0.91x of torch.topk in fp32 on BERT-base
-# and RoBERTa-large layers, sort 5-9x; README); on GPUs not measured yet. CAP_DS_TOPK selects another.
-TOPK_IMPLS = ("kthvalue", "topk", "sort")
-ENV_TOPK = "CAP_DS_TOPK"
-DEFAULT_TOPK = "kthvalue"
-
-
-def topk_impl() -> str:
-    """The top-k candidate in force: ``CAP_DS_TOPK`` if set, else :data:`DEFAULT_TOPK`."""
-    raw = os.environ.get(ENV_TOPK, "").strip().lower()
-    if not raw:
-        return DEFAULT_TOPK
-    if raw not in TOPK_IMPLS:
-        raise ValueError(f"{ENV_TOPK}={raw!r} is not a top-k method; allowed: {', '.join(TOPK_IMPLS)}")
-    return raw
-
-
-def _keep_from_kth(flat: torch.Tensor, kth: torch.Tensor, k: int, host_sync: bool | None = None) -> torch.Tensor:
-    """Bool keep-mask of the k largest entries of ``flat`` given its k-th largest value (tie rule above).
-    ``host_sync`` (default: on CPU) allows reading counts on the host; the other branch gives the same mask."""
-    if flat.device.type == "cpu" if host_sync is None else host_sync:  # fix up only the ties, by index
-        ge = flat >= kth
-        surplus = int(ge.sum()) - k
-        if surplus == 0:  # no tie straddles the cut
-            return ge
-        if surplus > 0:  # drop the highest-index entries equal to the k-th value
-            tied = (flat == kth).nonzero().flatten()
-            return ge.index_fill_(0, tied[tied.numel() - surplus:], False)
-    # NaNs (never >= anything), or CUDA: the same rule without a host sync
-    nan, kth_nan = flat.isnan(), kth.isnan()
-    above = (flat > kth) | (nan & ~kth_nan)
-    tied = (flat == kth) | (nan & kth_nan)
-    return above | (tied & (tied.cumsum(0) <= k - above.sum()))
-
-
-def topk_keep(flat: torch.Tensor, k: int, impl: str | None = None) -> torch.Tensor:
-    """Bool mask over the 1-D ``flat`` keeping exactly ``k`` (0 < k < numel) largest entries with ``impl``."""
-    impl = impl or topk_impl()
-    n = flat.numel()
-    if impl == "kthvalue":
-        return _keep_from_kth(flat, torch.kthvalue(flat, n - k + 1).values, k)
-    if impl == "sort":
-        idx = torch.sort(flat, descending=True, stable=True).indices[:k]
-    elif impl == "topk":
-        idx = torch.topk(flat, k, sorted=False).indices
-    else:
-        raise ValueError(f"unknown top-k method {impl!r}; allowed: {', '.join(TOPK_IMPLS)}")
-    return torch.zeros(n, dtype=torch.bool, device=flat.device).index_fill_(0, idx, True)
-
-
 def topk_mask(values: torch.Tensor, keep_ratio: float, impl: str | None = None) -> torch.Tensor:
     """Mask (same dtype as ``values``) keeping exactly the ``num_kept`` largest entries (``impl``: see
-    :data:`TOPK_IMPLS`; default :func:`topk_impl`)."""
+    :data:`TOPK_IMPLS`; default :func:`topk_impl` for ``values``' device type)."""
     k = num_kept(values.numel(), keep_ratio)
     if k >= values.numel():
         return torch.ones_like(values)

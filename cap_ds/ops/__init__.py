@@ -17,15 +17,18 @@ from types import ModuleType
 import torch
 
 from .masked_linear import (
+    kernel_wanted,
     masked_kernel_mode,
     masked_linear,
     masked_linear_reference,
+    recomputed_masked_linear,
     set_masked_kernel_mode,
     use_kernel,
 )
 
-__all__ = ["kernels_enabled", "load_kernels", "kernels_available", "kernels_support", "masked_kernel_mode",
-           "masked_linear", "masked_linear_reference", "set_masked_kernel_mode", "use_kernel"]
+__all__ = ["kernel_wanted", "kernels_enabled", "load_kernels", "kernels_available", "kernels_support", "masked_kernel_mode",
+           "masked_linear", "masked_linear_reference", "recomputed_masked_linear", "set_masked_kernel_mode",
+           "use_kernel"]
 
 logger = logging.getLogger(__name__)
 

@@ -88,6 +88,49 @@ class MaskedLinearFunction(torch.autograd.Function):
         return dx, dw, dm, db, None
 
 
+class RecomputedMaskedLinear(torch.autograd.Function):
+    """``F.linear(x, W * keep, b)`` for a boolean ``keep`` mask, with the straight-through gradient to ``scores``
+    (dL/dscores = dL/d(W*M) * W, what ``CachedBinarizer`` passes on), keeping only ``x``, ``W`` and the boolean mask
+    for the backward.
+
+    Autograd through the expression keeps W*M (a full-size copy of every masked weight, in its dtype) and the mask
+    converted to the weight's dtype from forward to backward; here W*M is a temporary of the forward and is built
+    again in the backward (one extra elementwise multiply per layer), and the mask is the layer's cached one (one
+    byte per entry, held anyway). Gradients are those of the expression (the same products and sums)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
+                scores: torch.Tensor | None) -> torch.Tensor:
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, keep)
+        return F.linear(x, weight * keep, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, keep = ctx.saved_tensors
+        want_x, want_w, want_b, _, want_s = ctx.needs_input_grad
+        dx = dw = db = ds = None
+        if want_x:
+            dx = grad.matmul(weight * keep)
+        if want_w or want_s:
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            d_masked = g2.t().mm(x2)  # dL/d(W*M)
+            if want_s:
+                ds = d_masked * weight
+            if want_w:
+                dw = d_masked.mul_(keep)
+        if want_b and ctx.has_bias:
+            db = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return dx, dw, db, None, ds
+
+
+def recomputed_masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
+                             scores: torch.Tensor | None = None) -> torch.Tensor:
+    """:class:`RecomputedMaskedLinear` (``scores``: the learned scores the mask came from, None for a fixed mask).
+    Not under autocast (it would not recast inside): callers keep the expression there."""
+    return RecomputedMaskedLinear.apply(x, weight, bias, keep, scores)
+
+
 def _kernel_usable(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or mask.shape != weight.shape:
         return False
@@ -99,6 +142,13 @@ def _kernel_usable(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bi
         return False
     # Autocast would re-cast inside the op; keep its exact behaviour by using the PyTorch expression.
     return not torch.is_autocast_enabled(x.device.type)
+
+
+def kernel_wanted(x: torch.Tensor) -> bool:
+    """Whether the mode asks for the kernel on ``x``'s device and dtype (``on``, or ``auto`` where it wins), before
+    checking that it applies: masked layers otherwise take :func:`recomputed_masked_linear`."""
+    mode = masked_kernel_mode()
+    return mode == "on" or (mode == "auto" and kernel_wins(x.device.type, x.dtype))
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
