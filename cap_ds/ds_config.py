@@ -70,6 +70,16 @@ def warn_unknown_keys(cfg: dict[str, Any], path: str | Path) -> list[str]:
     return unknown
 
 
+def computes_in_bf16(cfg: dict[str, Any]) -> bool:
+    """True when the student computes in bf16: DeepSpeed's ``bf16`` mode (bf16 weights, fp32 master copy) or
+    ``torch_autocast`` with bfloat16 (fp32 weights, bf16 matmuls). A frozen teacher then runs in bf16 too."""
+    if isinstance(cfg.get("bf16"), dict) and cfg["bf16"].get("enabled") is True:
+        return True
+    autocast = cfg.get("torch_autocast")
+    return isinstance(autocast, dict) and autocast.get("enabled") is True and \
+        str(autocast.get("dtype", "")).removeprefix("torch.") in ("bfloat16", "bf16")
+
+
 def check_diagnostic(cfg: dict[str, Any], grad_norm_steps: int, path: str | Path | None) -> None:
     """``--grad_norm_steps`` reads whole parameters on every rank: not under ZeRO stage 3."""
     if grad_norm_steps and cfg.get("zero_optimization", {}).get("stage", 0) == 3:

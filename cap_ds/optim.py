@@ -1,7 +1,9 @@
 """The student's optimizer: AdamW over three parameter groups (decayed weights, undecayed biases/LayerNorm, pruning
 scores with their own LR and no decay), built to suit the DeepSpeed config.
 
-- no ``optimizer`` section, optimizer state on the device: ``torch.optim.AdamW``;
+- no ``optimizer`` section, optimizer state on the device: ``torch.optim.AdamW``, ``fused=True`` on CUDA (one
+  multi-tensor kernel per step, no host sync, nothing to build, unlike DeepSpeed's JIT-compiled FusedAdam, which
+  only DeepSpeed's fp16 stage-0 wrapper needs), ``foreach=True`` elsewhere;
 - ``zero_optimization.offload_optimizer`` (ZeRO-Offload): DeepSpeed's ``DeepSpeedCPUAdam`` (DeepSpeed refuses a
   client torch optimizer there), AdamW mode, same groups;
 - an ``optimizer`` section: DeepSpeed builds the optimizer it names from the section, over the same groups
@@ -45,16 +47,33 @@ def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
     return str(offload.get("device", "none")).lower() in ("cpu", "nvme")
 
 
-def build_optimizer(groups: list[dict], ds_config: dict[str, Any], lr: float,
-                    eps: float) -> tuple[torch.optim.Optimizer | None, list[dict] | None]:
-    """``(optimizer, model_parameters)`` for ``deepspeed.initialize``: one of them is None."""
+def adamw_implementation(device_type: str) -> dict[str, bool]:
+    """torch AdamW's implementation for optimizer state on ``device_type``. CUDA: the fused kernel (one launch per
+    dtype/device over every tensor, no host read; torch's own CUDA default is foreach, several launches per update
+    term). Elsewhere foreach: bit-identical to torch's per-tensor CPU default, so CPU results do not move (the fused
+    CPU kernel was ~4x faster on a CPU micro-benchmark but rounds differently, ~5e-7)."""
+    return {"fused": True} if device_type == "cuda" else {"foreach": True}
+
+
+def accelerator_type() -> str:
+    """The device type DeepSpeed will put the engine on (``cuda``, ``cpu``, ...)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def build_optimizer(groups: list[dict], ds_config: dict[str, Any], lr: float, eps: float,
+                    device_type: str | None = None) -> tuple[torch.optim.Optimizer | None, list[dict] | None]:
+    """``(optimizer, model_parameters)`` for ``deepspeed.initialize``: one of them is None. ``device_type``: where
+    the optimizer state will live (default: DeepSpeed's accelerator); picks the AdamW implementation."""
     if "optimizer" in ds_config:
         return None, groups  # DeepSpeed builds the section's optimizer over our groups
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, eps=eps, weight_decay=0.0, adamw_mode=True), None
-    return torch.optim.AdamW(groups, lr=lr, eps=eps), None
+    kernel = adamw_implementation(device_type or accelerator_type())
+    return torch.optim.AdamW(groups, lr=lr, eps=eps, **kernel), None
 
 
 def optimizer_name(engine) -> str:
