@@ -33,3 +33,11 @@ def run_checked(cmd: list[str], env: dict[str, str] | None = None) -> None:
                           text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def split_train_argv(argv: list[str], usage: str) -> tuple[list[str], list[str]]:
+    """(tool flags, train.py flags) of a ``TOOL [flags] -- <train.py flags>`` command line (in-process tools)."""
+    if "--" not in argv:
+        raise SystemExit(f"usage: {usage}")
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]

@@ -89,6 +89,10 @@ class RunArguments:
     max_nonfinite_steps: int = field(default=10, metadata={
         "help": "Consecutive optimizer steps with a NaN/inf loss, or skipped by DeepSpeed, that are tolerated; one "
                 "more stops the run as failed (train_state.json status failed, non-zero exit, no final/)."})
+    check_steps: int = field(default=10, metadata={
+        "help": "Read the ranks' agreed stop request and non-finite-step count every N optimizer steps (and at "
+                "every logging, eval, snapshot and save step): a signal or a divergence is acted on within N "
+                "steps; between checks a step makes no host sync of its own."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes per rank."})
     disable_tqdm: bool = field(default=False, metadata={
         "help": "No progress bars (they are off anyway when stderr is not a terminal; log lines report progress)."})
@@ -234,8 +238,9 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
                  "dataloader_num_workers"):
         if getattr(rargs, name) < 0:
             raise ArgumentError(f"--{name} must be >= 0, got {getattr(rargs, name)}")
-    if rargs.logging_steps == 0:
-        raise ArgumentError("--logging_steps must be >= 1, got 0")
+    for name in ("logging_steps", "check_steps"):
+        if getattr(rargs, name) < 1:
+            raise ArgumentError(f"--{name} must be >= 1, got {getattr(rargs, name)}")
     if pargs.pruning_method == "first_order" and not 0.0 < pargs.structured_step <= max(pargs.target_sparsity, 1e-9):
         raise ArgumentError(f"--structured_step must be in (0, --target_sparsity], got {pargs.structured_step}")
     if pargs.epochs_per_stage < 1:

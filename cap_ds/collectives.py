@@ -72,6 +72,18 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
+@torch.no_grad()
+def all_gather_equal(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 tensors of the SAME shape on every rank (detached): one collective and no size
+    exchange, so no host read (the training step's path: every rank has the same batch and extra-sample sizes)."""
+    if not is_distributed():
+        return tensor.detach()
+    tensor = tensor.detach().contiguous()
+    out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor)
+    return out
+
+
 def gather_offset(local_count: int, device: torch.device | None = None) -> int:
     """Position of this rank's first row in an ``all_gather_cat`` of per-rank blocks of ``local_count`` rows."""
     if not is_distributed():
@@ -118,6 +130,14 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+@torch.no_grad()
+def max_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks, in place on the tensor's own device (no host read; identity at world 1)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def min_over_ranks(value: int, device: torch.device | str = "cpu") -> int:

@@ -471,10 +471,6 @@ class GlueCollator:
         return batch
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The collated batch minus what the model must not see (``idx`` for banks, ``labels`` for our losses)."""
     return {k: v for k, v in batch.items() if k not in ("idx", "labels")}
@@ -494,13 +490,14 @@ class Loaders:
 
 def make_loaders(train_ds: datasets.Dataset, eval_ds: datasets.Dataset, collate: GlueCollator, *, rank: int,
                  world: int, seed: int, train_batch: int, eval_batch: int, num_workers: int,
-                 importance: bool) -> Loaders:
+                 importance: bool, pin_memory: bool = False) -> Loaders:
     """Every loader is seeded with its own generator: creating a loader iterator must not draw from the global RNG
-    (dropout), or a resumed run would diverge from an uninterrupted one."""
+    (dropout), or a resumed run would diverge from an uninterrupted one. ``pin_memory`` (on CUDA) lets batches
+    reach the device by asynchronous copies (``transfer.to_device``)."""
 
     def loader(ds: datasets.Dataset, batch: int, sampler) -> DataLoader:
         return DataLoader(ds, batch_size=batch, sampler=sampler, generator=torch.Generator().manual_seed(seed),
-                          collate_fn=collate, num_workers=num_workers)
+                          collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory)
 
     n = len(train_ds)
     return Loaders(

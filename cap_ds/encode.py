@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader
 from .cap import MemoryBank, Shard, ShardSampler, encode_dataset
 from .checkpoint import rng_state, set_rng_state
 from .collectives import all_gather_cat
-from .data import TaskSpec, compute_metrics, model_inputs, to_device
+from .data import TaskSpec, compute_metrics, model_inputs
 from .errors import TrainingFailed, UserError
 from .models import SentenceVectorHook
 from .monitor import RunLog
 from .signals import StopRequested, StopSignals
 from .teachers import teacher_engine
+from .transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: TaskSpec, device:
         all_logits.append(logits)
         all_labels.append(batch["labels"].float())
     model.train(was_training)
-    idx = torch.cat(all_idx)
+    idx = torch.cat(all_idx).to(device)  # the gather runs on the backend's device
     logits = torch.cat(all_logits)
     labels = torch.cat(all_labels)
     # DistributedSampler pads shards to equal length; gather, then dedupe by idx below.

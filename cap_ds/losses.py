@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .cap import CapObjective, Shard, kd_loss
 from .data import TaskSpec, model_inputs
 from .models import SentenceVectorHook
+from .transfer import host_to_device
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ class TrainingLoss:
             if self.live_teacher is not None:
                 with torch.no_grad():
                     t_logits = self.live_teacher(**model_inputs(batch)).logits
-            else:
-                t_logits = self.teacher_logits.index_select(0, self.shard.local_rows(idx)).to(logits.device)
+            else:  # cached on the host: rows picked there by the host-side idx, copied without a sync
+                t_logits = host_to_device(self.teacher_logits.index_select(0, self.shard.local_rows(idx)),
+                                          logits.device)
             terms["kd"] = kd_loss(logits, t_logits, self.kd_temperature, self.task.is_regression)
             parts["kd"] = self.kd_weight * terms["kd"]
         if self.objective is not None:
@@ -65,9 +67,19 @@ class TrainingLoss:
                 terms["regularizer"] = parts["regularizer"] = reg
         return parts, terms
 
-    def __call__(self, batch: dict[str, torch.Tensor], forward) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss (through ``forward``, e.g. the engine) and the raw value of every term."""
+    def __call__(self, batch: dict[str, torch.Tensor], forward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss (through ``forward``, e.g. the engine) and the raw value of every term, detached and still
+        on the device: reading them is a host sync, so the loop reads them only at logging steps
+        (:func:`read_terms`)."""
         parts, terms = self.parts(batch, forward)
         loss = sum(parts.values())
         terms["loss"] = loss
-        return loss, {k: float(v.detach()) for k, v in terms.items()}
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def read_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The terms as floats through one device-to-host copy (one sync instead of one per term)."""
+    if not terms:
+        return {}
+    values = torch.stack([v.reshape(()).float() for v in terms.values()]).tolist()
+    return dict(zip(terms, values))

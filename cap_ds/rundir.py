@@ -31,7 +31,7 @@ RUN_FILES = ("checkpoints", "final", "metrics.json", "train_state.json", "eval_l
 MAY_CHANGE_ON_RESUME = frozenset({
     "output_dir", "overwrite_output_dir", "resume", "local_rank", "max_steps", "num_train_epochs",
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "disable_tqdm", "dataloader_num_workers",
-    "per_device_eval_batch_size", "grad_norm_steps", "max_nonfinite_steps",
+    "per_device_eval_batch_size", "grad_norm_steps", "max_nonfinite_steps", "check_steps",
     "deepspeed",  # its path: the content is compared instead
 })
 PATH_FLAGS = ("model_name_or_path", "teacher_name_or_path", "data_dir")

@@ -1,9 +1,10 @@
 """Stop requests: SIGTERM, SIGUSR1 (Slurm's pre-timeout warning, preemption) and SIGINT (Ctrl-C).
 
-A signal never kills a rank mid-write. It sets a flag that the training loop reads at the next optimizer step
-(every rank agrees through one all-reduce, then all write a checkpoint and stop), and that the long passes
-without a step (bank encodes, SnC snapshots, CAP-f importance) read after each batch: those stop with
-:class:`StopRequested` within a batch, discarding the partial pass (it is redone on resume). A second Ctrl-C
+A signal never kills a rank mid-write. It sets a flag that the training loop agrees on at every optimizer step
+and acts on at its next check (within ``--check_steps`` steps, ``agreement.py``: then every rank writes a
+checkpoint and stops), and that the long passes without a step (bank encodes, SnC snapshots, CAP-f importance)
+read after each batch: those stop with :class:`StopRequested` within a batch, discarding the partial pass (it is
+redone on resume). A second Ctrl-C
 interrupts at once. Exit code after a stop: 0 for SIGTERM/SIGUSR1 (preempted, resumable), 130 for SIGINT.
 """
 
@@ -55,11 +56,17 @@ class StopSignals:
     def exit_code(self) -> int:
         return 130 if self.signum == signal.SIGINT else 0
 
+    def request_from_peer(self) -> None:
+        """Another rank was signalled: stop like it (exit code of a SIGTERM)."""
+        if self.signum is None:
+            self.signum = signal.SIGTERM
+
     def agreed(self, device: torch.device | str = "cpu") -> bool:
-        """True on every rank when any rank was signalled (a collective at world size > 1)."""
+        """True on every rank when any rank was signalled (a collective and a host read: used between passes;
+        the training loop agrees on the device instead, ``agreement.py``)."""
         agreed = any_rank(self.requested, device)
-        if agreed and self.signum is None:
-            self.signum = signal.SIGTERM  # another rank was signalled
+        if agreed:
+            self.request_from_peer()
         return agreed
 
     def pass_check(self, num_batches: int, device: torch.device | str = "cpu"):

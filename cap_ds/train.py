@@ -38,7 +38,13 @@ from cap_ds.collectives import barrier, destroy_world, init_world
 from cap_ds.compression import CompressionConfigError, sparsity_report
 from cap_ds.data import GlueCollator, get_task, load_glue_split, make_loaders, tokenize_dataset
 from cap_ds.diagnostics import GradientDiagnostic
-from cap_ds.ds_config import DeepSpeedConfigError, build_ds_config, check_diagnostic, warn_unknown_keys
+from cap_ds.ds_config import (
+    DeepSpeedConfigError,
+    build_ds_config,
+    check_diagnostic,
+    computes_in_bf16,
+    warn_unknown_keys,
+)
 from cap_ds.encode import Encoder, Snapshots, fill_prc, restrict_encoded_rows, teacher_outputs
 from cap_ds.errors import TrainingFailed, UserError
 from cap_ds.export import export_pretrained
@@ -113,7 +119,7 @@ def run(margs, dargs, rargs, pargs, cargs, pre, stop, world: int, rank: int, sho
     loaders = make_loaders(train_ds, eval_ds, GlueCollator(tokenizer, is_regression=task.is_regression), rank=rank,
                            world=world, seed=rargs.seed, train_batch=rargs.per_device_train_batch_size,
                            eval_batch=rargs.per_device_eval_batch_size, num_workers=rargs.dataloader_num_workers,
-                           importance=structured)
+                           importance=structured, pin_memory=torch.cuda.is_available())
     ds_config, compression = build_ds_config(
         rargs.deepspeed, micro_batch=rargs.per_device_train_batch_size, grad_accum=rargs.gradient_accumulation_steps,
         world_size=world, max_grad_norm=rargs.max_grad_norm, output_dir=rargs.output_dir,
@@ -171,7 +177,7 @@ def run(margs, dargs, rargs, pargs, cargs, pre, stop, world: int, rank: int, sho
         teacher, resume=resume, encoder=encoder, banks=banks, eval_loader=loaders.evaluate, task=task,
         sentence_vector=margs.sentence_vector, live=live, cache_logits=kd_weight > 0 and not live,
         offload=cargs.teacher_offload, micro_batch=rargs.per_device_eval_batch_size,
-        bf16=bool(ds_config.get("bf16", {}).get("enabled", False)))
+        bf16=computes_in_bf16(ds_config))
     teacher = None  # a cached teacher is released here
     if resume is None:
         fill_prc(encoder, banks, engine.module, hook)
@@ -189,7 +195,7 @@ def run(margs, dargs, rargs, pargs, cargs, pre, stop, world: int, rank: int, sho
         total_steps=plan.total_steps, num_epochs=plan.num_epochs, snapshot_steps=cargs.snapshot_steps,
         snapshot_epochs=not structured, snapshot_mode=cargs.snapshot_mode, logging_steps=rargs.logging_steps,
         eval_steps=rargs.eval_steps, save_steps=rargs.save_steps, log_sparsity=prune, show_progress=show_progress,
-        max_nonfinite_steps=rargs.max_nonfinite_steps)
+        max_nonfinite_steps=rargs.max_nonfinite_steps, check_steps=rargs.check_steps)
     trainer = CapTrainer(
         engine=engine, task=task, train_loader=loaders.train, eval_loader=loaders.evaluate, settings=settings,
         loss=loss, log=log, scalars=scalars, shard=shard, schedule=schedule, snapshots=snapshots,

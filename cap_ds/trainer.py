@@ -9,7 +9,6 @@ state all come in through the constructor. It calls concepts; none of them impor
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,16 +18,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .agreement import StepAgreement
 from .cap import Shard
 from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .collectives import any_rank, world_size
+from .collectives import world_size
 from .compression import PruningSchedule
-from .data import TaskSpec, to_device
+from .data import TaskSpec
 from .encode import Snapshots, evaluate
 from .errors import TrainingFailed
-from .losses import TrainingLoss
+from .losses import TrainingLoss, read_terms
 from .monitor import RunLog, ScalarLogger
 from .signals import StopRequested, StopSignals
+from .transfer import to_device
 
 __all__ = ["CapTrainer", "LoopSettings", "StepCallback", "TrainingFailed"]
 
@@ -50,6 +51,7 @@ class LoopSettings:
     log_sparsity: bool = False
     show_progress: bool = True
     max_nonfinite_steps: int = 10  # consecutive NaN/inf-loss or skipped steps tolerated before failing
+    check_steps: int = 10  # read the agreed stop / non-finite state every N steps (and at every other sync point)
 
 
 class StepCallback(Protocol):
@@ -88,6 +90,7 @@ class CapTrainer:
         self.nonfinite_run = 0  # consecutive optimizer steps with a non-finite loss or skipped by DeepSpeed
         if resume is not None:
             self._load_state_dict(resume)
+        self.agreement = StepAgreement(self.device, self.nonfinite_run)
 
     @property
     def device(self) -> torch.device:
@@ -104,7 +107,6 @@ class CapTrainer:
         window_t0, window_examples = time.perf_counter(), 0
         last_eval: dict[str, float] = {}
         start_epoch, skip = self.epoch, self.batch_in_epoch
-        step_nonfinite = False
         if self.pending_snapshot:  # a resumed run whose last step's snapshot was interrupted
             try:
                 self._snapshot()
@@ -131,8 +133,10 @@ class CapTrainer:
                     for callback in self.callbacks:
                         callback.before_step(batch, self.global_step + 1)
                     t0 = time.perf_counter()  # not part of the step time
+                # A steady step reads nothing from the device: the terms stay there until a logging step and
+                # the loop's checks are agreed on the device (agreement.py), read every check_steps.
                 loss, terms = self.loss(batch, engine)
-                step_nonfinite = step_nonfinite or not math.isfinite(terms["loss"])
+                self.agreement.add_loss(loss)
                 engine.backward(loss)
                 before = engine.global_steps
                 engine.step()
@@ -145,26 +149,34 @@ class CapTrainer:
                 self.global_step += 1
                 self.log.step_timer.end_step()
                 progress.update(1)
-                self._check_step_finite(step_nonfinite, terms["loss"])
-                step_nonfinite = False
-                if self.schedule is not None and engine.was_step_applied():
+                applied = engine.was_step_applied()
+                self.agreement.end_step(skipped=not applied, stop_requested=self.stop.requested)
+                if self.schedule is not None and applied:
                     self.schedule.step()
-                if self.global_step % s.logging_steps == 0 or self.global_step == s.total_steps:
-                    self._log_train(terms, window_examples / max(time.perf_counter() - window_t0, 1e-9))
-                    progress.set_postfix(loss=f"{terms['loss']:.4f}")
+                logging_step = self.global_step % s.logging_steps == 0 or self.global_step == s.total_steps
+                eval_step = bool(s.eval_steps) and self.global_step % s.eval_steps == 0
+                snapshot_step = self.snapshots is not None and bool(s.snapshot_steps) \
+                    and self.global_step % s.snapshot_steps == 0 and self.global_step < s.total_steps
+                save_step = bool(s.save_steps) and self.global_step % s.save_steps == 0 \
+                    and self.global_step < s.total_steps
+                stop = False
+                if self.global_step % s.check_steps == 0 or logging_step or eval_step or snapshot_step or save_step:
+                    stop = self._check_agreed()
+                if logging_step:
+                    values = self._log_train(terms, window_examples / max(time.perf_counter() - window_t0, 1e-9))
+                    progress.set_postfix(loss=f"{values['loss']:.4f}")
                     window_t0, window_examples = time.perf_counter(), 0
-                if s.eval_steps and self.global_step % s.eval_steps == 0:
+                if eval_step:
                     last_eval = self._eval_and_log()
-                if self.snapshots is not None and s.snapshot_steps and self.global_step % s.snapshot_steps == 0 \
-                        and self.global_step < s.total_steps:
+                if snapshot_step:
                     try:
                         self._snapshot()
                     except StopRequested:
                         self.pending_snapshot = True
                         return self._preempt(progress, last_eval)
-                if self.stop.agreed(self.device):
+                if stop:
                     return self._preempt(progress, last_eval)
-                if s.save_steps and self.global_step % s.save_steps == 0 and self.global_step < s.total_steps:
+                if save_step:
                     self.save_checkpoint()
             if not s.eval_steps and self.global_step > 0:
                 last_eval = self._eval_and_log()
@@ -192,7 +204,9 @@ class CapTrainer:
         self.log.examples_seen += examples
         self.log.step_timer.add_micro(seconds, examples)
 
-    def _log_train(self, terms: dict[str, float], examples_per_second: float) -> None:
+    def _log_train(self, step_terms: dict[str, torch.Tensor], examples_per_second: float) -> dict[str, float]:
+        """Read the last step's loss terms (one host read) and log them with the schedule's scalars."""
+        terms = read_terms(step_terms)
         terms["examples_per_second"] = examples_per_second
         terms["lr"] = self.engine.get_lr()[0]
         if self.schedule is not None:
@@ -201,23 +215,26 @@ class CapTrainer:
             terms["sparsity"] = self.schedule.sparsity()
         self.scalars.log("Train", terms, self.global_step)
         self.log.history.append({"step": self.global_step, **terms})
+        return terms
 
-    def _check_step_finite(self, step_nonfinite: bool, loss: float) -> None:
-        """Count consecutive optimizer steps whose loss was NaN/inf on any rank or that DeepSpeed skipped; fail
-        past ``max_nonfinite_steps`` (every rank agrees: one all-reduce)."""
-        if not any_rank(step_nonfinite or not self.engine.was_step_applied(), self.device):
-            self.nonfinite_run = 0
-            return
-        self.nonfinite_run += 1
-        if self.is_rank0:
-            logger.warning("step %d: loss %s%s (%d consecutive)", self.global_step, loss,
-                           "" if self.engine.was_step_applied() else ", step skipped by DeepSpeed", self.nonfinite_run)
-        if self.nonfinite_run > self.s.max_nonfinite_steps:
+    def _check_agreed(self) -> bool:
+        """Read the agreed state (one host read): warn about and count non-finite or skipped steps, fail past
+        ``max_nonfinite_steps`` consecutive ones; True when a stop was requested on any rank."""
+        agreed = self.agreement.read()
+        self.nonfinite_run = agreed.run
+        if agreed.worst_run and self.is_rank0:
+            logger.warning("step %d: up to %d consecutive optimizer steps since the last check had a NaN/inf loss or "
+                           "were skipped by DeepSpeed (%d now; last loss %s)", self.global_step, agreed.worst_run,
+                           agreed.run, agreed.loss)
+        if agreed.worst_run > self.s.max_nonfinite_steps:
             raise TrainingFailed(
-                f"training diverged: {self.nonfinite_run} consecutive optimizer steps up to step {self.global_step} "
-                f"had a NaN/inf loss or were skipped by DeepSpeed (last loss {loss}); lower --learning_rate (now "
-                f"{self.engine.get_lr()[0]:g} at this step) or check the data; --max_nonfinite_steps "
+                f"training diverged: {agreed.worst_run} consecutive optimizer steps up to step {self.global_step} "
+                f"had a NaN/inf loss or were skipped by DeepSpeed (last loss {agreed.loss}); lower --learning_rate "
+                f"(now {self.engine.get_lr()[0]:g} at this step) or check the data; --max_nonfinite_steps "
                 f"{self.s.max_nonfinite_steps} is how many such steps are tolerated")
+        if agreed.stop and self.stop.signum is None:
+            self.stop.request_from_peer()
+        return agreed.stop
 
     def _preempt(self, progress, last_eval: dict[str, float]) -> dict[str, float]:
         """Stop on a signal: checkpoint the current step (every rank) and leave the loop."""

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from cap_ds.cap import ShardSampler
 from cap_ds.compression import PruningSchedule
 from cap_ds.data import get_task
+from cap_ds.errors import TrainingFailed
 from cap_ds.losses import TrainingLoss
 from cap_ds.monitor import RunLog
 from cap_ds.signals import StopSignals
@@ -37,6 +38,7 @@ class FakeEngine:
         self.module, self.accum, self.device = module, accum, torch.device("cpu")
         self.global_steps = self.micro_steps = 0
         self.optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        self.skipped: set[int] = set()  # optimizer steps reported as skipped (what an fp16 overflow does)
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -61,7 +63,7 @@ class FakeEngine:
         return self.accum
 
     def was_step_applied(self) -> bool:
-        return True
+        return self.global_steps not in self.skipped
 
     def get_lr(self) -> list[float]:
         return [0.1]
@@ -178,15 +180,65 @@ def test_eval_at_every_epoch_end_without_eval_steps():
 
 def test_a_stop_request_checkpoints_the_current_step_and_leaves():
     stop = StopSignals()
-    trainer, schedule, _, checkpointer = make_trainer(callbacks=[StopAt(stop, step=3)], stop=stop, save_steps=100)
+    trainer, schedule, _, checkpointer = make_trainer(callbacks=[StopAt(stop, step=3)], stop=stop, save_steps=100,
+                                                      check_steps=1)
     trainer.train()
     assert trainer.preempted and trainer.global_step == 3 and schedule.steps == 3
     assert checkpointer.saved == ["step3"]
 
 
+@pytest.mark.parametrize(("signal_at", "stops_at"), [(3, 4), (4, 4), (5, 8)])
+def test_a_stop_request_is_acted_on_at_the_next_check(signal_at, stops_at):
+    """Between checks a step reads nothing from the device: the stop waits for the next check_steps multiple."""
+    stop = StopSignals()
+    trainer, schedule, _, checkpointer = make_trainer(callbacks=[StopAt(stop, step=signal_at)], stop=stop,
+                                                      check_steps=4, logging_steps=100)
+    trainer.train()
+    assert trainer.preempted and trainer.global_step == stops_at and schedule.steps == stops_at
+    assert checkpointer.saved == [f"step{stops_at}"]
+
+
+class NanLossAt:
+    """The training loss, NaN at the given optimizer steps (as a diverging model's)."""
+
+    def __init__(self, loss: TrainingLoss, steps: set[int], accum: int = 1) -> None:
+        self.inner, self.steps, self.accum, self.calls = loss, steps, accum, 0
+        self.objective = loss.objective
+        self.teacher_logits = loss.teacher_logits
+
+    def __call__(self, batch, forward):
+        self.calls += 1
+        loss, terms = self.inner(batch, forward)
+        if (self.calls - 1) // self.accum + 1 in self.steps:
+            loss = loss + float("nan")  # the value only: the gradient stays finite, so later steps are fine
+            terms["loss"] = loss.detach()
+        return loss, terms
+
+
+@pytest.mark.parametrize(("bad", "check_steps", "fails_at"), [
+    ({3, 4, 5}, 1, 5),  # the third consecutive bad step is one too many: caught at once with a check per step
+    ({3, 4, 5}, 4, 8),  # the same run of 3, caught at the next check
+    ({2, 4, 6, 7}, 1, None),  # never more than 2 in a row
+])
+@pytest.mark.parametrize("how", ["nan_loss", "skipped"])
+def test_non_finite_steps_are_counted_exactly_and_fail_at_the_next_check(bad, check_steps, fails_at, how):
+    trainer, *_ = make_trainer(epochs=1, check_steps=check_steps, logging_steps=100, max_nonfinite_steps=2)
+    if how == "nan_loss":
+        object.__setattr__(trainer, "loss", NanLossAt(trainer.loss, bad))
+    else:
+        trainer.engine.skipped = bad
+    if fails_at is None:
+        trainer.train()
+        assert trainer.global_step == 10 and trainer.nonfinite_run == 0
+        return
+    with pytest.raises(TrainingFailed, match="3 consecutive optimizer steps up to step"):
+        trainer.train()
+    assert trainer.global_step == fails_at
+
+
 def test_a_resumed_trainer_continues_where_the_checkpoint_stopped():
     stop = StopSignals()
-    first, _, _, checkpointer = make_trainer(callbacks=[StopAt(stop, step=4)], stop=stop)
+    first, _, _, checkpointer = make_trainer(callbacks=[StopAt(stop, step=4)], stop=stop, check_steps=1)
     first.train()
     state = first.state_dict()
     trainer, schedule, scalars, _ = make_trainer()

@@ -3,7 +3,8 @@
 One bank per CAP module: FiC (fine-tuned teacher, one column), PrC (student before any update, one column),
 SnC (one column appended per snapshot, never dropped unless ``max_columns`` is set). Rows are written by ``idx``
 (never by loader order), so any sampler fills them correctly. A bank is sharded over ranks (see ``shards``):
-each rank stores and encodes only the rows it owns. Banks live on the CPU; lookups move rows to the device.
+each rank stores and encodes only the rows it owns. Banks live on the CPU; lookups pick rows there by the batch's
+host-side ``idx`` and copy them to the device asynchronously (no host sync in a training step).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..monitor import PassReport
+from ..transfer import host_to_device
 from .shards import Shard
 
 
@@ -58,7 +60,9 @@ class MemoryBank:
             raise RuntimeError(f"bank {self.name} is empty")
         rows = self.shard.local_rows(idx)
         out = torch.stack([col.index_select(0, rows) for col in self.columns], dim=1)
-        return out.to(device=device if device is not None else idx.device, dtype=dtype)
+        # Picked on the host (the bank and a training batch's idx live there), copied without a host sync, then
+        # cast on the device.
+        return host_to_device(out, device if device is not None else idx.device).to(dtype)
 
     def memory_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.columns)

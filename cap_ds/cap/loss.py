@@ -46,25 +46,28 @@ def build_candidates(current: torch.Tensor, idx: torch.Tensor, labels: torch.Ten
     """Assemble [sg(current); their bank rows (B*R); extra bank rows (E*R)] as in the reference code.
 
     ``current``: B x H vectors of the (possibly all-rank) batch, ``batch_rows``: B x R x H, ``extra_rows``:
-    E x R x H. ``self_index``: where the local anchors sit in ``current`` (default: all of it, single process).
+    E x R x H, all on one device. ``self_index``: where the local anchors sit in ``current`` (default: all of it, single process).
     """
     b, r, h = batch_rows.shape
     e = extra_rows.shape[0]
     keys = torch.cat([current.detach(), batch_rows.reshape(b * r, h), extra_rows.reshape(e * r, h)], dim=0)
-    src = torch.cat([idx, idx.repeat_interleave(r), extra_idx.to(idx.device).repeat_interleave(r)])
+    src = torch.cat([idx, idx.repeat_interleave(r), extra_idx.repeat_interleave(r)])
     key_labels = None
     if labels is not None and extra_labels is not None:
-        key_labels = torch.cat([labels, labels.repeat_interleave(r), extra_labels.to(labels.device).repeat_interleave(r)])
+        key_labels = torch.cat([labels, labels.repeat_interleave(r), extra_labels.repeat_interleave(r)])
     if self_index is None:
         self_index = torch.arange(b, device=current.device)
     return Candidates(keys=keys, src=src, labels=key_labels, self_index=self_index)
 
 
 def _stats(log_prob: torch.Tensor, positives: torch.Tensor) -> PositiveStats:
+    """Sums over the anchors that have a positive, by masking instead of boolean indexing (whose output size
+    is a device-to-host read on CUDA); an anchor without positives contributes exactly 0 either way."""
     counts = positives.sum(dim=1)
     valid = counts > 0
     per_anchor = (log_prob * positives).sum(dim=1) / counts.clamp(min=1)
-    return PositiveStats(per_anchor[valid].sum(), counts[valid].sum().detach(), valid.sum().to(counts.dtype))
+    return PositiveStats(torch.where(valid, per_anchor, 0.0).sum(), counts.sum().detach(),
+                         valid.sum().to(counts.dtype))
 
 
 def positive_stats(anchors: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor | None, cand: Candidates,
@@ -91,9 +94,9 @@ def reduce_stats(stats: PositiveStats, reduction: str, positives_total: torch.Te
     denom = stats.positives if reduction == "reference" else stats.anchors
     total = positives_total if reduction == "reference" else anchors_total
     denom = denom if total is None else total
-    if float(denom) == 0:
-        return stats.sum_mean_log_prob * 0.0
-    return -stats.sum_mean_log_prob * world / denom
+    # Normalisers count positives or anchors: 0 or >= 1. At 0 the sum is 0 too, and so is the loss (its gradient
+    # is 0), with no host read of the count.
+    return -stats.sum_mean_log_prob * world / denom.clamp(min=1)
 
 
 def contrastive_terms(anchors: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor | None, cand: Candidates,

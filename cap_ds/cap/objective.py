@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..collectives import all_gather_cat, gather_offset, summed, world_size
+from ..collectives import all_gather_equal, min_over_ranks, rank, summed, world_size
+from ..transfer import host_index, host_to_device
 from .banks import MemoryBank
 from .loss import build_candidates, positive_stats, reduce_stats
 
@@ -37,33 +38,43 @@ class CapObjective:
         self.sup_weight = sup_weight
         self.reduction = reduction
         self.generator = torch.Generator().manual_seed(seed)
+        self._pool_floor: int | None = None  # the smallest pool of extra-negative rows over ranks
 
     def sample_extra(self, bank: MemoryBank) -> torch.Tensor:
-        """This rank's extra examples (global indices from its own shard)."""
+        """This rank's extra examples (global indices from its own shard, on the host). Every rank draws the same
+        count (capped by the smallest rank's pool: a collective, once), so the keys gather without a size
+        exchange."""
         per_rank = self.extra_negatives // max(bank.num_columns, 1) // world_size()
-        return bank.shard.sample(per_rank, self.generator)
+        if self._pool_floor is None:
+            self._pool_floor = min_over_ranks(len(bank.shard.encoded))
+        return bank.shard.sample(min(per_rank, self._pool_floor), self.generator)
 
     def module_loss(self, bank: MemoryBank, anchors: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor | None,
                     extra_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Unsup/sup terms and the weighted total of one module for this rank's anchors (a collective call)."""
+        """Unsup/sup terms and the weighted total of one module for this rank's anchors (a collective call).
+
+        ``idx`` and ``extra_idx`` are host tensors (the banks live there); nothing here reads a device tensor on
+        the host. Every rank has the same batch size (``ShardSampler`` pads) and draws the same number of extras,
+        so the gathers need no size exchange."""
         device = anchors.device
         if extra_idx is None:
             extra_idx = self.sample_extra(bank)
+        idx, extra_idx = host_index(idx), host_index(extra_idx)
         use_labels = labels is not None and self.dataset_labels is not None
-        extra_labels = self.dataset_labels.index_select(0, extra_idx.cpu()).to(device) if use_labels else None
+        extra_labels = host_to_device(self.dataset_labels.index_select(0, extra_idx), device) if use_labels else None
         # Gather everything the candidate set needs from all ranks (detached keys; identity at world 1).
-        current = all_gather_cat(anchors.detach())
-        all_idx = all_gather_cat(idx)
-        all_rows = all_gather_cat(bank.lookup(idx, device=device))
-        all_extra_idx = all_gather_cat(extra_idx.to(device))
-        all_extra_rows = all_gather_cat(bank.lookup(extra_idx, device=device))
-        all_labels = all_gather_cat(labels) if use_labels else None
-        all_extra_labels = all_gather_cat(extra_labels) if use_labels else None
-        offset = gather_offset(anchors.shape[0], device)
-        self_index = torch.arange(anchors.shape[0], device=device) + offset
+        idx_dev = host_to_device(idx, device)
+        current = all_gather_equal(anchors.detach())
+        all_idx = all_gather_equal(idx_dev)
+        all_rows = all_gather_equal(bank.lookup(idx, device=device))
+        all_extra_idx = all_gather_equal(host_to_device(extra_idx, device))
+        all_extra_rows = all_gather_equal(bank.lookup(extra_idx, device=device))
+        all_labels = all_gather_equal(labels) if use_labels else None
+        all_extra_labels = all_gather_equal(extra_labels) if use_labels else None
+        self_index = torch.arange(anchors.shape[0], device=device) + rank() * anchors.shape[0]
         cand = build_candidates(current, all_idx, all_labels, all_rows, all_extra_idx, all_extra_rows,
                                 all_extra_labels, self_index)
-        unsup, sup = positive_stats(anchors, idx, labels if use_labels else None, cand, self.temperature)
+        unsup, sup = positive_stats(anchors, idx_dev, labels if use_labels else None, cand, self.temperature)
         world = world_size()
         parts = [unsup] + ([sup] if sup is not None else [])
         totals = summed(torch.stack([torch.stack([p.positives.float(), p.anchors.float()]) for p in parts]))

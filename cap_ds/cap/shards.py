@@ -44,7 +44,8 @@ class Shard:
 
     def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Row of each (owned) global index in this rank's shard; errors on rows owned elsewhere."""
-        idx = idx.to("cpu", torch.long)
+        if idx.device.type != "cpu" or idx.dtype != torch.long:  # a training batch's idx is a host long tensor
+            idx = idx.to("cpu", torch.long)
         if self.world > 1 and bool((idx % self.world != self.rank).any()):
             bad = idx[idx % self.world != self.rank][:5].tolist()
             raise ValueError(f"rank {self.rank} asked for bank rows {bad} owned by other ranks; use ShardSampler")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..collectives import broadcast_from_rank0, sum_in_place
 from ..errors import TrainingFailed
 from ..monitor import PassReport
+from ..transfer import to_device
 from .compress import init_compression, stored_config
 from .config import (
     HEAD_PRUNING,
@@ -306,7 +307,7 @@ class ImportancePass:
                 if limit and i >= limit:
                     break
                 check(i)
-                loss, _ = self.loss({k: v.to(device) for k, v in batch.items()}, engine)
+                loss, _ = self.loss(to_device(batch, device), engine)
                 engine.backward(loss)
                 engine.zero_grad()
                 report.update(int(batch["idx"].shape[0]))

@@ -23,30 +23,42 @@ def sparsity_report(model: nn.Module, pattern: str = ENCODER_LINEAR_PATTERN) -> 
     """Fraction of zero weights per matched linear and overall, plus kept rows/heads of structured masks.
 
     A ``MaskedLinear`` counts its combined mask (sparse x row x head); a plain ``nn.Linear`` (e.g. an exported
-    model) counts exact zeros, so the same function measures the training model and its export.
+    model) counts exact zeros, so the same function measures the training model and its export. Every count stays
+    on the device until one read at the end (one host sync for the whole model, not one per layer).
     """
     regex = re.compile(pattern)
-    per_module: dict[str, float] = {}
-    structured: dict[str, dict[str, list[int]]] = {}
-    zeros = total = 0
+    names: list[str] = []
+    numels: list[int] = []
+    counts: list[torch.Tensor] = []  # kept entries per module, then structured (kept, total) pairs
+    units: list[tuple[str, str, int]] = []  # (module, "rows" | "heads", total) of each structured count
     for name, module in unwrap(model).named_modules():
         if not isinstance(module, nn.Linear) or not regex.search(name):
             continue
         with gathered(module_params(module)):
             if isinstance(module, MaskedLinear):
-                kept = int(module.get_mask().count_nonzero())
-                info = {}
-                row = module.row_mask()
-                if row is not None:
-                    info["rows"] = [int(row.count_nonzero()), int(row.numel())]
-                head = module.head_mask()
-                if head is not None:
-                    info["heads"] = [int(head.count_nonzero()), int(head.numel())]
-                if info:
-                    structured[name] = info
+                counts.append(module.get_mask().count_nonzero())
+                for kind, mask in (("rows", module.row_mask()), ("heads", module.head_mask())):
+                    if mask is not None:
+                        units.append((name, kind, mask.numel()))
+                        counts.append(mask.count_nonzero())
             else:
-                kept = int(module.weight.count_nonzero())
-            numel = module.weight.numel()
+                counts.append(module.weight.count_nonzero())
+            names.append(name)
+            numels.append(module.weight.numel())
+    device = counts[0].device if counts else None
+    counts = [c if c.device == device else c.to(device) for c in counts]
+    values = [int(v) for v in torch.stack([c.reshape(()) for c in counts]).tolist()] if counts else []
+    per_module: dict[str, float] = {}
+    structured: dict[str, dict[str, list[int]]] = {}
+    zeros = total = 0
+    it = iter(values)
+    unit_iter = iter(units)
+    pending = next(unit_iter, None)
+    for name, numel in zip(names, numels):
+        kept = next(it)
+        while pending is not None and pending[0] == name:
+            structured.setdefault(name, {})[pending[1]] = [next(it), pending[2]]
+            pending = next(unit_iter, None)
         per_module[name] = 1.0 - kept / numel if numel else 0.0
         zeros += numel - kept
         total += numel
