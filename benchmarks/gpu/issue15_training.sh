@@ -31,13 +31,10 @@ fi
 [ -n "${TRAIN_RUNS:-}" ] && TRAIN_ARGS="$TRAIN_ARGS --runs $TRAIN_RUNS"
 [ -n "${TRAIN_STAGES:-}" ] && TRAIN_ARGS="$TRAIN_ARGS --stages $TRAIN_STAGES"
 
-stage() {  # stage NAME SECONDS LOGFILE CMD...: run under timeout, log its status line, never stop the script
-  local name=$1 secs=$2 log=$3; shift 3
-  local t0=$SECONDS
-  timeout --kill-after=10 "$secs" "$@" >"$log" 2>&1
-  local rc=$?
-  echo "{\"stage\": \"$name\", \"rc\": $rc, \"timed_out\": $([ $rc -eq 124 ] || [ $rc -eq 137 ] && echo true || echo false), \"seconds\": $((SECONDS - t0)), \"limit_s\": $secs}" >>"$OUT/env.txt"
-  echo "stage $name: rc $rc in $((SECONDS - t0)) s (limit $secs s)"
+source benchmarks/gpu/stage.sh
+stage() {  # stage NAME SECONDS LOGFILE CMD...: a fresh log per stage
+  : >"$3"
+  run_stage "$@"
 }
 
 {
