@@ -17,7 +17,7 @@
 #   CAP_DRY_RUN   1: log each launch command instead of running it (checks a script's composition)
 #
 # Pre-timeout handling: the scripts ask for `--signal=B:USR1@120` (USR1 to this batch shell 120 s before the
-# time limit). The trap forwards it to the training ranks (cap_ds.train checkpoints at the next optimizer step,
+# time limit). The trap forwards it to the training ranks (cap_ds.train checkpoints within --check_steps optimizer steps,
 # writes train_state.json {"status": "preempted"} and exits 0); once every rank has exited the script runs
 # `scontrol requeue $SLURM_JOB_ID`, and the restarted job (same id, same log, SLURM_RESTART_COUNT+1) resumes with
 # `--resume auto` from <OUTPUT_DIR>/checkpoints/latest.
