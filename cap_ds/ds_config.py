@@ -87,11 +87,12 @@ def check_diagnostic(cfg: dict[str, Any], grad_norm_steps: int, path: str | Path
                                    "(use a stage 0-2 config for the diagnostic run)")
 
 
-def build_ds_config(path: str | Path | None, *, micro_batch: int, grad_accum: int, world_size: int,
+def build_ds_config(path: str | Path | None, *, micro_batch: int, grad_accum: int, world_size: int | None,
                     max_grad_norm: float, output_dir: str, learning_rate: float | None = None,
                     adam_epsilon: float | None = None,
                     weight_decay: float | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(config for ``deepspeed.initialize``, the ``compression_training`` section or None)."""
+    """(config for ``deepspeed.initialize``, the ``compression_training`` section or None). ``world_size`` None
+    (not known yet, before the process group): ``train_batch_size`` is left as the file has it."""
     cfg = copy.deepcopy(DEFAULT_DS_CONFIG if path is None else load_ds_config(path))
     compression = cfg.pop(COMPRESSION_KEY, None)
     optimizer = cfg.get("optimizer")
@@ -104,8 +105,9 @@ def build_ds_config(path: str | Path | None, *, micro_batch: int, grad_accum: in
             params["betas"] = [0.9, 0.999]
     _resolve(cfg, "train_micro_batch_size_per_gpu", micro_batch, "--per_device_train_batch_size")
     _resolve(cfg, "gradient_accumulation_steps", grad_accum, "--gradient_accumulation_steps")
-    _resolve(cfg, "train_batch_size", micro_batch * grad_accum * world_size,
-             "--per_device_train_batch_size x --gradient_accumulation_steps x world size")
+    if world_size is not None:
+        _resolve(cfg, "train_batch_size", micro_batch * grad_accum * world_size,
+                 "--per_device_train_batch_size x --gradient_accumulation_steps x world size")
     _resolve(cfg, "gradient_clipping", max_grad_norm, "--max_grad_norm")
     for precision in ("bf16", "fp16"):
         if isinstance(cfg.get(precision), dict) and cfg[precision].get("enabled") == "auto":
@@ -120,3 +122,62 @@ def build_ds_config(path: str | Path | None, *, micro_batch: int, grad_accum: in
     cfg.setdefault("steps_per_print", 1000000)
     return cfg, compression
 
+
+# pydantic model -> the config key it parses (for naming the key path of a validation error)
+_SECTION_OF_MODEL = {
+    "DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+    "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
+    "ZenFlowConfig": "zero_optimization.zenflow", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16",
+    "HybridEngineConfig": "hybrid_engine", "CompileConfig": "compile", "TPTrainingConfig": "tensor_parallel",
+    "TensorBoardConfig": "tensorboard", "WandbConfig": "wandb", "CSVConfig": "csv_monitor", "CometConfig": "comet",
+    "CommsLoggerConfig": "comms_logger", "DeepSpeedTorchAutocastConfig": "torch_autocast",
+    "DeepSpeedZeroLeafModuleConfig": "zero_optimization.leaf_module", "DeepSpeedMonitorConfig": "",
+}
+
+
+def _key_path(err, cfg: dict[str, Any]) -> str:
+    """``section.key`` of the first error of a pydantic ValidationError raised while DeepSpeed parsed ``cfg``."""
+    loc = [str(part) for part in (err.errors()[0].get("loc") or ())]
+    section = _SECTION_OF_MODEL.get(getattr(err, "title", ""))
+    if section is None and loc:  # an unmapped model: the first section of the config that has the key
+        stack = [("", cfg)]
+        while stack and section is None:
+            prefix, node = stack.pop(0)
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    name = f"{prefix}{key}"
+                    if loc[0] in value:
+                        section = name
+                        break
+                    stack.append((f"{name}.", value))
+    return ".".join(([section] if section else []) + loc) or "(top level)"
+
+
+def validate_ds_config(cfg: dict[str, Any], path: str | Path | None) -> None:
+    """Run DeepSpeed's own config parsing (its pydantic sections and sanity checks) on the resolved config without
+    building an engine: a bad key fails before the output folder is touched, naming the key path."""
+    import logging as _logging
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger as ds_logger
+    from pydantic import ValidationError
+
+    probe = copy.deepcopy(cfg)
+    # Without a process group DeepSpeed assumes one rank; the batch triad is checked against the real world size by
+    # build_ds_config, so leave DeepSpeed the two per-rank values.
+    probe.pop("train_batch_size", None)
+    probe.pop(COMPRESSION_KEY, None)
+    level = ds_logger.level
+    ds_logger.setLevel(_logging.ERROR)  # its info/deprecation lines come again when the engine is built
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as err:
+        first = err.errors()[0]
+        what = first.get("msg", str(err))
+        if first.get("type") != "extra_forbidden" and "input" in first:
+            what += f" (got {first['input']!r})"
+        raise DeepSpeedConfigError(f"{_key_path(err, cfg)} in --deepspeed {path}: {what}") from err
+    except (AssertionError, ValueError, TypeError, KeyError) as err:
+        raise DeepSpeedConfigError(f"--deepspeed {path}: {' '.join(str(err).split()) or type(err).__name__}") from err
+    finally:
+        ds_logger.setLevel(level)

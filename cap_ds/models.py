@@ -10,6 +10,7 @@ Sentence vectors (``--sentence_vector``):
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -67,12 +68,41 @@ def load_config(path: str, num_labels: int, label_names: tuple[str, ...] | None,
     for key, value in parse_config_overrides(overrides).items():
         if not hasattr(config, key):
             raise ValueError(f"--config_overrides: {type(config).__name__} has no attribute {key!r}")
+        problem = _override_problem(getattr(config, key), key, value)
+        if problem:
+            raise ValueError(f"--config_overrides: {key}={value!r} {problem} ({type(config).__name__}.{key} is "
+                             f"{getattr(config, key)!r})")
         setattr(config, key, value)
     if label_names is not None:
         config.id2label = dict(enumerate(label_names))
         config.label2id = {n: i for i, n in enumerate(label_names)}
     config.problem_type = "regression" if label_names is None else "single_label_classification"
     return config
+
+
+def _override_problem(current: Any, key: str, value: Any) -> str | None:
+    """Why ``value`` cannot replace the config's ``current`` value (None: it can). A wrong type would only fail
+    when the model is built, after the output folder was prepared."""
+    if current is None or isinstance(current, (dict, list, tuple)):
+        return None  # untyped, or not settable from the command line anyway
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(current, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(current, int):
+        ok, kind = number and isinstance(value, int), "an integer"
+    elif isinstance(current, float):
+        ok, kind = number, "a number"
+    elif isinstance(current, str):
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        return None
+    if not ok:
+        return f"is not {kind}"
+    if number and (key.startswith("num_") or key.endswith("_size") or key == "max_position_embeddings") and value < 1:
+        return "must be >= 1"
+    if number and key.endswith("_prob") and not 0 <= value <= 1:
+        return "must be in [0, 1]"
+    return None
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -106,6 +136,68 @@ def check_model_folder(path: str, flag: str, parts: tuple[str, ...] = ("config",
     if "tokenizer" in parts and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{flag} {path}: no tokenizer files in the folder (expected tokenizer.json or a "
                                 "vocabulary such as vocab.txt; save the tokenizer with the model, as final/ has it)")
+
+
+def weight_files(path: str) -> list[Path]:
+    """The weight files ``from_pretrained`` reads from a local folder (safetensors first, as transformers does)."""
+    folder = Path(path)
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{folder / index}: not a readable weight index ({type(err).__name__}: {err})") from err
+            return [folder / shard for shard in shards]
+    return []
+
+
+def check_weights(path: str, flag: str) -> None:
+    """Read the header of every weight file of a local model folder (cheap: no tensor is loaded), so a truncated
+    or garbage file is named now, not deep in ``from_pretrained`` after the output folder was prepared."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_dir():
+        return  # a hub id: transformers checks what it downloads
+    try:
+        files = weight_files(path)
+    except ValueError as err:
+        raise ValueError(f"{flag} {path}: {err}") from err
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{flag} {path}: {file.name} (listed in the weight index) is missing")
+        problem = None
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError, ValueError) as err:
+                problem = f"not a readable safetensors file ({' '.join(str(err).split())})"
+        else:
+            with open(file, "rb") as f:
+                legacy = f.read(1) == b"\x80"  # a pre-1.6 torch.save pickle: no directory to check
+            if not legacy:
+                try:
+                    with zipfile.ZipFile(file) as z:
+                        z.namelist()
+                except (zipfile.BadZipFile, OSError) as err:
+                    problem = f"not a readable PyTorch weights file ({err})"
+        if problem:
+            raise ValueError(f"{flag} {path}: {file} is {problem}; it is truncated or corrupt (copy or save the model "
+                             "again)")
+
+
+def check_tokenizer_loads(path: str, flag: str) -> Any:
+    """Load the tokenizer now (returned), naming the folder if its files are broken."""
+    try:
+        return load_tokenizer(path)
+    except Exception as err:  # the tokenizers library raises a bare Exception for a corrupt tokenizer.json
+        raise ValueError(f"{flag} {path}: the tokenizer cannot be loaded ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())})") from err
 
 
 def max_positions(config) -> int | None:
