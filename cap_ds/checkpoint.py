@@ -3,10 +3,15 @@
 Layout: ``<output_dir>/checkpoints/<tag>/`` holds DeepSpeed's files, ``cap_state_rank<r>.pt`` (bank shards,
 cached teacher logits, pruning-scheduler step, the extra-negative generator, loop position, timing, RNG states),
 ``run_config.json`` (the flags and DeepSpeed config of the run) and, written last, ``checkpoint_complete.json``:
-the size of every file of the checkpoint. ``checkpoints/latest`` names the newest complete tag and is replaced
-atomically after that, so a kill at any moment leaves the previous checkpoint usable. Resuming takes the newest
-checkpoint whose files are all there at their recorded sizes; an incomplete or truncated one is named and skipped
-with a warning. A checkpoint is only ever deleted once a newer one of the same run is complete.
+the size and CRC-32 checksum (:mod:`cap_ds.manifest`) of every file of the checkpoint. Each rank hashes the files
+it wrote (DeepSpeed's, through its checkpoint engine, and its CAP state) right after writing them and leaves them in
+a hidden per-rank file; after a barrier rank 0 merges those, hashes its own late files (``run_config.json``) and
+writes the manifest. ``checkpoints/latest`` names the newest complete tag and is replaced atomically after that, so
+a kill at any moment leaves the previous checkpoint usable. Resuming takes the newest checkpoint whose files are all
+there at their recorded sizes and checksums; an incomplete, truncated or corrupt one (bytes changed at the same
+size) is named and skipped with a warning, and an explicit ``--resume <tag>`` of one is refused. A manifest without
+checksums (an older cap_ds) is checked by sizes only. A checkpoint is only ever deleted once a newer one of the same
+run is complete.
 
 Every file is loaded with ``torch.load(weights_only=True)``, DeepSpeed's included (its checkpoint engine is
 replaced by :class:`SafeCheckpointEngine`), with only DeepSpeed's own plain-data classes allow-listed: a file that
@@ -15,6 +20,7 @@ would run code when unpickled is refused with an error naming it. Files get the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import manifest as fm
 from .atomic import atomic_file, publish_modes, write_json
 from .collectives import barrier
 
@@ -37,6 +44,7 @@ LATEST = "latest"
 MANIFEST = "checkpoint_complete.json"
 RUN_CONFIG = "run_config.json"
 STATE_FILE = "cap_state_rank{rank}.pt"
+RANK_SUMS = ".checksums_rank{rank}.json"  # hidden: what one rank wrote and its checksums, merged by rank 0
 _STEP_TAG = re.compile(r"^step(\d+)$")
 
 
@@ -158,11 +166,11 @@ def read_latest(root: str | os.PathLike) -> str | None:
         return None
 
 
-def check_complete(root: str | os.PathLike, tag: str) -> str | None:
-    """None when checkpoint ``tag`` is complete, else what is wrong with it (naming the file)."""
+def _inspect(root: str | os.PathLike, tag: str) -> tuple[str, str] | None:
+    """None when checkpoint ``tag`` is usable, else ``("incomplete" | "corrupt", what is wrong, naming the file)``."""
     folder = Path(root) / tag
     if not folder.is_dir():
-        return f"{folder} does not exist"
+        return "incomplete", f"{folder} does not exist"
     manifest = folder / MANIFEST
     if not manifest.is_file():
         # Written before cap_ds recorded completeness: `latest` was only ever moved to a complete checkpoint, but
@@ -170,23 +178,33 @@ def check_complete(root: str | os.PathLike, tag: str) -> str | None:
         # checkpoint has must still be there.
         if read_latest(root) == tag:
             if not (folder / STATE_FILE.format(rank=0)).is_file():
-                return f"{folder / STATE_FILE.format(rank=0)} is missing"
+                return "incomplete", f"{folder / STATE_FILE.format(rank=0)} is missing"
             if not any(folder.glob("*model_states.pt")):
-                return f"{folder} has no DeepSpeed *model_states.pt file"
+                return "incomplete", f"{folder} has no DeepSpeed *model_states.pt file"
             return None
-        return f"{folder} has no {MANIFEST} (its writing was interrupted)"
+        return "incomplete", f"{folder} has no {MANIFEST} (its writing was interrupted)"
     try:
-        files = json.loads(manifest.read_text())["files"]
+        data = json.loads(manifest.read_text())
+        files, sums = data["files"], data.get("checksums")
+        if not isinstance(files, dict) or not isinstance(sums, dict | None):
+            raise TypeError("files/checksums are not objects")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{manifest} is unreadable ({err})"
-    for rel, size in sorted(files.items()):
-        path = folder / rel
-        if not path.is_file():
-            return f"{path} is missing"
-        actual = path.stat().st_size
-        if actual != size:
-            return f"{path} is truncated or changed ({actual} bytes, {size} written)"
-    return None
+        return "incomplete", f"{manifest} is unreadable ({err})"
+    # sizes of every file first (a truncated file is not read), then checksums when the manifest has them (a
+    # manifest of an older cap_ds has sizes only); digests are cached per process, so the verification at preflight
+    # and the one before loading read each file once
+    problems = fm.file_problems(folder, files, sums)
+    if not problems:
+        return None
+    kind, text = problems[0]
+    return ("corrupt" if kind == "checksum" else "incomplete"), text
+
+
+def check_complete(root: str | os.PathLike, tag: str) -> str | None:
+    """None when checkpoint ``tag`` is complete and intact, else what is wrong with it (naming the file): missing
+    or truncated files, or (manifests with checksums) a file whose checksum differs."""
+    found = _inspect(root, tag)
+    return None if found is None else found[1]
 
 
 def find_resume_tag(root: str | os.PathLike) -> tuple[str | None, list[tuple[str, str]]]:
@@ -218,9 +236,11 @@ def resolve_resume(root: str | os.PathLike, resume: str) -> tuple[str | None, li
         available = ", ".join(tags) if tags else "none"
         raise CheckpointError(f"--resume {resume}: no such checkpoint in {root}; available: {available} "
                               "(or --resume auto for the newest complete one)")
-    problem = check_complete(root, resume)
-    if problem is not None:
-        raise CheckpointError(f"--resume {resume}: checkpoint is incomplete: {problem}")
+    found = _inspect(root, resume)
+    if found is not None:
+        kind, problem = found
+        hint = "; use --resume auto for the newest intact checkpoint" if kind == "corrupt" else ""
+        raise CheckpointError(f"--resume {resume}: checkpoint is {kind}: {problem}{hint}")
     return resume, []
 
 
@@ -232,6 +252,79 @@ def read_run_config(root: str | os.PathLike, tag: str) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is corrupt ({err})") from None
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+@contextlib.contextmanager
+def _recording_saves(engine):
+    """Collect the paths DeepSpeed's checkpoint engine writes on this rank (its model and optimizer states)."""
+    written: list[str] = []
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        yield written
+        return
+    had_own = "save" in vars(ce)
+    original = ce.save
+
+    def save(state_dict, path, *args, **kwargs):
+        out = original(state_dict, path, *args, **kwargs)
+        written.append(str(path))
+        return out
+
+    ce.save = save
+    try:
+        yield written
+    finally:
+        if had_own:
+            ce.save = original
+        else:
+            del ce.save
+
+
+def _relative(folder: Path, paths: list) -> list[str]:
+    out = []
+    for p in paths:
+        try:
+            rel = Path(p).resolve().relative_to(folder.resolve())
+        except ValueError:  # written elsewhere (not part of this checkpoint folder)
+            continue
+        if str(rel) not in out:
+            out.append(str(rel))
+    return out
+
+
+def describe_rank_files(folder: str | os.PathLike, names: list[str]) -> dict[str, Any]:
+    """The sizes and checksums of the files one rank wrote into checkpoint ``folder`` (complete, on disk). A file
+    an asynchronous checkpoint engine has not finished yet is left to rank 0's manifest pass."""
+    folder = Path(folder)
+    present = [rel for rel in names if (folder / rel).is_file()]
+    sizes, sums = fm.describe_files(folder, present)
+    return {"files": sizes, "checksums": sums}
+
+
+def write_manifest(folder: str | os.PathLike, tag: str) -> dict[str, Any]:
+    """Rank 0, after every rank wrote its files and their checksums: the completion marker, written atomically and
+    last, with the size and checksum of every file of the checkpoint. Checksums come from the rank that wrote the
+    file (``.checksums_rank<r>.json``, removed once merged) while its size is unchanged; any other file (rank 0's
+    ``run_config.json``, DeepSpeed's copied scripts) is hashed here."""
+    folder = Path(folder)
+    known: dict[str, str] = {}
+    rank_files = sorted(folder.glob(RANK_SUMS.format(rank="*")))
+    for path in rank_files:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path} (a rank's checksums) is unreadable ({err})") from None
+        sizes = data.get("files", {})
+        for rel, digest in data.get("checksums", {}).items():
+            if (folder / rel).is_file() and (folder / rel).stat().st_size == sizes.get(rel):
+                known[rel] = digest
+    sizes, sums = fm.describe_files(folder, fm.folder_files(folder, exclude=(MANIFEST,)), known)
+    manifest = {"tag": tag, "step": step_of(tag), "files": sizes, "checksums": sums}
+    write_json(folder / MANIFEST, manifest)
+    for path in rank_files:
+        path.unlink(missing_ok=True)
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------------ the run's checkpoints
@@ -260,16 +353,19 @@ class Checkpointer:
             # counting as complete before any of its files changes.
             (folder / MANIFEST).unlink(missing_ok=True)
         barrier()
-        self.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        atomic_file(folder / STATE_FILE.format(rank=self.rank), lambda tmp: torch.save(cap_state, tmp))
+        with _recording_saves(self.engine) as written:
+            self.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        state_file = atomic_file(folder / STATE_FILE.format(rank=self.rank), lambda tmp: torch.save(cap_state, tmp))
+        # this rank's files, hashed while they are in its page cache (a shared filesystem: the other ranks' files
+        # are not read again by rank 0)
+        mine = _relative(folder, [*written, state_file])
+        write_json(folder / RANK_SUMS.format(rank=self.rank), describe_rank_files(folder, mine))
         barrier()
         if self.rank == 0:
             if self.run_config is not None:
                 write_json(folder / RUN_CONFIG, self.run_config)
             publish_modes(folder)
-            files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-                     if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
-            write_json(folder / MANIFEST, {"tag": tag, "step": step_of(tag), "files": files})
+            write_manifest(folder, tag)
             atomic_file(self.root / LATEST, lambda tmp: Path(tmp).write_text(tag))
             self._prune(tag)
         barrier()
@@ -280,17 +376,21 @@ class Checkpointer:
         if self.keep <= 0 or step_of(current) is None:
             return
         older = [t for t in list_tags(self.root) if step_of(t) is not None and step_of(t) < step_of(current)]
-        complete = [t for t in older if check_complete(self.root, t) is None]
-        kept = set(complete[len(complete) - (self.keep - 1):]) if self.keep > 1 else set()
+        kept: set[str] = set()
+        for tag in reversed(older):  # the newest keep-1 complete ones, verified newest first (no more than needed)
+            if len(kept) >= self.keep - 1:
+                break
+            if check_complete(self.root, tag) is None:
+                kept.add(tag)
         for tag in older:
             if tag not in kept:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
 
     def load(self, tag: str) -> dict[str, Any]:
         path = self.root / tag
-        problem = check_complete(self.root, tag)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {tag} is incomplete: {problem}")
+        found = _inspect(self.root, tag)  # verified at preflight already: cached digests, no second read
+        if found is not None:
+            raise CheckpointError(f"checkpoint {tag} is {found[0]}: {found[1]}")
         state_file = path / STATE_FILE.format(rank=self.rank)
         if not state_file.is_file():
             raise CheckpointError(f"checkpoint {path} has no {state_file.name}: was it written with another world "

@@ -6,7 +6,9 @@
   (``compression.save_clean_pretrained``; loads after ``import cap_ds`` or with ``trust_remote_code=True``).
 Both are collectives under ZeRO-3 (call on every rank); rank 0 writes to a temporary folder renamed into place,
 so a failed export never leaves a half-written directory. Given the sparsity report, the export also carries
-``sparsity.json`` and the per-layer heat-map ``sparsity_heatmap.png``.
+``sparsity.json`` and the per-layer heat-map ``sparsity_heatmap.png``. Written last, ``files.json`` records the size
+and checksum of every other file, so a user or a later tool can check a copied or archived export with
+:func:`verify_folder` (``python -c "from cap_ds.export import verify_folder; print(verify_folder('final'))"``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from .atomic import atomic_dir
 from .collectives import barrier, rank
 from .compression import baked_state, has_structured_masks, masked_modules, save_clean_pretrained
 from .compression.stats import sparsity_report as measure_sparsity
+from .manifest import EXPORT_MANIFEST, verify_folder, write_folder_manifest
 from .plots import plot_sparsity_heatmap
+
+__all__ = ["EXPORT_MANIFEST", "export_pretrained", "plain_model", "sparsity_files", "verify_folder"]
 
 
 def plain_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -60,7 +65,13 @@ def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path,
     target = Path(target)
     if sparsity_report is None and masked_modules(model):
         sparsity_report = measure_sparsity(model)  # collective under ZeRO-3, like the export itself
-    extra = sparsity_files(sparsity_report, title)
+    sparsity = sparsity_files(sparsity_report, title)
+
+    def extra(folder: Path) -> None:  # last inside the atomic write: the manifest covers every other file
+        if sparsity is not None:
+            sparsity(folder)
+        write_folder_manifest(folder)
+
     if has_structured_masks(model):
         return save_clean_pretrained(model, target, tokenizer, extra_files=extra)
     state = baked_state(model)  # gathers partitioned parameters on every rank
@@ -70,8 +81,7 @@ def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path,
         def write(tmp: Path) -> None:
             plain.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            if extra is not None:
-                extra(tmp)
+            extra(tmp)
 
         atomic_dir(target, write)
     barrier()
