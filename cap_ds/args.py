@@ -5,6 +5,7 @@ Every check runs before any model is loaded; errors name the flag, the bad value
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -17,6 +18,9 @@ from .data import get_task
 from .models import SENTENCE_VECTORS
 
 MODES = ("prune", "finetune")
+# [CLS] a [SEP] b [SEP]: a pair's special tokens and a token of each sentence. Below that the tokenizer ignores
+# the limit (a pair truncated to 2 comes out whole).
+MIN_SEQ_LENGTH = 5
 PRUNING_METHODS = ("magnitude", "movement", "soft_movement", "first_order")
 
 
@@ -41,7 +45,8 @@ class DataArguments:
     task_name: str = field(default="sst2", metadata={"help": "GLUE task: sst2, cola, stsb, mrpc, rte, qnli, mnli, qqp."})
     data_dir: str | None = field(default=None, metadata={
         "help": "Local GLUE folder (with SST-2/, CoLA/, ... or the task folder itself). Default: the hub."})
-    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    max_seq_length: int = field(default=128, metadata={
+        "help": "Truncate inputs to this many tokens, special tokens included (at least 5)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N evaluation rows."})
 
@@ -229,8 +234,7 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
     for name in ("learning_rate", "mask_scores_learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm"):
         if getattr(rargs, name) < 0:
             raise ArgumentError(f"--{name} must be >= 0, got {getattr(rargs, name)}")
-    if os.path.exists(rargs.output_dir) and not os.path.isdir(rargs.output_dir):
-        raise ArgumentError(f"--output_dir {rargs.output_dir!r} is a file; give a folder (created if missing)")
+    check_output_dir(rargs.output_dir)
     if rargs.overwrite_output_dir and rargs.resume != "none":
         raise ArgumentError(f"--overwrite_output_dir deletes the run that --resume {rargs.resume} would continue; "
                             "use one of them")
@@ -264,6 +268,24 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
         value = getattr(dargs, name)
         if value is not None and value < 1:
             raise ArgumentError(f"--{name} must be >= 1, got {value}")
+    if dargs.max_seq_length < MIN_SEQ_LENGTH:
+        raise ArgumentError(f"--max_seq_length must be >= {MIN_SEQ_LENGTH}, got {dargs.max_seq_length} (tokens per "
+                            "input, [CLS] and [SEP] included; 128 is the usual GLUE value)")
+    if rargs.warmup_steps < 0:
+        raise ArgumentError(f"--warmup_steps must be >= 0, got {rargs.warmup_steps} (0: use --warmup_ratio)")
+    if not 0 <= rargs.seed < 2**32:
+        raise ArgumentError(f"--seed must be in [0, 2**32 - 1] (NumPy's range), got {rargs.seed}")
+    for name in ("importance_batches", "initial_warmup", "final_warmup", "final_lambda"):
+        if getattr(pargs, name) < 0:
+            raise ArgumentError(f"--{name} must be >= 0, got {getattr(pargs, name)}")
+    if not 0.0 <= pargs.final_threshold <= 1.0:
+        raise ArgumentError(f"--final_threshold must be in [0, 1] (a sigmoid threshold), got {pargs.final_threshold}")
+    for name in ("kd_weight", "cap_unsup_weight", "cap_sup_weight", "ce_weight", "snapshot_steps"):
+        value = getattr(cargs, name)
+        if value is not None and value < 0:
+            raise ArgumentError(f"--{name} must be >= 0, got {value}")
+    if cargs.max_snapshots is not None and cargs.max_snapshots < 1:
+        raise ArgumentError(f"--max_snapshots must be >= 1 (or left unset: keep all), got {cargs.max_snapshots}")
     modules = cargs.modules  # validates --cap
     if cargs.contrastive_temperature <= 0 or cargs.kd_temperature <= 0:
         raise ArgumentError("--contrastive_temperature and --kd_temperature must be > 0")
@@ -276,3 +298,30 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
         if margs.teacher_name_or_path and not os.path.exists(margs.teacher_name_or_path) \
                 and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ArgumentError(f"--teacher_name_or_path {margs.teacher_name_or_path!r} does not exist")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an --output_dir that cannot be created or written, naming the path and the OS error, before any work
+    (a path under a file, a read-only mount, a folder without write permission). Reads only: nothing is created.
+    statvfs, not permission bits, tells a read-only mount: root may write anywhere else."""
+    target = os.path.abspath(output_dir)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ArgumentError(f"--output_dir {output_dir!r} is a file; give a folder (created if missing)")
+    existing = target
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ArgumentError(f"--output_dir {output_dir!r}: {existing} is a file, not a folder "
+                            f"([Errno {errno.ENOTDIR}] {os.strerror(errno.ENOTDIR)}); give a path under a folder")
+    code = None
+    try:
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            code = errno.EROFS
+    except OSError as err:
+        code = err.errno
+    if code is None and not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    if code is not None:
+        what = "cannot write in" if existing == target else "cannot create it in"
+        raise ArgumentError(f"--output_dir {output_dir!r}: {what} {existing} ([Errno {code}] {os.strerror(code)}); "
+                            "choose a writable folder")

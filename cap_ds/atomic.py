@@ -1,5 +1,5 @@
 """Atomic writes: fill a temporary sibling, then rename it into place, so a failure never leaves a half-written
-file or folder. Temporary files are created private (0600/0700); what is published gets the modes a plain
+file or folder; a failed write is raised as an OSError naming the target and the OS error. Temporary files are created private (0600/0700); what is published gets the modes a plain
 ``open``/``mkdir`` would have given under the process umask, so other users of a shared cluster can read it.
 """
 
@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .faults import io_error
 
 
 def _umask() -> int:
@@ -35,6 +37,23 @@ def publish_modes(path: str | Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def _named_io_error(err: BaseException, tmp: Path, target: Path) -> BaseException:
+    """``err`` as an OSError naming the published path (not the hidden temporary one) and the OS error, when it is
+    an I/O fault (torch's writer reports neither). Called before the temporary is removed, so a probe still sees
+    the disk as the failed write left it."""
+    if not isinstance(err, Exception):
+        return err
+    io = io_error(err, str(tmp if tmp.is_dir() else tmp.parent))
+    if io is None:
+        return err
+    name = Path(io.filename) if io.filename else tmp
+    try:
+        name = target / name.relative_to(tmp) if name != tmp else target
+    except ValueError:
+        name = target
+    return OSError(io.errno, io.strerror, str(name))
+
+
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     """Fill a temporary sibling folder with ``write(tmp)`` and swap it in for ``target``.
 
@@ -53,9 +72,12 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
+        named = _named_io_error(err, tmp, target)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if named is err:
+            raise
+        raise named from err
 
 
 def atomic_file(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -68,10 +90,13 @@ def atomic_file(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         publish_modes(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        named = _named_io_error(err, Path(tmp), path)
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        if named is err:
+            raise
+        raise named from err
     return path
 
 

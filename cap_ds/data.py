@@ -55,6 +55,7 @@ class TaskSpec:
     primary_metric: str
     eval_file: str = "dev.tsv"
     eval_split: str = "validation"
+    score_range: tuple[float, float] | None = None  # regression: the documented range of the gold scores
 
     @property
     def is_regression(self) -> bool:
@@ -86,7 +87,7 @@ TASKS: dict[str, TaskSpec] = {
     "cola": TaskSpec(
         "cola", "CoLA", "cola", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation"
     ),
-    "stsb": TaskSpec("stsb", "STS-B", "stsb", _PAIR, None, "pearson"),
+    "stsb": TaskSpec("stsb", "STS-B", "stsb", _PAIR, None, "pearson", score_range=(0.0, 5.0)),
     "mrpc": TaskSpec("mrpc", "MRPC", "mrpc", _PAIR, ("not_equivalent", "equivalent"), "accuracy"),
     "rte": TaskSpec("rte", "RTE", "rte", _PAIR, ("entailment", "not_entailment"), "accuracy"),
     "qnli": TaskSpec("qnli", "QNLI", "qnli", _PAIR, ("entailment", "not_entailment"), "accuracy"),
@@ -219,6 +220,12 @@ def _label_parser(task: TaskSpec, path: Path):
                     f"{path}:{lineno}: invalid label {value!r} for task {task.name!r}; "
                     "allowed: a finite real-valued score"
                 ) from None
+            low, high = task.score_range or (-math.inf, math.inf)
+            if not low <= score <= high:
+                raise ValueError(
+                    f"{path}:{lineno}: label {value!r} for task {task.name!r} is outside its range; "
+                    f"allowed: a score from {low:g} to {high:g}"
+                )
             return score
 
         return parse_score
@@ -329,6 +336,34 @@ def _check_args(split: str, max_samples: int | None) -> None:
         raise ValueError(f"max_samples must be >= 1 (or None for all rows), got {max_samples}")
 
 
+def hub_offline() -> str | None:
+    """The variable that keeps the HF hub offline (``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE``), None if unset."""
+    return next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                 if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")), None)
+
+
+def hub_unavailable(task: TaskSpec, hub_split: str, err: BaseException) -> Exception:
+    """One line for a split the hub could not give: offline and not cached is the user's setup (UserError, exit
+    2), naming the cache folders looked in and --data_dir; online it is a fault (exit 1) naming the cause."""
+    from .errors import UserError
+    from .faults import Fault
+
+    where = f"{HUB_DATASET}/{task.hub_config} split {hub_split!r}"
+    files = f"{task.glue_dir}/train.tsv and {task.glue_dir}/{task.eval_file}"
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    cause = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    offline = hub_offline()
+    if offline:
+        from huggingface_hub import constants
+
+        return UserError(f"no --data_dir and the HF hub is offline ({offline}=1): {where} is not in the "
+                         f"datasets cache {datasets.config.HF_DATASETS_CACHE} nor the hub cache "
+                         f"{constants.HF_HUB_CACHE} ({cause}); pass --data_dir <folder holding {files}> (the "
+                         f"GLUE TSV files), or unset {offline} to download it")
+    return Fault(f"could not load {where} from the HF hub ({cause}); pass --data_dir <folder holding {files}> to "
+                 "work offline")
+
+
 def load_glue_split(
     task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None, max_samples: int | None = None
 ) -> datasets.Dataset:
@@ -358,15 +393,8 @@ def load_glue_split(
     hub_split = "train" if split == "train" else task.eval_split
     try:
         ds = datasets.load_dataset(HUB_DATASET, task.hub_config, split=hub_split)
-    except Exception:
-        logger.error(
-            "could not load %s/%s split %r from the HF hub; pass --data_dir with the GLUE TSV files to work "
-            "offline",
-            HUB_DATASET,
-            task.hub_config,
-            hub_split,
-        )
-        raise
+    except Exception as err:
+        raise hub_unavailable(task, hub_split, err) from err
     if max_samples is not None and max_samples < len(ds):
         ds = ds.select(range(max_samples))
     renames = _HUB_RENAMES.get(task.name, {})

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 from typing import Any
@@ -11,16 +12,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import write_json
+from .atomic import atomic_file, write_json
 from .collectives import all_gather_cat
 
+logger = logging.getLogger(__name__)
 
-def write_state(output_dir: str, status: str, step: int, error: BaseException | None = None) -> None:
-    """``train_state.json``: how the run ended (rank 0 writes it)."""
+
+def write_state(output_dir: str, status: str, step: int, error: BaseException | str | None = None) -> None:
+    """``train_state.json``: how the run ended (rank 0 writes it). ``error``: the one-line cause
+    (``faults.settle``), or an exception."""
     state: dict[str, Any] = {"status": status, "step": step}
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {str(error)}"
     if error is not None:
-        state["error"] = f"{type(error).__name__}: {str(error)[:500]}"
+        state["error"] = error[:1000]
     write_json(os.path.join(output_dir, "train_state.json"), state)
+
+
+def record_failure(output_dir: str, step: int, cause: BaseException | str) -> None:
+    """``train_state.json`` status failed with its cause, if the disk still takes it: on a full or read-only
+    disk the write fails too, and that must not hide the original error (only a warning says so)."""
+    try:
+        write_state(output_dir, "failed", step, cause)
+    except OSError as err:
+        logger.warning("could not record the failure in %s: %s", os.path.join(output_dir, "train_state.json"),
+                       err.strerror or err)
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
@@ -71,7 +87,7 @@ def run_results(*, trainer, eval_metrics: dict[str, float], margs, rargs, pargs,
 
 def write_results(output_dir: str, result: dict[str, Any], eval_logits: np.ndarray | None, step: int) -> None:
     """eval_logits.npy, metrics.json and a completed train_state.json (rank 0)."""
-    if eval_logits is not None:
-        np.save(os.path.join(output_dir, "eval_logits.npy"), eval_logits)
+    if eval_logits is not None:  # atomic, like the rest: a full disk leaves no truncated file
+        atomic_file(os.path.join(output_dir, "eval_logits.npy"), lambda tmp: np.save(tmp, eval_logits))
     write_json(os.path.join(output_dir, "metrics.json"), result)
     write_state(output_dir, "completed", step)

@@ -31,15 +31,14 @@ import warnings
 
 import torch
 
-from cap_ds.args import ArgumentError, parse_args
+from cap_ds.args import parse_args
 from cap_ds.cap import CapObjective, Shard, make_banks
-from cap_ds.checkpoint import Checkpointer, CheckpointError, set_seed
+from cap_ds.checkpoint import Checkpointer, set_seed
 from cap_ds.collectives import barrier, destroy_world, init_world
-from cap_ds.compression import CompressionConfigError, sparsity_report
+from cap_ds.compression import sparsity_report
 from cap_ds.data import GlueCollator, get_task, load_glue_split, make_loaders, tokenize_dataset
 from cap_ds.diagnostics import GradientDiagnostic
 from cap_ds.ds_config import (
-    DeepSpeedConfigError,
     build_ds_config,
     check_diagnostic,
     computes_in_bf16,
@@ -52,11 +51,10 @@ from cap_ds.losses import TrainingLoss
 from cap_ds.models import SentenceVectorHook, check_fic_width, load_student, load_teacher, load_tokenizer
 from cap_ds.monitor import RunLog, ScalarLogger, configure_logging
 from cap_ds.optim import build_optimizer, optimizer_groups, optimizer_name
-from cap_ds.plan import PlanError, plan_steps
-from cap_ds.preflight import preflight
+from cap_ds.plan import plan_steps
+from cap_ds.preflight import launcher_rank, preflight
 from cap_ds.pruning import install_pruning, lr_schedule, pruning_schedule
 from cap_ds.results import run_results, write_results, write_state
-from cap_ds.rundir import RunDirError
 from cap_ds.signals import StopRequested, StopSignals
 from cap_ds.trainer import CapTrainer, LoopSettings
 
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     for signum in _EARLY_SIGNALS:
         stop.request(signum)
     try:
-        pre = preflight(*args)
+        pre = preflight(*args, lock=launcher_rank() == 0)  # rank 0 decides on the folder under its run lock
     except (ValueError, FileNotFoundError, OSError) as err:  # every check in preflight is about the input
         raise UserError(str(err)) from err
     world, rank = init_world()
@@ -90,16 +88,32 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return run(*args, pre, stop, world, rank, show_progress, progress)
     except BaseException as err:
+        from cap_ds.faults import settle
+        from cap_ds.results import record_failure
+
+        # The one-line cause, settled among the ranks while the process group lives: the first rank to fail
+        # reports it; a rank that dies of its broken connection stays quiet (rank 0 records the claimed cause).
+        failure = None if isinstance(err, StopRequested | KeyboardInterrupt | SystemExit) \
+            else settle(err, rargs.output_dir)
+        started = progress["training"] or pre.rundir.resume_tag is not None
         if rank == 0 and isinstance(err, StopRequested):  # a signal before training: the passes are redone
             write_state(rargs.output_dir, "preempted", progress["step"])
             logger.info("stopped on signal before training (no new checkpoint)")
-        elif rank == 0 and (progress["training"] or pre.rundir.resume_tag is not None):
-            write_state(rargs.output_dir, "failed", progress["step"], err)
+        elif started and (rank == 0 or (failure is not None and failure.report)):
+            record_failure(rargs.output_dir, progress["step"], failure.line if failure is not None else err)
         elif rank == 0:
-            pre.rundir.remove_new_files()  # nothing trained: leave no run behind
+            try:
+                pre.rundir.remove_new_files()  # nothing trained: leave no run behind
+            except OSError as cleanup:
+                logger.warning("could not remove this run's files from %s: %s", rargs.output_dir, cleanup)
         if isinstance(err, StopRequested):
             err.exit_code = stop.exit_code
         raise
+    finally:
+        if rank == 0:
+            pre.rundir.restore()  # a run that ended before training puts the run it replaced back (no-op after)
+        if pre.lock is not None:
+            pre.lock.release()
 
 
 def run(margs, dargs, rargs, pargs, cargs, pre, stop, world: int, rank: int, show_progress: bool,
@@ -204,6 +218,7 @@ def run(margs, dargs, rargs, pargs, cargs, pre, stop, world: int, rank: int, sho
         resume=resume, is_rank0=is_rank0)
 
     # ---- train
+    pre.rundir.started()  # the run started cleanly: the earlier run it replaces in its folder is deleted now
     progress["training"], t0 = True, time.perf_counter()
     try:
         eval_metrics = trainer.train()
@@ -242,33 +257,29 @@ def run(margs, dargs, rargs, pargs, cargs, pre, stop, world: int, rank: int, sho
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: exit 0 when the run completed or stopped on SIGTERM/SIGUSR1 with a checkpoint, 130 on
-    SIGINT, 2 for bad input (one line on stderr naming the flag, file or value; no traceback), 1 when training
-    failed (one line; train_state.json says failed). CAP_DS_TRACEBACK=1 shows tracebacks for all of them."""
-    user_errors = (UserError, ArgumentError, CheckpointError, RunDirError, PlanError, DeepSpeedConfigError,
-                   CompressionConfigError)
-    speak = os.environ.get("RANK", "0") == "0"  # every rank fails alike: one message
+    SIGINT, 2 for bad input (one line on stderr naming the flag, file or value), 1 for a fault (one line naming
+    the cause: the path and OS error of an I/O failure, a diverged run, ...; train_state.json says failed once
+    training started). With several ranks only the first to fail prints (cap_ds/faults.py). No traceback unless
+    CAP_DS_TRACEBACK=1."""
+    from cap_ds.faults import settle
+
     debug = os.environ.get("CAP_DS_TRACEBACK") == "1"
     try:
         result = main(argv)
         return int(result.get("exit_code", 0)) if result.get("status") == "preempted" else 0
-    except user_errors as err:
-        if debug:
-            raise
-        if speak:
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except TrainingFailed as err:
-        if debug:
-            raise
-        if speak:
-            print(f"error: training failed: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
     except StopRequested as stop:
         return int(getattr(stop, "exit_code", 0))
     except KeyboardInterrupt:
-        if speak:
+        if os.environ.get("RANK", "0") == "0":
             print("error: interrupted (a second Ctrl-C); no checkpoint written", file=sys.stderr)
         return 130
+    except Exception as err:
+        if debug:
+            raise
+        failure = settle(err)  # computed in main() with the output folder when the error came from the run
+        if failure.report:
+            print(f"error: {failure.line}", file=sys.stderr)
+        return failure.exit_code
     finally:
         destroy_world()
 
