@@ -42,7 +42,7 @@ def build(size: str, device: str):
 
     from cap_ds.compression import CompressionScheduler, init_compression
     from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
-    from cap_ds.models import default_model_path, load_student
+    from cap_ds.data.models import default_model_path, load_student
 
     if size == "minilm":
         model = load_student(default_model_path(), 2, ("negative", "positive"))

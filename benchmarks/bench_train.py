@@ -27,7 +27,7 @@ one process on one device, in one run:
   offloaded to CPU (``--teacher_offload cpu``), and with no ZeRO (``zero0_autocast_bf16.json``: fp32 weights and
   autocast bf16, the plain loop's recipe; the one-GPU config).
 
-Per run: step time (``step_time_s``: the steady-state median after the warm-up max(5 steps, 10 %), cap_ds.steptimer),
+Per run: step time (``step_time_s``: the steady-state median after the warm-up max(5 steps, 10 %), cap_ds.runtime.steptimer),
 first step, examples/s, peak GPU memory, MFU = 6 * student parameters (all, embeddings included) * tokens per step /
 step time / the device's dense bf16 peak (teacher forwards and mask work count as overhead, not as FLOPs). Ratios:
 CAP-m / dense (target <= 1.3x) and dense / plain (target <= 1.25x). Each run's row is appended to ``--jsonl`` as
@@ -97,7 +97,7 @@ def plain_loop(student: Path, data: Path, device: str, batch: int, steps: int) -
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from benchmarks.bench_large import LABELS
-    from cap_ds.steptimer import StepTimer
+    from cap_ds.runtime.steptimer import StepTimer
 
     dev = torch.device(device)
     tok = AutoTokenizer.from_pretrained(student)

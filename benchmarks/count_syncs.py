@@ -123,7 +123,7 @@ class ReadCounter(TorchFunctionMode):
 
 def instrument(recorder: Recorder) -> None:
     """Follow the trainer's phases: remember the trainer, and name the phase while each of its methods runs."""
-    from cap_ds import trainer as trainer_module
+    from cap_ds.training import trainer as trainer_module
 
     cls = trainer_module.CapTrainer
     init = cls.__init__

@@ -136,8 +136,8 @@ def run_engine(name: str, steps: int, out: Path, device_type: str | None) -> dic
     """Train ``steps`` steps under ds_configs/<name>.json (``_before``: fast settings reverted); counts per step."""
     import deepspeed
 
-    from cap_ds.ds_config import build_ds_config
-    from cap_ds.optim import build_optimizer, optimizer_groups
+    from cap_ds.training.ds_config import build_ds_config
+    from cap_ds.training.optim import build_optimizer, optimizer_groups
 
     stem = name.removesuffix("_before")
     cfg = json.loads((REPO / "ds_configs" / f"{stem}.json").read_text())
@@ -174,7 +174,7 @@ def run_plain(steps: int, device_type: str | None) -> dict[str, Any]:
     """The reference loop: fp32 weights, autocast bf16, torch AdamW, ``clip_grad_norm_`` 1.0."""
     import torch
 
-    from cap_ds.optim import build_optimizer, optimizer_groups
+    from cap_ds.training.optim import build_optimizer, optimizer_groups
 
     model = tiny_model()
     opt, _ = build_optimizer(optimizer_groups(model, weight_decay=0.01, score_lr=1e-2), {}, lr=1e-3, eps=1e-8,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.launch import DEFAULT_GLUE  # noqa: E402
-from cap_ds.atomic import atomic_file  # noqa: E402
+from cap_ds.runtime.atomic import atomic_file  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -178,7 +178,7 @@ class MaskTracker:
 
 
 def evaluate(model, loader, task) -> float:
-    from cap_ds.data import compute_metrics, model_inputs
+    from cap_ds.data.glue import compute_metrics, model_inputs
 
     model.eval()
     logits, labels = [], []
@@ -193,12 +193,12 @@ def evaluate(model, loader, task) -> float:
 def run_variant(args: argparse.Namespace, variant: Variant, data: dict, write) -> None:
     from transformers import get_linear_schedule_with_warmup
 
-    from cap_ds.checkpoint import set_seed
     from cap_ds.compression import CompressionScheduler, init_compression, masked_modules, warmup_offsets
     from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
-    from cap_ds.data import model_inputs
-    from cap_ds.models import default_model_path, load_student
-    from cap_ds.optim import optimizer_groups
+    from cap_ds.data.glue import model_inputs
+    from cap_ds.data.models import default_model_path, load_student
+    from cap_ds.training.checkpoint import set_seed
+    from cap_ds.training.optim import optimizer_groups
 
     task, train_ds, collate = data["task"], data["train"], data["collate"]
     set_seed(args.seed)
@@ -303,8 +303,8 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    from cap_ds.data import GlueCollator, get_task, load_glue_split, tokenize_dataset
-    from cap_ds.models import default_model_path, load_tokenizer
+    from cap_ds.data.glue import GlueCollator, get_task, load_glue_split, tokenize_dataset
+    from cap_ds.data.models import default_model_path, load_tokenizer
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

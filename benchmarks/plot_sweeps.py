@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reproduce_glue import markdown, seed_table  # noqa: E402
-from cap_ds.plots import plot_accuracy_vs_sparsity  # noqa: E402
+from cap_ds.run.plots import plot_accuracy_vs_sparsity  # noqa: E402
 
 
 def load_rows(folders: list[str], baseline: str | None = None) -> tuple[list[dict], float | None, str]:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.step < 2 or args.active < 1:
         raise SystemExit("--step must be >= 2 (one warm-up step at least) and --active >= 1")
 
-    from cap_ds import steptimer
+    from cap_ds.runtime import steptimer
     from cap_ds.train import cli
 
     cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"

@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.launch import DEFAULT_GLUE, REPO, offline_env, train_command  # noqa: E402
-from cap_ds.atomic import atomic_file  # noqa: E402
+from cap_ds.runtime.atomic import atomic_file  # noqa: E402
 
 # name -> (label, pruning method, CAP modules)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -274,7 +274,7 @@ class Sweep:
         return rows
 
     def report(self, rows: list[dict]) -> None:
-        from cap_ds.plots import plot_accuracy_vs_sparsity
+        from cap_ds.run.plots import plot_accuracy_vs_sparsity
 
         metric = rows[0]["metric_name"]
         teacher = self.out / "teacher" / "metrics.json"  # a teacher fine-tuned in this folder, else the given one

@@ -31,32 +31,32 @@ import warnings
 
 import torch
 
-from cap_ds.args import parse_args
 from cap_ds.cap import CapObjective, Shard, make_banks
-from cap_ds.checkpoint import Checkpointer, set_seed
-from cap_ds.collectives import barrier, destroy_world, init_world
 from cap_ds.compression import sparsity_report
-from cap_ds.data import GlueCollator, get_task, load_glue_split, make_loaders, tokenize_dataset
-from cap_ds.diagnostics import GradientDiagnostic
-from cap_ds.ds_config import (
+from cap_ds.data.glue import GlueCollator, get_task, load_glue_split, make_loaders, tokenize_dataset
+from cap_ds.data.models import SentenceVectorHook, check_fic_width, load_student, load_teacher, load_tokenizer
+from cap_ds.run.args import parse_args
+from cap_ds.run.export import export_pretrained
+from cap_ds.run.preflight import launcher_rank, preflight
+from cap_ds.run.results import run_results, write_results, write_state
+from cap_ds.runtime.collectives import barrier, destroy_world, init_world
+from cap_ds.runtime.errors import TrainingFailed, UserError
+from cap_ds.runtime.monitor import RunLog, ScalarLogger, configure_logging
+from cap_ds.runtime.signals import StopRequested, StopSignals
+from cap_ds.training.checkpoint import Checkpointer, set_seed
+from cap_ds.training.diagnostics import GradientDiagnostic
+from cap_ds.training.ds_config import (
     build_ds_config,
     check_diagnostic,
     computes_in_bf16,
     warn_unknown_keys,
 )
-from cap_ds.encode import Encoder, Snapshots, fill_prc, restrict_encoded_rows, teacher_outputs
-from cap_ds.errors import TrainingFailed, UserError
-from cap_ds.export import export_pretrained
-from cap_ds.losses import TrainingLoss
-from cap_ds.models import SentenceVectorHook, check_fic_width, load_student, load_teacher, load_tokenizer
-from cap_ds.monitor import RunLog, ScalarLogger, configure_logging
-from cap_ds.optim import build_optimizer, optimizer_groups, optimizer_name
-from cap_ds.plan import plan_steps
-from cap_ds.preflight import launcher_rank, preflight
-from cap_ds.pruning import install_pruning, lr_schedule, pruning_schedule
-from cap_ds.results import run_results, write_results, write_state
-from cap_ds.signals import StopRequested, StopSignals
-from cap_ds.trainer import CapTrainer, LoopSettings
+from cap_ds.training.encode import Encoder, Snapshots, fill_prc, restrict_encoded_rows, teacher_outputs
+from cap_ds.training.losses import TrainingLoss
+from cap_ds.training.optim import build_optimizer, optimizer_groups, optimizer_name
+from cap_ds.training.plan import plan_steps
+from cap_ds.training.pruning import install_pruning, lr_schedule, pruning_schedule
+from cap_ds.training.trainer import CapTrainer, LoopSettings
 
 logger = logging.getLogger("cap_ds.train")
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rargs = args[2]  # margs, dargs, rargs, pargs, cargs
     # Stop signals from here on: remembered during setup, acted on at the next optimizer step or batch of an
-    # encode pass (cap_ds/signals.py).
+    # encode pass (cap_ds/runtime/signals.py).
     stop = StopSignals().install()
     for signum in _EARLY_SIGNALS:
         stop.request(signum)
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return run(*args, pre, stop, world, rank, show_progress, progress)
     except BaseException as err:
-        from cap_ds.faults import settle
-        from cap_ds.results import record_failure
+        from cap_ds.run.faults import settle
+        from cap_ds.run.results import record_failure
 
         # The one-line cause, settled among the ranks while the process group lives: the first rank to fail
         # reports it; a rank that dies of its broken connection stays quiet (rank 0 records the claimed cause).
@@ -259,9 +259,9 @@ def cli(argv: list[str] | None = None) -> int:
     """The command line: exit 0 when the run completed or stopped on SIGTERM/SIGUSR1 with a checkpoint, 130 on
     SIGINT, 2 for bad input (one line on stderr naming the flag, file or value), 1 for a fault (one line naming
     the cause: the path and OS error of an I/O failure, a diverged run, ...; train_state.json says failed once
-    training started). With several ranks only the first to fail prints (cap_ds/faults.py). No traceback unless
+    training started). With several ranks only the first to fail prints (cap_ds/run/faults.py). No traceback unless
     CAP_DS_TRACEBACK=1."""
-    from cap_ds.faults import settle
+    from cap_ds.run.faults import settle
 
     debug = os.environ.get("CAP_DS_TRACEBACK") == "1"
     try:

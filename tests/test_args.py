@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cap_ds.args import ArgumentError, parse_args
-from cap_ds.preflight import preflight
+from cap_ds.run.args import ArgumentError, parse_args
+from cap_ds.run.preflight import preflight
 
 
 def args(*extra):
@@ -120,7 +120,7 @@ def test_output_dir_that_is_a_file(tmp_path):
 def test_every_flag_has_a_description(capsys):
     from dataclasses import fields
 
-    from cap_ds.args import ALL_ARGUMENTS
+    from cap_ds.run.args import ALL_ARGUMENTS
 
     missing = [f.name for cls in ALL_ARGUMENTS for f in fields(cls) if not f.metadata.get("help")]
     assert missing == []
@@ -180,7 +180,7 @@ def test_teacher_folder_names_the_missing_file(tmp_path, model_path, glue_dir):
 
 
 def test_max_seq_length_beyond_the_models_positions(model_path, glue_dir):
-    from cap_ds.errors import UserError
+    from cap_ds.runtime.errors import UserError
 
     parsed = args("--data_dir", str(glue_dir), "--cap", "none", "--model_name_or_path", model_path,
                   "--max_seq_length", "1024")
@@ -189,7 +189,7 @@ def test_max_seq_length_beyond_the_models_positions(model_path, glue_dir):
 
 
 def test_schedules_that_cannot_work_are_refused_before_loading(tmp_path, model_path, glue_dir):
-    from cap_ds.plan import PlanError
+    from cap_ds.training.plan import PlanError
 
     base = ["--data_dir", str(glue_dir), "--cap", "none", "--model_name_or_path", model_path,
             "--max_train_samples", "64", "--per_device_train_batch_size", "8"]

@@ -4,7 +4,7 @@ Real runs of cap_ds/train.py (the 2-layer MiniLM on real SST-2 rows, the COMMON 
 2, 4 and 6 (4 and 6 kept) of 7. Bytes flipped in the newest one at the same size: ``--resume auto`` falls back to the
 previous checkpoint with a warning naming the file and finishes; ``--resume step6`` is refused with one line (exit
 2); a manifest of an older cap_ds (sizes only) still resumes. The exported ``final/`` carries ``files.json``:
-:func:`cap_ds.export.verify_folder` finds nothing, then the corruption. Unit tests cover the manifest functions on
+:func:`cap_ds.run.export.verify_folder` finds nothing, then the corruption. Unit tests cover the manifest functions on
 small files.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cap_ds import manifest as fm
-from cap_ds.checkpoint import (
+from cap_ds.run.export import EXPORT_MANIFEST, verify_folder
+from cap_ds.runtime import manifest as fm
+from cap_ds.training.checkpoint import (
     MANIFEST,
     RANK_SUMS,
     CheckpointError,
@@ -28,7 +29,6 @@ from cap_ds.checkpoint import (
     resolve_resume,
     write_manifest,
 )
-from cap_ds.export import EXPORT_MANIFEST, verify_folder
 from tests.conftest import COMMON, REPO, run_env
 
 RUN = [*COMMON, "--cap", "prc", "--extra_negatives", "16", "--max_steps", "7", "--save_steps", "2"]

@@ -1,4 +1,4 @@
-"""Tests for cap_ds.data: GLUE readers (real SST-2/CoLA/STS-B files + synthetic TSVs), hub path, tokenisation,
+"""Tests for cap_ds.data.glue: GLUE readers (real SST-2/CoLA/STS-B files + synthetic TSVs), hub path, tokenisation,
 collation and metrics."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cap_ds import data as D
-from cap_ds.data import (
+from cap_ds.data.glue import (
     TASKS,
     GlueCollator,
     compute_metrics,
@@ -276,7 +276,7 @@ def test_qqp_malformed_rows_skipped(tmp_path, caplog):
             "3\t7\t8\textra\tcolumns\t0\tX",
         ],
     )
-    with caplog.at_level(logging.WARNING, logger="cap_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="cap_ds.data.glue"):
         ds = load_glue_split(get_task("qqp"), "train", str(tmp_path))
     assert ds.to_dict() == {
         "sentence1": ["How are you?", "Where?"],

@@ -38,7 +38,7 @@ def launch(script: str, args: list[str], world: int = 2, timeout: int = 300, ext
 
 def single_process_reference():
     from cap_ds.cap import Shard
-    from cap_ds.models import SentenceVectorHook
+    from cap_ds.data.models import SentenceVectorHook
 
     model = make_model()
     hook = SentenceVectorHook(model, "pooler")

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from cap_ds.ds_config import KNOWN_TOP_LEVEL_KEYS, warn_unknown_keys
+from cap_ds.training.ds_config import KNOWN_TOP_LEVEL_KEYS, warn_unknown_keys
 from tests.conftest import REPO, run_env
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -34,8 +34,8 @@ SCRIPT = textwrap.dedent("""
 
     # The optimizer the offload configs get, on a model with pruning scores: the same three groups.
     import deepspeed
-    from cap_ds.ds_config import build_ds_config
-    from cap_ds.optim import build_optimizer, optimizer_groups
+    from cap_ds.training.ds_config import build_ds_config
+    from cap_ds.training.optim import build_optimizer, optimizer_groups
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -96,7 +96,7 @@ def test_shipped_configs_use_only_known_keys(caplog):
 def test_unknown_top_level_keys_are_named_in_a_warning(caplog):
     cfg = {"zero_optimisation": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": True},
            "my_note": "x"}
-    with caplog.at_level(logging.WARNING, logger="cap_ds.ds_config"):
+    with caplog.at_level(logging.WARNING, logger="cap_ds.training.ds_config"):
         assert warn_unknown_keys(cfg, "my.json") == ["my_note", "zero_optimisation"]
     [record] = caplog.records
     assert "--deepspeed my.json" in record.message and "'zero_optimisation'" in record.message

@@ -20,8 +20,8 @@ import sys
 
 import pytest
 
-from cap_ds.ds_config import build_ds_config, computes_in_bf16
-from cap_ds.optim import adamw_implementation, build_optimizer, optimizer_groups
+from cap_ds.training.ds_config import build_ds_config, computes_in_bf16
+from cap_ds.training.optim import adamw_implementation, build_optimizer, optimizer_groups
 from tests.conftest import REPO, run_env
 
 CONFIGS = {p.stem: p for p in sorted((REPO / "ds_configs").glob("*.json"))}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cap_ds import faults
-from cap_ds.args import ArgumentError, parse_args
-from cap_ds.atomic import atomic_dir, atomic_file
+from cap_ds.run import faults
+from cap_ds.run.args import ArgumentError, parse_args
+from cap_ds.runtime.atomic import atomic_dir, atomic_file
 from tests.conftest import REPO, free_port, run_env
 
 TINY = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "64",

@@ -9,7 +9,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from cap_ds.models import (
+from cap_ds.data.models import (
     SentenceVectorHook,
     check_teacher,
     check_tokenizers,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cap_ds.plots import plot_accuracy_vs_sparsity, plot_sparsity_heatmap, sparsity_grid
+from cap_ds.run.plots import plot_accuracy_vs_sparsity, plot_sparsity_heatmap, sparsity_grid
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -61,7 +61,7 @@ def test_export_of_a_masked_model_carries_its_heatmap(tmp_path, model_path):
     from transformers import AutoTokenizer
 
     from cap_ds.compression import compression_scheduler, init_compression
-    from cap_ds.export import export_pretrained
+    from cap_ds.run.export import export_pretrained
     from tests.test_compression import sparse_cfg, tiny_bert
 
     model = init_compression(tiny_bert(), sparse_cfg("l1", 0.25))

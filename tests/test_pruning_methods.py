@@ -292,8 +292,8 @@ def test_optimizer_groups_match_reference(model_path):
     """Reference (CAP's masked_run_glue.py): scores in their own group at the score LR with no weight decay;
     biases and LayerNorm without decay; the embeddings frozen (MaskedBertModel) and so in no group."""
     from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
-    from cap_ds.models import load_student
-    from cap_ds.optim import optimizer_groups
+    from cap_ds.data.models import load_student
+    from cap_ds.training.optim import optimizer_groups
 
     model = load_student(model_path, 2, ("negative", "positive"), "num_hidden_layers=1")
     section = {"sparse_pruning": {"shared_parameters": {"enabled": True, "method": "movement", "schedule_offset": 0},
@@ -345,7 +345,7 @@ def _train_tiny(method: str, cache: bool, monkeypatch) -> tuple[dict, list, int]
                                                              "modules": [r"encoder\.layer\.\d+\."]}}}}
     init_compression(model, {"compression_training": section})
     sched = CompressionScheduler(model, {"compression_training": section})
-    from cap_ds.optim import optimizer_groups
+    from cap_ds.training.optim import optimizer_groups
 
     opt = torch.optim.AdamW(optimizer_groups(model, 0.01, 0.1), lr=1e-2)
     gen = torch.Generator().manual_seed(1)

@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import torch
 
-from cap_ds.args import parse_args
-from cap_ds.checkpoint import MANIFEST, CheckpointError, check_complete, find_resume_tag, safe_load
-from cap_ds.manifest import file_checksum
-from cap_ds.preflight import preflight
-from cap_ds.rundir import RunDirError
+from cap_ds.run.args import parse_args
+from cap_ds.run.preflight import preflight
+from cap_ds.run.rundir import RunDirError
+from cap_ds.runtime.manifest import file_checksum
+from cap_ds.training.checkpoint import MANIFEST, CheckpointError, check_complete, find_resume_tag, safe_load
 from tests.conftest import REPO, free_port, run_env
 
 TINY = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "64",
@@ -90,10 +90,10 @@ def test_diverged_run_fails_without_publishing(glue_dir, model_path, tmp_path):
 
 
 def test_a_schedule_short_of_its_target_fails():
-    from cap_ds.args import PruningArguments
     from cap_ds.compression import check_schedule_reached, parse_compression_config
-    from cap_ds.errors import TrainingFailed
-    from cap_ds.pruning import sparse_section
+    from cap_ds.run.args import PruningArguments
+    from cap_ds.runtime.errors import TrainingFailed
+    from cap_ds.training.pruning import sparse_section
 
     pargs = PruningArguments(pruning_method="magnitude", target_sparsity=0.9, prune_modules="encoder")
     cfg = parse_compression_config({"compression_training": sparse_section(pargs, 2, 6)})

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from cap_ds.args import parse_args
-from cap_ds.ds_config import DeepSpeedConfigError, build_ds_config, validate_ds_config
-from cap_ds.errors import UserError
-from cap_ds.preflight import preflight
-from cap_ds.rundir import ASIDE_PREFIX, RUN_FILES, plan_output_dir, present_run_files
-from cap_ds.runlock import LOCK_NAME, Holder, RunLock, RunLockError
+from cap_ds.run.args import parse_args
+from cap_ds.run.preflight import preflight
+from cap_ds.run.rundir import ASIDE_PREFIX, RUN_FILES, plan_output_dir, present_run_files
+from cap_ds.run.runlock import LOCK_NAME, Holder, RunLock, RunLockError
+from cap_ds.runtime.errors import UserError
+from cap_ds.training.ds_config import DeepSpeedConfigError, build_ds_config, validate_ds_config
 from tests.conftest import REPO, run_env
 
 TINY = ["--config_overrides", "num_hidden_layers=2", "--task_name", "sst2", "--max_train_samples", "32",
@@ -108,7 +108,7 @@ def test_lock_is_released_when_the_holder_exits_or_dies(tmp_path):
     """At exit (an exception included) the file is deleted; a SIGKILLed holder leaves it, with its flock free."""
     code = textwrap.dedent("""
         import os, sys, time
-        from cap_ds.runlock import RunLock
+        from cap_ds.run.runlock import RunLock
         RunLock(sys.argv[1]).acquire()
         print("locked", flush=True)
         if sys.argv[2] == "raise":
@@ -209,7 +209,7 @@ def test_a_failure_after_the_folder_was_prepared_puts_the_old_run_back(glue_dir,
         from pathlib import Path
 
         import cap_ds.train as t
-        from cap_ds.errors import UserError
+        from cap_ds.runtime.errors import UserError
 
         def boom(*a, **k):
             assert any(p.name.startswith(".replaced-") for p in Path(sys.argv[-1]).iterdir()), "not moved aside"

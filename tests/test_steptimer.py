@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from cap_ds.steptimer import StepTimer, warmup_steps
+from cap_ds.runtime.steptimer import StepTimer, warmup_steps
 
 
 def test_warmup_rule_is_max_of_5_steps_and_10_percent():

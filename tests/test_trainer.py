@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from cap_ds.cap import ShardSampler
 from cap_ds.compression import PruningSchedule
-from cap_ds.data import get_task
-from cap_ds.errors import TrainingFailed
-from cap_ds.losses import TrainingLoss
-from cap_ds.monitor import RunLog
-from cap_ds.signals import StopSignals
-from cap_ds.trainer import CapTrainer, LoopSettings
+from cap_ds.data.glue import get_task
+from cap_ds.runtime.errors import TrainingFailed
+from cap_ds.runtime.monitor import RunLog
+from cap_ds.runtime.signals import StopSignals
+from cap_ds.training.losses import TrainingLoss
+from cap_ds.training.trainer import CapTrainer, LoopSettings
 
 N, BATCH, DIM = 20, 2, 4
 

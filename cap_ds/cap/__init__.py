@@ -1,7 +1,7 @@
 """The paper's idea: memory banks (PrC, SnC, FiC) and the contrastive loss. Knows nothing about GLUE."""
 
-from .banks import MemoryBank, encode_dataset, make_banks
-from .loss import (
+from cap_ds.cap.banks import MemoryBank, encode_dataset, make_banks
+from cap_ds.cap.loss import (
            REDUCTIONS,
            Candidates,
            build_candidates,
@@ -10,8 +10,8 @@ from .loss import (
            positive_stats,
            reduce_stats,
 )
-from .objective import MODULES, CapObjective
-from .shards import Shard, ShardSampler
+from cap_ds.cap.objective import MODULES, CapObjective
+from cap_ds.cap.shards import Shard, ShardSampler
 
 __all__ = ["MODULES", "REDUCTIONS", "Candidates", "CapObjective", "MemoryBank", "Shard", "ShardSampler",
            "build_candidates", "contrastive_terms", "encode_dataset", "make_banks", "kd_loss", "positive_stats", "reduce_stats"]

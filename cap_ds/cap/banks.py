@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..monitor import PassReport
-from ..transfer import host_to_device
-from .shards import Shard
+from cap_ds.cap.shards import Shard
+from cap_ds.runtime.monitor import PassReport
+from cap_ds.runtime.transfer import host_to_device
 
 
 class MemoryBank:

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..collectives import all_gather_equal, min_over_ranks, rank, summed, world_size
-from ..transfer import host_index, host_to_device
-from .banks import MemoryBank
-from .loss import build_candidates, positive_stats, reduce_stats
+from cap_ds.cap.banks import MemoryBank
+from cap_ds.cap.loss import build_candidates, positive_stats, reduce_stats
+from cap_ds.runtime.collectives import all_gather_equal, min_over_ranks, rank, summed, world_size
+from cap_ds.runtime.transfer import host_index, host_to_device
 
 MODULES = ("prc", "snc", "fic")
 

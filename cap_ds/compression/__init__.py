@@ -7,30 +7,30 @@ gathered reads / master-copy writes (ZeRO 2/3 safe). ``compression/`` knows noth
 Importing this package registers the pruned BERT/RoBERTa classes with transformers' Auto API.
 """
 
-from .clean import (
+from cap_ds.compression.clean import (
     baked_state,
     has_structured_masks,
     parameter_counts,
     redundancy_clean,
     save_clean_pretrained,
 )
-from .compress import bake_masks, init_compression, masked_modules
-from .config import (
+from cap_ds.compression.compress import bake_masks, init_compression, masked_modules
+from cap_ds.compression.config import (
     COMPRESSION_KEY,
     CompressionConfig,
     CompressionConfigError,
     parse_compression_config,
     strip_compression_section,
 )
-from .first_order import (
+from cap_ds.compression.first_order import (
     FirstOrderPruner,
     ImportancePass,
     StageSchedule,
     first_order_section,
     structured_sparsity,
 )
-from .layers import MaskedLinear, is_score_parameter
-from .pruned_modeling import (
+from cap_ds.compression.layers import MaskedLinear, is_score_parameter
+from cap_ds.compression.pruned_modeling import (
     CapPrunedBertConfig,
     CapPrunedBertForSequenceClassification,
     CapPrunedBertModel,
@@ -39,7 +39,7 @@ from .pruned_modeling import (
     CapPrunedRobertaModel,
     register_auto_classes,
 )
-from .scheduler import (
+from cap_ds.compression.scheduler import (
     CompressionScheduler,
     PruningSchedule,
     check_schedule_reached,
@@ -47,7 +47,7 @@ from .scheduler import (
     cubic_schedule,
     warmup_offsets,
 )
-from .stats import ENCODER_LINEAR_PATTERN, sparsity_report
+from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN, sparsity_report
 
 register_auto_classes()
 

@@ -18,19 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_dir
-from ..collectives import barrier, rank
-from .compress import _set_submodule, stored_config
-from .config import (
+from cap_ds.compression.compress import _set_submodule, stored_config
+from cap_ds.compression.config import (
     HEAD_PRUNING,
     ROW_PRUNING,
     CompressionConfig,
     CompressionConfigError,
     as_compression_config,
 )
-from .groups import resolve, unwrap
-from .layers import MaskedLinear, is_score_parameter
-from .pruned_modeling import (
+from cap_ds.compression.groups import resolve, unwrap
+from cap_ds.compression.layers import MaskedLinear, is_score_parameter
+from cap_ds.compression.pruned_modeling import (
     AUTO_CLASSES,
     CapPrunedBertConfig,
     CapPrunedBertForSequenceClassification,
@@ -39,7 +37,9 @@ from .pruned_modeling import (
     CapPrunedRobertaForSequenceClassification,
     CapPrunedRobertaModel,
 )
-from .zero import gathered, model_is_zero3, module_params
+from cap_ds.compression.zero import gathered, model_is_zero3, module_params
+from cap_ds.runtime.atomic import atomic_dir
+from cap_ds.runtime.collectives import barrier, rank
 
 MODELING_FILE = "modeling_cap_pruned.py"
 _PRUNED_FOR = {  # exact class -> (pruned class, config class, prefix of the encoder in parameter names)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import (
+from cap_ds.compression.config import (
     HEAD_PRUNING,
     ROW_PRUNING,
     SPARSE_PRUNING,
@@ -20,9 +20,9 @@ from .config import (
     CompressionConfigError,
     as_compression_config,
 )
-from .groups import linear_modules, resolve, unwrap
-from .layers import MaskedLinear
-from .zero import gathered, model_is_zero3, module_params, write_param
+from cap_ds.compression.groups import linear_modules, resolve, unwrap
+from cap_ds.compression.layers import MaskedLinear
+from cap_ds.compression.zero import gathered, model_is_zero3, module_params, write_param
 
 CONFIG_ATTR = "_cap_compression_config"
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layers import MASK_INITS
-from .methods import HEAD_METHODS, ROW_METHODS, SPARSE_METHODS, canonical_method
+from cap_ds.compression.layers import MASK_INITS
+from cap_ds.compression.methods import HEAD_METHODS, ROW_METHODS, SPARSE_METHODS, canonical_method
+from cap_ds.runtime.errors import UserError
 
 COMPRESSION_KEY = "compression_training"
 SPARSE_PRUNING = "sparse_pruning"
@@ -58,7 +59,7 @@ DEFAULT_METHOD = {SPARSE_PRUNING: "l1", ROW_PRUNING: "l1", HEAD_PRUNING: "topk"}
 GROUP_KEYS = {"params", "modules", "related_modules"}
 
 
-class CompressionConfigError(ValueError):
+class CompressionConfigError(UserError, ValueError):
     """A ``compression_training`` section that cannot be used; the message names the key."""
 
 

@@ -24,22 +24,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..collectives import broadcast_from_rank0, sum_in_place
-from ..errors import TrainingFailed
-from ..monitor import PassReport
-from ..transfer import to_device
-from .compress import init_compression, stored_config
-from .config import (
+from cap_ds.compression.compress import init_compression, stored_config
+from cap_ds.compression.config import (
     HEAD_PRUNING,
     ROW_PRUNING,
     CompressionConfig,
     CompressionConfigError,
     as_compression_config,
 )
-from .groups import linear_modules, resolve, unwrap
-from .layers import MaskedLinear
-from .scheduler import PruningSchedule
-from .zero import model_is_zero3
+from cap_ds.compression.groups import linear_modules, resolve, unwrap
+from cap_ds.compression.layers import MaskedLinear
+from cap_ds.compression.scheduler import PruningSchedule
+from cap_ds.compression.zero import model_is_zero3
+from cap_ds.runtime.collectives import broadcast_from_rank0, sum_in_place
+from cap_ds.runtime.errors import TrainingFailed
+from cap_ds.runtime.monitor import PassReport
+from cap_ds.runtime.transfer import to_device
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import HEAD_PRUNING, SPARSE_PRUNING, CompressionConfig, CompressionConfigError, TechniqueConfig
+from cap_ds.compression.config import (
+    HEAD_PRUNING,
+    SPARSE_PRUNING,
+    CompressionConfig,
+    CompressionConfigError,
+    TechniqueConfig,
+)
 
 
 @dataclass

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import kernel_wanted, masked_linear, recomputed_masked_linear
-from .methods import (
+from cap_ds.compression.methods import (
     HEAD_METHODS,
     ROW_METHODS,
     SCORE_METHODS,
@@ -29,6 +28,7 @@ from .methods import (
     num_kept,
     unit_mask,
 )
+from cap_ds.ops import kernel_wanted, masked_linear, recomputed_masked_linear
 
 # Route the plain sparse-masked product through cap_ds.ops.masked_linear, which picks the kernel or the PyTorch
 # expression (CAP_DS_MASKED_KERNEL=auto|on|off; auto: the expression wherever the kernel was not measured faster,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .topk import (  # noqa: F401  (re-exported: the top-k candidates used to live here)
+from cap_ds.compression.topk import (  # noqa: F401  (re-exported: the top-k candidates used to live here)
     DEFAULT_TOPK,
     DEFAULT_TOPK_OTHER,
     ENV_TOPK,

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TrainingFailed
-from .compress import masked_modules
-from .config import CompressionConfig, TechniqueConfig, as_compression_config
-from .layers import MaskedLinear, register_mask_prefill
-from .stats import sparsity_report
-from .topk import HISTOGRAM_BINS, RADIX_DTYPES, topk_impl, topk_keep_batched
+from cap_ds.compression.compress import masked_modules
+from cap_ds.compression.config import CompressionConfig, TechniqueConfig, as_compression_config
+from cap_ds.compression.layers import MaskedLinear, register_mask_prefill
+from cap_ds.compression.stats import sparsity_report
+from cap_ds.compression.topk import HISTOGRAM_BINS, RADIX_DTYPES, topk_impl, topk_keep_batched
+from cap_ds.runtime.errors import TrainingFailed
 
 # Batched mask prefill (issue 22): at the first sparse mask a step needs, compute the masks of every whole (not
 # ZeRO-3 partitioned) unstructured magnitude/movement layer at once, one radix top-k per (entries, dtype, device)

@@ -11,9 +11,9 @@ import re
 import torch
 from torch import nn
 
-from .groups import unwrap
-from .layers import MaskedLinear
-from .zero import gathered, module_params
+from cap_ds.compression.groups import unwrap
+from cap_ds.compression.layers import MaskedLinear
+from cap_ds.compression.zero import gathered, module_params
 
 ENCODER_LINEAR_PATTERN = r"encoder\.layer\.\d+\."
 

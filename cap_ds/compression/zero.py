@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from ..collectives import rank
+from cap_ds.runtime.collectives import rank
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from .masked_linear import (
+from cap_ds.ops.masked_linear import (
     kernel_wanted,
     masked_kernel_mode,
     masked_linear,
@@ -57,7 +57,7 @@ def load_kernels(verbose: bool | None = None) -> ModuleType | None:
             verbose = os.environ.get("CAP_DS_KERNELS_VERBOSE", "0") == "1"
         module = None
         try:
-            from .builder import CapMaskedGemmBuilder, CapMaskedGemmCPUBuilder, nvcc_available
+            from cap_ds.ops.builder import CapMaskedGemmBuilder, CapMaskedGemmCPUBuilder, nvcc_available
 
             # torch with CUDA but no nvcc: still build the C++ kernels (CUDA tensors then use PyTorch).
             cpu_only = torch.cuda.is_available() and not nvcc_available()

@@ -159,7 +159,7 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: 
         return False
     if mode == "auto" and not kernel_wins(x.device.type, x.dtype):
         return False
-    from . import kernels_support
+    from cap_ds.ops import kernels_support
 
     return kernels_support(x.device)
 
@@ -168,7 +168,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight * mask, bias)``: through the kernel where :func:`use_kernel` says so, else PyTorch."""
     if use_kernel(x, weight, mask, bias):
-        from . import load_kernels
+        from cap_ds.ops import load_kernels
 
         return MaskedLinearFunction.apply(x, weight, mask, bias, load_kernels())
     return masked_linear_reference(x, weight, mask, bias)

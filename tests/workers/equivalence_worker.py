@@ -26,7 +26,7 @@ def main(out_path: str) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from cap_ds.cap import Shard, ShardSampler, encode_dataset
-    from cap_ds.models import SentenceVectorHook
+    from cap_ds.data.models import SentenceVectorHook
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

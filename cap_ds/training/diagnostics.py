@@ -7,11 +7,11 @@ import math
 
 import torch
 
-from .cap import CapObjective
-from .checkpoint import rng_state, set_rng_state
-from .compression import is_score_parameter
-from .losses import TrainingLoss
-from .monitor import RunLog, ScalarLogger
+from cap_ds.cap import CapObjective
+from cap_ds.compression import is_score_parameter
+from cap_ds.runtime.monitor import RunLog, ScalarLogger
+from cap_ds.training.checkpoint import rng_state, set_rng_state
+from cap_ds.training.losses import TrainingLoss
 
 
 class GradientDiagnostic:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .collectives import max_over_ranks_
+from cap_ds.runtime.collectives import max_over_ranks_
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, read_run_config, resolve_resume
-from .ds_config import MONITOR_KEYS
+from cap_ds.runtime.errors import UserError
+from cap_ds.training.checkpoint import CheckpointError, read_run_config, resolve_resume
+from cap_ds.training.ds_config import MONITOR_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ PATH_FLAGS = ("model_name_or_path", "teacher_name_or_path", "data_dir")
 ASIDE_PREFIX = ".replaced-"  # hidden, and not a run file: a folder holding only an aside is not "a run"
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """An --output_dir / --resume combination that would mix or lose runs; names what to do instead."""
 
 

@@ -13,12 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .compression import parse_compression_config
+from cap_ds.compression import parse_compression_config
+from cap_ds.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """Flags whose schedule cannot work; the message names them."""
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UserError
+from cap_ds.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 

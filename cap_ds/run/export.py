@@ -8,7 +8,7 @@ Both are collectives under ZeRO-3 (call on every rank); rank 0 writes to a tempo
 so a failed export never leaves a half-written directory. Given the sparsity report, the export also carries
 ``sparsity.json`` and the per-layer heat-map ``sparsity_heatmap.png``. Written last, ``files.json`` records the size
 and checksum of every other file, so a user or a later tool can check a copied or archived export with
-:func:`verify_folder` (``python -c "from cap_ds.export import verify_folder; print(verify_folder('final'))"``).
+:func:`verify_folder` (``python -c "from cap_ds.run.export import verify_folder; print(verify_folder('final'))"``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_dir
-from .collectives import barrier, rank
-from .compression import baked_state, has_structured_masks, masked_modules, save_clean_pretrained
-from .compression.stats import sparsity_report as measure_sparsity
-from .manifest import EXPORT_MANIFEST, verify_folder, write_folder_manifest
-from .plots import plot_sparsity_heatmap
+from cap_ds.compression import baked_state, has_structured_masks, masked_modules, save_clean_pretrained
+from cap_ds.compression.stats import sparsity_report as measure_sparsity
+from cap_ds.run.plots import plot_sparsity_heatmap
+from cap_ds.runtime.atomic import atomic_dir
+from cap_ds.runtime.collectives import barrier, rank
+from cap_ds.runtime.manifest import EXPORT_MANIFEST, verify_folder, write_folder_manifest
 
 __all__ = ["EXPORT_MANIFEST", "export_pretrained", "plain_model", "sparsity_files", "verify_folder"]
 

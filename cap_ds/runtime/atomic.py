@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .faults import io_error
+from cap_ds.runtime.iofaults import io_error
 
 
 def _umask() -> int:

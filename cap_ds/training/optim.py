@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .compression import is_score_parameter
+from cap_ds.compression import is_score_parameter
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compression.config import load_ds_config
-from .data import count_local_rows, get_task
-from .ds_config import build_ds_config, check_diagnostic, validate_ds_config
-from .errors import UserError
-from .models import (
+from cap_ds.compression.config import load_ds_config
+from cap_ds.data.glue import count_local_rows, get_task
+from cap_ds.data.models import (
     check_model_folder,
     check_teacher,
     check_tokenizer_loads,
@@ -24,9 +22,11 @@ from .models import (
     load_config,
     max_positions,
 )
-from .plan import StepPlan, plan_steps
-from .rundir import RunDirPlan, plan_output_dir, run_config
-from .runlock import RunLock
+from cap_ds.run.rundir import RunDirPlan, plan_output_dir, run_config
+from cap_ds.run.runlock import RunLock
+from cap_ds.runtime.errors import UserError
+from cap_ds.training.ds_config import build_ds_config, check_diagnostic, validate_ds_config
+from cap_ds.training.plan import StepPlan, plan_steps
 
 
 @dataclass

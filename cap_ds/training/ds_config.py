@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .compression.config import COMPRESSION_KEY, load_ds_config
+from cap_ds.compression.config import COMPRESSION_KEY, load_ds_config
+from cap_ds.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
 }
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     """A ``--deepspeed`` value that conflicts with the command line."""
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json
+from cap_ds.runtime.atomic import write_json
 
 ALGORITHM = "crc32"
 CHUNK = 16 << 20  # 16 MiB: large reads, a small resident buffer

@@ -10,12 +10,13 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from .cap.loss import REDUCTIONS
-from .cap.objective import MODULES
-from .compression.layers import MASK_INITS
-from .compression.stats import ENCODER_LINEAR_PATTERN
-from .data import get_task
-from .models import SENTENCE_VECTORS
+from cap_ds.cap.loss import REDUCTIONS
+from cap_ds.cap.objective import MODULES
+from cap_ds.compression.layers import MASK_INITS
+from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
+from cap_ds.data.glue import get_task
+from cap_ds.data.models import SENTENCE_VECTORS
+from cap_ds.runtime.errors import UserError
 
 MODES = ("prune", "finetune")
 # [CLS] a [SEP] b [SEP]: a pair's special tokens and a token of each sentence. Below that the tokenizer ignores
@@ -24,7 +25,7 @@ MIN_SEQ_LENGTH = 5
 PRUNING_METHODS = ("magnitude", "movement", "soft_movement", "first_order")
 
 
-class ArgumentError(ValueError):
+class ArgumentError(UserError, ValueError):
     """A flag value that cannot work; raised before training starts."""
 
 

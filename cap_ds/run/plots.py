@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_file
+from cap_ds.runtime.atomic import atomic_file
 
 # ``bert.encoder.layer.3.attention.self.query`` -> layer 3, sub-module ``attention.self.query``
 _LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.(.+)$")

@@ -3,7 +3,7 @@
 Layout: ``<output_dir>/checkpoints/<tag>/`` holds DeepSpeed's files, ``cap_state_rank<r>.pt`` (bank shards,
 cached teacher logits, pruning-scheduler step, the extra-negative generator, loop position, timing, RNG states),
 ``run_config.json`` (the flags and DeepSpeed config of the run) and, written last, ``checkpoint_complete.json``:
-the size and CRC-32 checksum (:mod:`cap_ds.manifest`) of every file of the checkpoint. Each rank hashes the files
+the size and CRC-32 checksum (:mod:`cap_ds.runtime.manifest`) of every file of the checkpoint. Each rank hashes the files
 it wrote (DeepSpeed's, through its checkpoint engine, and its CAP state) right after writing them and leaves them in
 a hidden per-rank file; after a barrier rank 0 merges those, hashes its own late files (``run_config.json``) and
 writes the manifest. ``checkpoints/latest`` names the newest complete tag and is replaced atomically after that, so
@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import manifest as fm
-from .atomic import atomic_file, publish_modes, write_json
-from .collectives import barrier
+from cap_ds.runtime import manifest as fm
+from cap_ds.runtime.atomic import atomic_file, publish_modes, write_json
+from cap_ds.runtime.collectives import barrier
+from cap_ds.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ RANK_SUMS = ".checksums_rank{rank}.json"  # hidden: what one rank wrote and its 
 _STEP_TAG = re.compile(r"^step(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used (missing, incomplete, corrupt, or refused as unsafe); names the file."""
 
 

@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .cap import MemoryBank, Shard, ShardSampler, encode_dataset
-from .checkpoint import rng_state, set_rng_state
-from .collectives import all_gather_cat
-from .data import TaskSpec, compute_metrics, model_inputs
-from .errors import TrainingFailed, UserError
-from .models import SentenceVectorHook
-from .monitor import RunLog
-from .signals import StopRequested, StopSignals
-from .teachers import teacher_engine
-from .transfer import to_device
+from cap_ds.cap import MemoryBank, Shard, ShardSampler, encode_dataset
+from cap_ds.data.glue import TaskSpec, compute_metrics, model_inputs
+from cap_ds.data.models import SentenceVectorHook
+from cap_ds.runtime.collectives import all_gather_cat
+from cap_ds.runtime.errors import TrainingFailed, UserError
+from cap_ds.runtime.monitor import RunLog
+from cap_ds.runtime.signals import StopRequested, StopSignals
+from cap_ds.runtime.transfer import to_device
+from cap_ds.training.checkpoint import rng_state, set_rng_state
+from cap_ds.training.teachers import teacher_engine
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .steptimer import StepTimer
+from cap_ds.runtime.steptimer import StepTimer
 
 logger = logging.getLogger(__name__)
 

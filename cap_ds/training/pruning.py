@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .compression import (
+from cap_ds.compression import (
     CompressionConfig,
     CompressionScheduler,
     FirstOrderPruner,
@@ -26,9 +26,9 @@ from .compression import (
     init_compression,
     parse_compression_config,
 )
-from .encode import Snapshots
-from .losses import TrainingLoss
-from .plan import StepPlan
+from cap_ds.training.encode import Snapshots
+from cap_ds.training.losses import TrainingLoss
+from cap_ds.training.plan import StepPlan
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_file, write_json
-from .collectives import all_gather_cat
+from cap_ds.runtime.atomic import atomic_file, write_json
+from cap_ds.runtime.collectives import all_gather_cat
 
 logger = logging.getLogger(__name__)
 

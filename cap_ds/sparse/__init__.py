@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from .atomic import publish_modes
-from .ops import kernels_support, load_kernels
+from cap_ds.ops import kernels_support, load_kernels
+from cap_ds.runtime.atomic import publish_modes
 
 __all__ = ["SparseLinear", "SparsifySummary", "pack_csr", "sparsify", "densify", "weight_sparsity", "rule_format",
            "FORMATS", "POLICIES", "SMALL_BATCH_TOKENS", "clear_decision_cache", "time_candidates"]

@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .agreement import StepAgreement
-from .cap import Shard
-from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .collectives import world_size
-from .compression import PruningSchedule
-from .data import TaskSpec
-from .encode import Snapshots, evaluate
-from .errors import TrainingFailed
-from .losses import TrainingLoss, read_terms
-from .monitor import RunLog, ScalarLogger
-from .signals import StopRequested, StopSignals
-from .transfer import to_device
+from cap_ds.cap import Shard
+from cap_ds.compression import PruningSchedule
+from cap_ds.data.glue import TaskSpec
+from cap_ds.runtime.collectives import world_size
+from cap_ds.runtime.errors import TrainingFailed
+from cap_ds.runtime.monitor import RunLog, ScalarLogger
+from cap_ds.runtime.signals import StopRequested, StopSignals
+from cap_ds.runtime.transfer import to_device
+from cap_ds.training.agreement import StepAgreement
+from cap_ds.training.checkpoint import Checkpointer, rng_state, set_rng_state
+from cap_ds.training.encode import Snapshots, evaluate
+from cap_ds.training.losses import TrainingLoss, read_terms
 
 __all__ = ["CapTrainer", "LoopSettings", "StepCallback", "TrainingFailed"]
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .cap.shards import ShardSampler
+from cap_ds.cap.shards import ShardSampler
 
 logger = logging.getLogger(__name__)
 
@@ -345,8 +345,7 @@ def hub_offline() -> str | None:
 def hub_unavailable(task: TaskSpec, hub_split: str, err: BaseException) -> Exception:
     """One line for a split the hub could not give: offline and not cached is the user's setup (UserError, exit
     2), naming the cache folders looked in and --data_dir; online it is a fault (exit 1) naming the cause."""
-    from .errors import UserError
-    from .faults import Fault
+    from cap_ds.runtime.errors import Fault, UserError
 
     where = f"{HUB_DATASET}/{task.hub_config} split {hub_split!r}"
     files = f"{task.glue_dir}/train.tsv and {task.glue_dir}/{task.eval_file}"

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from cap_ds.runtime.errors import UserError
 
 LOCK_NAME = ".cap_ds.lock"
 

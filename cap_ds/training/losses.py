@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cap import CapObjective, Shard, kd_loss
-from .data import TaskSpec, model_inputs
-from .models import SentenceVectorHook
-from .transfer import host_to_device
+from cap_ds.cap import CapObjective, Shard, kd_loss
+from cap_ds.data.glue import TaskSpec, model_inputs
+from cap_ds.data.models import SentenceVectorHook
+from cap_ds.runtime.transfer import host_to_device
 
 
 @dataclass(frozen=True)

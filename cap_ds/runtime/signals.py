@@ -15,7 +15,7 @@ import signal
 
 import torch
 
-from .collectives import any_rank, min_over_ranks
+from cap_ds.runtime.collectives import any_rank, min_over_ranks
 
 logger = logging.getLogger(__name__)
 
