@@ -178,7 +178,8 @@ class MaskTracker:
 
 
 def evaluate(model, loader, task) -> float:
-    from cap_ds.data.glue import compute_metrics, model_inputs
+    from cap_ds.data.batches import model_inputs
+    from cap_ds.data.metrics import compute_metrics
 
     model.eval()
     logits, labels = [], []
@@ -195,7 +196,7 @@ def run_variant(args: argparse.Namespace, variant: Variant, data: dict, write) -
 
     from cap_ds.compression import CompressionScheduler, init_compression, masked_modules, warmup_offsets
     from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
-    from cap_ds.data.glue import model_inputs
+    from cap_ds.data.batches import model_inputs
     from cap_ds.data.models import default_model_path, load_student
     from cap_ds.training.checkpoint import set_seed
     from cap_ds.training.optim import optimizer_groups
@@ -303,7 +304,9 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    from cap_ds.data.glue import GlueCollator, get_task, load_glue_split, tokenize_dataset
+    from cap_ds.data.batches import GlueCollator, tokenize_dataset
+    from cap_ds.data.glue import load_glue_split
+    from cap_ds.data.tasks import get_task
     from cap_ds.data.models import default_model_path, load_tokenizer
 
     out = Path(args.output_dir)

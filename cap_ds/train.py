@@ -33,32 +33,52 @@ import torch
 
 from cap_ds.cap import CapObjective, Shard, make_banks
 from cap_ds.compression import sparsity_report
-from cap_ds.data.glue import GlueCollator, get_task, load_glue_split, make_loaders, tokenize_dataset
+from cap_ds.data.batches import GlueCollator, LoaderSettings, make_loaders, tokenize_dataset
+from cap_ds.data.glue import load_glue_split
 from cap_ds.data.models import SentenceVectorHook, check_fic_width, load_student, load_teacher, load_tokenizer
 from cap_ds.run.args import parse_args
 from cap_ds.run.export import export_pretrained
-from cap_ds.run.preflight import launcher_rank, preflight
-from cap_ds.run.results import run_results, write_results, write_state
+from cap_ds.run.faults import settle
+from cap_ds.run.preflight import Preflight, launcher_rank, preflight
+from cap_ds.run.results import record_failure, run_results, write_results, write_state
+from cap_ds.run.spec import RunSpec
 from cap_ds.runtime.collectives import barrier, destroy_world, init_world
 from cap_ds.runtime.errors import TrainingFailed, UserError
 from cap_ds.runtime.monitor import RunLog, ScalarLogger, configure_logging
 from cap_ds.runtime.signals import StopRequested, StopSignals
 from cap_ds.training.checkpoint import Checkpointer, set_seed
 from cap_ds.training.diagnostics import GradientDiagnostic
-from cap_ds.training.ds_config import (
-    build_ds_config,
-    check_diagnostic,
-    computes_in_bf16,
-    warn_unknown_keys,
+from cap_ds.training.ds_config import computes_in_bf16, warn_unknown_keys
+from cap_ds.training.encode import (
+    Encoder,
+    Snapshots,
+    TeacherSettings,
+    fill_prc,
+    restrict_encoded_rows,
+    teacher_outputs,
 )
-from cap_ds.training.encode import Encoder, Snapshots, fill_prc, restrict_encoded_rows, teacher_outputs
 from cap_ds.training.losses import TrainingLoss
 from cap_ds.training.optim import build_optimizer, optimizer_groups, optimizer_name
-from cap_ds.training.plan import plan_steps
 from cap_ds.training.pruning import install_pruning, lr_schedule, pruning_schedule
-from cap_ds.training.trainer import CapTrainer, LoopSettings
+from cap_ds.training.trainer import CapTrainer, LoopParts, LoopSettings
 
 logger = logging.getLogger("cap_ds.train")
+
+
+class RunProgress:
+    """How far the run got, told by the trainer's events: ``main`` records it when the run fails or stops."""
+
+    def __init__(self) -> None:
+        self.training, self.step = False, 0
+
+    def resumed_at(self, step: int) -> None:
+        self.step = step
+
+    def on_train_begin(self, step: int) -> None:
+        self.training, self.step = True, step
+
+    def on_step_end(self, step: int) -> None:
+        self.step = step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,44 +88,41 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would warn "Setting accelerator to CPU" on every import
-    args = parse_args(argv)
-    rargs = args[2]  # margs, dargs, rargs, pargs, cargs
+    flags = parse_args(argv)
+    output_dir = flags.run.output_dir
     # Stop signals from here on: remembered during setup, acted on at the next optimizer step or batch of an
-    # encode pass (cap_ds/runtime/signals.py).
+    # encode pass (runtime/signals.py).
     stop = StopSignals().install()
     for signum in _EARLY_SIGNALS:
         stop.request(signum)
     try:
-        pre = preflight(*args, lock=launcher_rank() == 0)  # rank 0 decides on the folder under its run lock
+        pre = preflight(flags, lock=launcher_rank() == 0)  # rank 0 decides on the folder under its run lock
     except (ValueError, FileNotFoundError, OSError) as err:  # every check in preflight is about the input
         raise UserError(str(err)) from err
     world, rank = init_world()
-    show_progress = configure_logging(rank == 0, rargs.disable_tqdm)
+    show_progress = configure_logging(rank == 0, flags.run.disable_tqdm)
     if rank == 0:
         pre.rundir.prepare()
     barrier()
-    progress = {"training": False, "step": 0}
+    progress = RunProgress()
     try:
-        return run(*args, pre, stop, world, rank, show_progress, progress)
+        return run(pre.spec.for_world(world), pre, stop, rank, show_progress, progress)
     except BaseException as err:
-        from cap_ds.run.faults import settle
-        from cap_ds.run.results import record_failure
-
         # The one-line cause, settled among the ranks while the process group lives: the first rank to fail
         # reports it; a rank that dies of its broken connection stays quiet (rank 0 records the claimed cause).
         failure = None if isinstance(err, StopRequested | KeyboardInterrupt | SystemExit) \
-            else settle(err, rargs.output_dir)
-        started = progress["training"] or pre.rundir.resume_tag is not None
+            else settle(err, output_dir)
+        started = progress.training or pre.rundir.resume_tag is not None
         if rank == 0 and isinstance(err, StopRequested):  # a signal before training: the passes are redone
-            write_state(rargs.output_dir, "preempted", progress["step"])
+            write_state(output_dir, "preempted", progress.step)
             logger.info("stopped on signal before training (no new checkpoint)")
         elif started and (rank == 0 or (failure is not None and failure.report)):
-            record_failure(rargs.output_dir, progress["step"], failure.line if failure is not None else err)
+            record_failure(output_dir, progress.step, failure.line if failure is not None else err)
         elif rank == 0:
             try:
                 pre.rundir.remove_new_files()  # nothing trained: leave no run behind
             except OSError as cleanup:
-                logger.warning("could not remove this run's files from %s: %s", rargs.output_dir, cleanup)
+                logger.warning("could not remove this run's files from %s: %s", output_dir, cleanup)
         if isinstance(err, StopRequested):
             err.exit_code = stop.exit_code
         raise
@@ -116,118 +133,111 @@ def main(argv: list[str] | None = None) -> dict:
             pre.lock.release()
 
 
-def run(margs, dargs, rargs, pargs, cargs, pre, stop, world: int, rank: int, show_progress: bool,
-        progress: dict) -> dict:
-    """The recipe (``progress`` tells ``main`` whether training started, and at which step it stopped)."""
+def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progress: bool,
+        progress: RunProgress) -> dict:
+    """The recipe for ``spec`` on this rank (``progress`` hears from the trainer how far it got)."""
     import deepspeed  # after main() chose the accelerator
 
-    is_rank0, prune = rank == 0, rargs.mode == "prune"
-    structured = prune and pargs.pruning_method == "first_order"
-    set_seed(rargs.seed)
+    flags, is_rank0, prune, world = spec.training, rank == 0, spec.prune, spec.world_size
+    set_seed(flags.seed)
 
-    # ---- args -> data, DeepSpeed config, step plan
-    task, tokenizer = get_task(dargs.task_name), load_tokenizer(pre.model_path)
-    train_ds, eval_ds = (tokenize_dataset(load_glue_split(task, split, dargs.data_dir, limit), task, tokenizer,
-                                          dargs.max_seq_length)
-                         for split, limit in (("train", dargs.max_train_samples), ("validation", dargs.max_eval_samples)))
+    # ---- data, step plan (hub data: sized once loaded), DeepSpeed config
+    task, tokenizer = spec.task, load_tokenizer(spec.model_path)
+    train_ds, eval_ds = (tokenize_dataset(load_glue_split(task, split, spec.data.data_dir, limit), task, tokenizer,
+                                          spec.data.max_seq_length)
+                         for split, limit in (("train", spec.data.max_train_samples),
+                                              ("validation", spec.data.max_eval_samples)))
     loaders = make_loaders(train_ds, eval_ds, GlueCollator(tokenizer, is_regression=task.is_regression), rank=rank,
-                           world=world, seed=rargs.seed, train_batch=rargs.per_device_train_batch_size,
-                           eval_batch=rargs.per_device_eval_batch_size, num_workers=rargs.dataloader_num_workers,
-                           importance=structured, pin_memory=torch.cuda.is_available())
-    ds_config, compression = build_ds_config(
-        rargs.deepspeed, micro_batch=rargs.per_device_train_batch_size, grad_accum=rargs.gradient_accumulation_steps,
-        world_size=world, max_grad_norm=rargs.max_grad_norm, output_dir=rargs.output_dir,
-        learning_rate=rargs.learning_rate, adam_epsilon=rargs.adam_epsilon, weight_decay=rargs.weight_decay)
-    check_diagnostic(ds_config, rargs.grad_norm_steps, rargs.deepspeed)
-    if is_rank0 and pre.ds_source is not None:
-        warn_unknown_keys(pre.ds_source, rargs.deepspeed)
-    plan = plan_steps(len(train_ds), world, rargs, pargs, prune=prune, compression=compression,
-                      source=str(rargs.deepspeed))
+                           world=world, settings=LoaderSettings(
+                               seed=flags.seed, train_batch=flags.per_device_train_batch_size,
+                               eval_batch=flags.per_device_eval_batch_size, num_workers=flags.dataloader_num_workers,
+                               importance=spec.structured, pin_memory=torch.cuda.is_available()))
+    spec = spec.with_train_rows(len(train_ds))
+    plan, ds_config = spec.plan, spec.deepspeed.config
+    if is_rank0 and spec.deepspeed.source is not None:
+        warn_unknown_keys(spec.deepspeed.source, flags.deepspeed)
     if is_rank0:
         plan.log(prune)
 
     # ---- models, then pruning (before deepspeed.initialize, so score parameters reach the optimizer)
-    student = load_student(pre.model_path, task.num_labels, task.label_names, margs.config_overrides)
-    teacher = load_teacher(margs.teacher_name_or_path) if prune and margs.teacher_name_or_path else None
-    modules = cargs.modules if prune else []
+    student = load_student(spec.model_path, task.num_labels, task.label_names, spec.model.config_overrides)
+    teacher = load_teacher(spec.teacher_path) if spec.teacher_path else None
+    modules = spec.modules
     check_fic_width(teacher, student, modules)
-    ce_weight, kd_weight = cargs.loss_weights(teacher is not None)
-    pruning = install_pruning(student, pargs, plan, compression, source=rargs.deepspeed,
+    ce_weight, kd_weight = spec.loss_weights()
+    pruning = install_pruning(student, spec.pruning, plan, spec.deepspeed.compression, source=flags.deepspeed,
                               is_rank0=is_rank0) if prune else None
 
     # ---- engine: AdamW over (weights, no-decay, scores); DeepSpeed's CPU Adam when the config offloads it
     optimizer, model_parameters = build_optimizer(
-        optimizer_groups(student, rargs.weight_decay, rargs.mask_scores_learning_rate), ds_config,
-        lr=rargs.learning_rate, eps=rargs.adam_epsilon)
+        optimizer_groups(student, flags.weight_decay, flags.mask_scores_learning_rate), ds_config,
+        lr=flags.learning_rate, eps=flags.adam_epsilon)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, model_parameters=model_parameters,
-                                      config=ds_config, lr_scheduler=lr_schedule(pruning, plan, pargs, rargs.warmup_ratio))
-    checkpointer = Checkpointer(rargs.output_dir, engine, rank, keep=rargs.save_total_limit, run_config=pre.run_config)
+                                      config=ds_config, lr_scheduler=lr_schedule(pruning, plan, spec.pruning,
+                                                                                 flags.warmup_ratio))
+    checkpointer = Checkpointer(flags.output_dir, engine, rank, keep=flags.save_total_limit, run_config=spec.identity)
     resume = checkpointer.load(pre.rundir.resume_tag) if pre.rundir.resume_tag is not None else None
-    progress["step"] = resume["global_step"] if resume is not None else 0
+    progress.resumed_at(resume["global_step"] if resume is not None else 0)
 
     # ---- CAP banks and teacher outputs (encode passes; a resumed run has them in its checkpoint)
     t_enc = time.perf_counter()
     shard = Shard(len(train_ds), rank, world)
-    banks = make_banks(modules, len(train_ds), student.config.hidden_size, cargs.bank_dtype, shard,
-                       cargs.max_snapshots)
-    hook = SentenceVectorHook(engine.module, margs.sentence_vector) if modules else None
+    cap = spec.cap
+    banks = make_banks(modules, len(train_ds), student.config.hidden_size, cap.bank_dtype, shard, cap.max_snapshots)
+    hook = SentenceVectorHook(engine.module, spec.model.sentence_vector) if modules else None
     objective = CapObjective(
         banks, None if task.is_regression else torch.tensor(train_ds["labels"], dtype=torch.long),
-        temperature=cargs.contrastive_temperature, extra_negatives=cargs.extra_negatives,
-        unsup_weight=cargs.cap_unsup_weight, sup_weight=cargs.cap_sup_weight, reduction=cargs.cap_reduction,
-        seed=rargs.seed + rank) if modules else None
+        temperature=cap.contrastive_temperature, extra_negatives=cap.extra_negatives,
+        unsup_weight=cap.cap_unsup_weight, sup_weight=cap.cap_sup_weight, reduction=cap.cap_reduction,
+        seed=flags.seed + rank) if modules else None
     encoder = Encoder(loaders.encode, len(train_ds), shard, engine.device, stop, show_progress and is_rank0, is_rank0)
-    live = teacher is not None and cargs.teacher_mode == "live" and kd_weight > 0
+    live = teacher is not None and cap.teacher_mode == "live" and kd_weight > 0
     restrict_encoded_rows(
-        shard, loaders.train.sampler, loaders.encode.sampler, resuming=resume is not None,
-        reach=plan.total_steps * rargs.gradient_accumulation_steps * rargs.per_device_train_batch_size,
-        resumed_pool=resume["encode_pool"] if resume is not None else None,
-        encodes=not structured and (bool(modules) or teacher is not None),
-        extra_negatives=cargs.extra_negatives if modules else 0, seed=rargs.seed, max_steps=rargs.max_steps,
-        is_rank0=is_rank0)
+        shard, loaders, reach=plan.total_steps * flags.gradient_accumulation_steps * flags.per_device_train_batch_size,
+        resume=resume, encodes=not spec.structured and (bool(modules) or teacher is not None),
+        extra_negatives=cap.extra_negatives if modules else 0, seed=flags.seed, max_steps=flags.max_steps)
     if stop.agreed(engine.device):  # a signal during setup: stop before the encode passes
         raise StopRequested
     taught = teacher_outputs(
-        teacher, resume=resume, encoder=encoder, banks=banks, eval_loader=loaders.evaluate, task=task,
-        sentence_vector=margs.sentence_vector, live=live, cache_logits=kd_weight > 0 and not live,
-        offload=cargs.teacher_offload, micro_batch=rargs.per_device_eval_batch_size,
-        bf16=computes_in_bf16(ds_config))
+        teacher, TeacherSettings(sentence_vector=spec.model.sentence_vector, live=live,
+                                 cache_logits=kd_weight > 0 and not live, offload=cap.teacher_offload,
+                                 micro_batch=flags.per_device_eval_batch_size, bf16=computes_in_bf16(ds_config)),
+        resume=resume, encoder=encoder, banks=banks, eval_loader=loaders.evaluate, task=task)
     teacher = None  # a cached teacher is released here
     if resume is None:
         fill_prc(encoder, banks, engine.module, hook)
     encode_seconds = time.perf_counter() - t_enc
 
     # ---- trainer, built complete
-    loss = TrainingLoss(task, ce_weight, kd_weight, cargs.kd_temperature, shard, taught.logits, taught.live,
+    loss = TrainingLoss(task, ce_weight, kd_weight, cap.kd_temperature, shard, taught.logits, taught.live,
                         objective, hook, pruning.regularizer() if pruning is not None else None)
     log, scalars = RunLog(), ScalarLogger(engine, is_rank0)
     snapshots = Snapshots(encoder, banks["snc"], engine.module, hook, log) if "snc" in banks else None
-    schedule = pruning_schedule(pruning, engine, plan, pargs, loss=loss, importance_loader=loaders.importance,
+    schedule = pruning_schedule(pruning, engine, plan, spec.pruning, loss=loss, importance_loader=loaders.importance,
                                 stop=stop, snapshots=snapshots, show_progress=show_progress and is_rank0,
                                 is_rank0=is_rank0)
     settings = LoopSettings(
-        total_steps=plan.total_steps, num_epochs=plan.num_epochs, snapshot_steps=cargs.snapshot_steps,
-        snapshot_epochs=not structured, snapshot_mode=cargs.snapshot_mode, logging_steps=rargs.logging_steps,
-        eval_steps=rargs.eval_steps, save_steps=rargs.save_steps, log_sparsity=prune, show_progress=show_progress,
-        max_nonfinite_steps=rargs.max_nonfinite_steps, check_steps=rargs.check_steps)
+        total_steps=plan.total_steps, num_epochs=plan.num_epochs, snapshot_steps=cap.snapshot_steps,
+        snapshot_epochs=not spec.structured, snapshot_mode=cap.snapshot_mode, logging_steps=flags.logging_steps,
+        eval_steps=flags.eval_steps, save_steps=flags.save_steps, log_sparsity=prune, show_progress=show_progress,
+        max_nonfinite_steps=flags.max_nonfinite_steps, check_steps=flags.check_steps, is_rank0=is_rank0)
+    diagnostics = [GradientDiagnostic(loss, engine.module, flags.grad_norm_steps, scalars, log)] \
+        if flags.grad_norm_steps else []
     trainer = CapTrainer(
-        engine=engine, task=task, train_loader=loaders.train, eval_loader=loaders.evaluate, settings=settings,
-        loss=loss, log=log, scalars=scalars, shard=shard, schedule=schedule, snapshots=snapshots,
-        callbacks=[GradientDiagnostic(loss, engine.module, rargs.grad_norm_steps, scalars, log)]
-        if rargs.grad_norm_steps else [], teacher_metrics=taught.metrics, checkpointer=checkpointer, stop=stop,
-        resume=resume, is_rank0=is_rank0)
+        engine=engine, task=task, loaders=loaders, settings=settings, loss=loss, log=log, scalars=scalars,
+        parts=LoopParts(shard=shard, schedule=schedule, snapshots=snapshots, checkpointer=checkpointer, stop=stop,
+                        callbacks=diagnostics, events=[progress], teacher_metrics=taught.metrics))
+    if resume is not None:
+        trainer.load_state_dict(resume)
 
     # ---- train
     pre.rundir.started()  # the run started cleanly: the earlier run it replaces in its folder is deleted now
-    progress["training"], t0 = True, time.perf_counter()
-    try:
-        eval_metrics = trainer.train()
-    finally:
-        progress["step"] = trainer.global_step
+    t0 = time.perf_counter()
+    eval_metrics = trainer.train()
     runtime = time.perf_counter() - t0
     if trainer.preempted:
         if is_rank0:
-            write_state(rargs.output_dir, "preempted", trainer.global_step)
+            write_state(flags.output_dir, "preempted", trainer.global_step)
             logger.info("stopped on signal at step %d after writing a checkpoint", trainer.global_step)
         barrier()
         return {"status": "preempted", "steps": trainer.global_step, "exit_code": stop.exit_code}
@@ -238,18 +248,15 @@ def run(margs, dargs, rargs, pargs, cargs, pre, stop, world: int, rank: int, sho
         schedule.check_reached(trainer.global_step, report["sparsity"])
     if not eval_metrics:
         raise TrainingFailed("the run ended without an evaluation (no optimizer step was taken)")
-    result = run_results(
-        trainer=trainer, eval_metrics=eval_metrics, margs=margs, rargs=rargs, pargs=pargs, model_path=pre.model_path,
-        plan=plan, eval_examples=len(eval_ds), runtime=runtime, encode_seconds=encode_seconds, banks=banks,
-        shard=shard, optimizer=optimizer_name(engine), modules=modules, ce_weight=ce_weight, kd_weight=kd_weight,
-        sparsity=report)
+    result = run_results(spec, trainer, eval_metrics=eval_metrics,
+                         timings={"train_runtime_s": runtime, "bank_encode_s": encode_seconds}, banks=banks,
+                         eval_examples=len(eval_ds), optimizer=optimizer_name(engine), sparsity=report)
     if hook is not None:
         hook.remove()
-    title = f"{task.name} {pargs.pruning_method}" + (f" + {'/'.join(modules)}" if modules else "")
-    export_pretrained(engine.module, tokenizer, os.path.join(rargs.output_dir, "final"),  # collective
-                      sparsity_report=report, title=title)
+    export_pretrained(engine.module, tokenizer, os.path.join(flags.output_dir, "final"),  # collective
+                      sparsity_report=report, title=spec.title())
     if is_rank0:
-        write_results(rargs.output_dir, result, trainer.last_eval_logits, trainer.global_step)
+        write_results(flags.output_dir, result, trainer.last_eval_logits, trainer.global_step)
         logger.info("final eval %s%s", eval_metrics, f", sparsity {result['sparsity']:.4f}" if prune else "")
     barrier()
     return result
@@ -261,8 +268,6 @@ def cli(argv: list[str] | None = None) -> int:
     the cause: the path and OS error of an I/O failure, a diverged run, ...; train_state.json says failed once
     training started). With several ranks only the first to fail prints (cap_ds/run/faults.py). No traceback unless
     CAP_DS_TRACEBACK=1."""
-    from cap_ds.run.faults import settle
-
     debug = os.environ.get("CAP_DS_TRACEBACK") == "1"
     try:
         result = main(argv)

@@ -52,7 +52,7 @@ def test_missing_data_file_named(tmp_path, model_path):
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\nok \t1\n")
     parsed = args("--data_dir", str(tmp_path), "--cap", "none", "--model_name_or_path", model_path)
     with pytest.raises(FileNotFoundError, match="dev.tsv"):
-        preflight(*parsed)
+        preflight(parsed)
 
 
 def _fake_teacher(tmp_path, model_path, num_labels, id2label=None):
@@ -75,10 +75,10 @@ def test_teacher_with_other_labels_rejected(tmp_path, model_path, glue_dir):
     parsed = args("--data_dir", str(glue_dir), "--teacher_name_or_path", str(teacher), "--model_name_or_path",
                   model_path)
     with pytest.raises(ValueError, match="has 3 labels but the task needs 2"):
-        preflight(*parsed)
+        preflight(parsed)
     teacher = _fake_teacher(tmp_path, model_path, 2, {0: "positive", 1: "negative"})
     with pytest.raises(ValueError, match="differ from the task"):
-        preflight(*parsed)
+        preflight(parsed)
 
 
 def test_teacher_tokenizer_mismatch_rejected(tmp_path, model_path, glue_dir):
@@ -94,7 +94,7 @@ def test_teacher_tokenizer_mismatch_rejected(tmp_path, model_path, glue_dir):
     parsed = args("--data_dir", str(glue_dir), "--teacher_name_or_path", str(teacher), "--model_name_or_path",
                   model_path)
     with pytest.raises(ValueError, match="tokenizer mismatch"):
-        preflight(*parsed)
+        preflight(parsed)
 
 
 # ---------------------------------------------------------------- clear messages (issue 13)
@@ -143,7 +143,7 @@ def test_non_utf8_tsv_names_file_and_line(tmp_path, model_path):
     data = _glue(tmp_path, "sentence\tlabel\nfine \t1\ncaf\u00e9 \t0\n".encode("latin-1"))
     parsed = args("--data_dir", str(data), "--cap", "none", "--model_name_or_path", model_path)
     with pytest.raises(ValueError, match=r"SST-2/train\.tsv:3: not valid UTF-8 \(byte 0xe9 at column 4\)"):
-        preflight(*parsed)
+        preflight(parsed)
 
 
 def test_user_error_is_one_line_without_traceback_and_leaves_no_folder(tmp_path, model_path):
@@ -169,14 +169,14 @@ def test_teacher_folder_names_the_missing_file(tmp_path, model_path, glue_dir):
     parsed = args("--data_dir", str(glue_dir), "--teacher_name_or_path", str(teacher), "--model_name_or_path",
                   model_path)
     with pytest.raises(FileNotFoundError, match="no model weights in the folder"):
-        preflight(*parsed)
+        preflight(parsed)
     for name in ("tokenizer.json", "vocab.txt"):
         (teacher / name).unlink()
     with pytest.raises(FileNotFoundError, match="--teacher_name_or_path .*: no tokenizer files in the folder"):
-        preflight(*parsed)
+        preflight(parsed)
     (teacher / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="--teacher_name_or_path .*: no config.json in the folder"):
-        preflight(*parsed)
+        preflight(parsed)
 
 
 def test_max_seq_length_beyond_the_models_positions(model_path, glue_dir):
@@ -185,7 +185,7 @@ def test_max_seq_length_beyond_the_models_positions(model_path, glue_dir):
     parsed = args("--data_dir", str(glue_dir), "--cap", "none", "--model_name_or_path", model_path,
                   "--max_seq_length", "1024")
     with pytest.raises(UserError, match="--max_seq_length 1024 is longer than the 512 positions"):
-        preflight(*parsed)
+        preflight(parsed)
 
 
 def test_schedules_that_cannot_work_are_refused_before_loading(tmp_path, model_path, glue_dir):
@@ -194,16 +194,16 @@ def test_schedules_that_cannot_work_are_refused_before_loading(tmp_path, model_p
     base = ["--data_dir", str(glue_dir), "--cap", "none", "--model_name_or_path", model_path,
             "--max_train_samples", "64", "--per_device_train_batch_size", "8"]
     with pytest.raises(PlanError, match="--max_steps 3 ends before the last CAP-f stage"):
-        preflight(*args(*base, "--pruning_method", "first_order", "--max_steps", "3", "--epochs_per_stage", "1"))
+        preflight(args(*base, "--pruning_method", "first_order", "--max_steps", "3", "--epochs_per_stage", "1"))
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"compression_training": {"sparse_pruning": {
         "shared_parameters": {"enabled": True, "method": "magnitude", "schedule_offset": 200,
                               "schedule_offset_end": 700},
         "different_groups": {"sp1": {"params": {"dense_ratio": 0.1}, "modules": ["encoder"]}}}}}))
     with pytest.raises(PlanError, match="schedule_offset_end is 700 but the run has 5 optimizer steps"):
-        preflight(*args(*base, "--deepspeed", str(cfg), "--max_steps", "5"))
+        preflight(args(*base, "--deepspeed", str(cfg), "--max_steps", "5"))
     # the flags' own schedule always fits: short runs shrink the warm-ups and say so
-    plan = preflight(*args(*base, "--max_steps", "5")).plan
+    plan = preflight(args(*base, "--max_steps", "5")).spec.plan
     assert (plan.offset, plan.offset_end) == (1, 3) and "shrunk" in plan.notes[0]
 
 

@@ -15,15 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from cap_ds import data as D
-from cap_ds.data.glue import (
-    TASKS,
-    GlueCollator,
-    compute_metrics,
-    get_task,
-    load_glue_split,
-    tokenize_dataset,
-)
+from cap_ds.data import glue as D
+from cap_ds.data.batches import GlueCollator, tokenize_dataset
+from cap_ds.data.glue import load_glue_split
+from cap_ds.data.metrics import compute_metrics
+from cap_ds.data.tasks import TASKS, get_task
 
 from .conftest import GLUE_DIR as GLUE  # noqa: E402
 

@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent("""
         path = out / f"{name}.json"
         path.write_text(json.dumps(ds))
         cfg, _ = build_ds_config(path, micro_batch=2, grad_accum=1, world_size=1, max_grad_norm=1.0,
-                                 output_dir=str(out / name), learning_rate=1e-4, adam_epsilon=1e-8, weight_decay=0.01)
+                                 output_dir=str(out / name), optimizer_flags={"lr": 1e-4, "eps": 1e-8, "weight_decay": 0.01})
         model = Tiny()
         opt, params = build_optimizer(optimizer_groups(model, 0.01, 0.5), cfg, lr=1e-4, eps=1e-8)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params, config=cfg)

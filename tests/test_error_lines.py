@@ -15,6 +15,7 @@ import pytest
 
 from cap_ds.run import faults
 from cap_ds.run.args import ArgumentError, parse_args
+from cap_ds.runtime import iofaults
 from cap_ds.runtime.atomic import atomic_dir, atomic_file
 from tests.conftest import REPO, free_port, run_env
 
@@ -151,7 +152,7 @@ def test_two_ranks_report_the_rank_that_failed_first(glue_dir, model_path, tmp_p
 def test_opaque_writer_error_is_named_by_a_probe(tmp_path, monkeypatch):
     """torch's writer says only 'file write failed': atomic_file names the target and the probed OS error, and
     leaves no temporary file."""
-    monkeypatch.setattr(faults, "probe", lambda path: errno.ENOSPC)
+    monkeypatch.setattr(iofaults, "probe", lambda path: errno.ENOSPC)
 
     def write(tmp: str) -> None:
         Path(tmp).write_bytes(b"partial")

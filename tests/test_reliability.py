@@ -201,7 +201,7 @@ def test_checkpoint_files_get_umask_modes(ckpt_run):
 
 # ---------------------------------------------------------------- item 5: one run per output folder
 def check(out: Path, glue_dir: Path, *extra: str):
-    return preflight(*parse_args([*CKPT_RUN, "--data_dir", str(glue_dir), "--output_dir", str(out), *extra]))
+    return preflight(parse_args([*CKPT_RUN, "--data_dir", str(glue_dir), "--output_dir", str(out), *extra]))
 
 
 def test_output_folder_with_a_run_is_refused_unless_resumed_or_overwritten(ckpt_run, glue_dir, model_path,

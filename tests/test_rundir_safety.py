@@ -148,7 +148,7 @@ def test_deepspeed_config_errors_name_the_key(tmp_path):
             validate_ds_config(cfg, "my.json")
     for shipped in sorted((REPO / "ds_configs").glob("*.json")):  # every shipped config passes as resolved
         cfg, _ = build_ds_config(shipped, micro_batch=8, grad_accum=1, world_size=None, max_grad_norm=1.0,
-                                 output_dir=str(tmp_path), learning_rate=1e-4, adam_epsilon=1e-8, weight_decay=0.0)
+                                 output_dir=str(tmp_path), optimizer_flags={"lr": 1e-4, "eps": 1e-8, "weight_decay": 0.0})
         validate_ds_config(cfg, shipped)
 
 
@@ -160,7 +160,7 @@ def test_bad_config_override_values_are_named(model_path, glue_dir, tmp_path):
                          ("hidden_dropout_prob=yes", "hidden_dropout_prob='yes' is not a number"),
                          ("no_such_thing=1", "BertConfig has no attribute 'no_such_thing'")):
         with pytest.raises(ValueError, match=f"--config_overrides: {match}"):
-            preflight(*parse_args([*base, "--config_overrides", value]))
+            preflight(parse_args([*base, "--config_overrides", value]))
     assert not (tmp_path / "unused").exists()
 
 

@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from cap_ds.cap import ShardSampler
 from cap_ds.compression import PruningSchedule
-from cap_ds.data.glue import get_task
+from cap_ds.data.tasks import get_task
 from cap_ds.runtime.errors import TrainingFailed
 from cap_ds.runtime.monitor import RunLog
 from cap_ds.runtime.signals import StopSignals
 from cap_ds.training.losses import TrainingLoss
-from cap_ds.training.trainer import CapTrainer, LoopSettings
+from cap_ds.training.trainer import CapTrainer, LoopParts, LoopSettings
 
 N, BATCH, DIM = 20, 2, 4
 
@@ -137,12 +137,13 @@ def make_trainer(*, accum: int = 1, epochs: int = 1, total: int | None = None, c
     settings = LoopSettings(total_steps=total or epochs * steps_per_epoch, num_epochs=epochs, show_progress=False,
                             log_sparsity=True, **cadence)
     schedule, scalars, checkpointer = CountingSchedule(), RecordingScalars(), RecordingCheckpointer()
+    loaders = SimpleNamespace(
+        train=DataLoader(data, batch_size=BATCH, sampler=ShardSampler(N, shuffle=True, seed=1)),
+        evaluate=DataLoader(data[:6], batch_size=4, sampler=SequentialSampler(data[:6])))
     trainer = CapTrainer(
-        engine=engine, task=get_task("sst2"), settings=settings, log=RunLog(), scalars=scalars,
-        train_loader=DataLoader(data, batch_size=BATCH, sampler=ShardSampler(N, shuffle=True, seed=1)),
-        eval_loader=DataLoader(data[:6], batch_size=4, sampler=SequentialSampler(data[:6])),
-        loss=TrainingLoss(get_task("sst2")), schedule=schedule, callbacks=callbacks, checkpointer=checkpointer,
-        stop=stop)
+        engine=engine, task=get_task("sst2"), settings=settings, log=RunLog(), scalars=scalars, loaders=loaders,
+        loss=TrainingLoss(get_task("sst2")),
+        parts=LoopParts(schedule=schedule, callbacks=callbacks, checkpointer=checkpointer, stop=stop))
     return trainer, schedule, scalars, checkpointer
 
 
@@ -243,8 +244,10 @@ def test_a_resumed_trainer_continues_where_the_checkpoint_stopped():
     state = first.state_dict()
     trainer, schedule, scalars, _ = make_trainer()
     resumed = CapTrainer(
-        engine=trainer.engine, task=trainer.task, train_loader=trainer.train_loader, eval_loader=trainer.eval_loader,
-        settings=trainer.s, loss=trainer.loss, log=RunLog(), scalars=scalars, schedule=schedule, resume=state)
+        engine=trainer.engine, task=trainer.task, settings=trainer.s, loss=trainer.loss, log=RunLog(),
+        scalars=scalars, loaders=SimpleNamespace(train=trainer.train_loader, evaluate=trainer.eval_loader),
+        parts=LoopParts(schedule=schedule))
+    resumed.load_state_dict(state)
     assert (resumed.global_step, resumed.epoch, resumed.batch_in_epoch) == (4, 0, 4)
     resumed.train()
     assert resumed.global_step == 10 and trainer.engine.global_steps == 6  # only the remaining steps ran

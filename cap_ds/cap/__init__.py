@@ -1,4 +1,8 @@
-"""The paper's idea: memory banks (PrC, SnC, FiC) and the contrastive loss. Knows nothing about GLUE."""
+"""The paper's idea: memory banks (PrC, SnC, FiC), the contrastive loss over them and how examples are sharded
+across ranks. Knows nothing about GLUE, models or training.
+
+May import: ``runtime`` only.
+"""
 
 from cap_ds.cap.banks import MemoryBank, encode_dataset, make_banks
 from cap_ds.cap.loss import (

@@ -5,6 +5,8 @@ Same JSON schema (``compression_training``) and call shapes as ``deepspeed.compr
 fixed: gradual cubic sparsity, masks in the weight dtype, top-k without a full sort, masking in forward and
 gathered reads / master-copy writes (ZeRO 2/3 safe). ``compression/`` knows nothing about CAP.
 Importing this package registers the pruned BERT/RoBERTa classes with transformers' Auto API.
+
+May import: ``ops`` and ``runtime`` only.
 """
 
 from cap_ds.compression.clean import (

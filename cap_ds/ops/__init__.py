@@ -4,6 +4,8 @@ The op is built on first use by a DeepSpeed-style builder (``cap_ds.ops.builder`
 ``CAP_BUILD_OPS=1``, else JIT-compiled with ninja and cached under ``TORCH_EXTENSIONS_DIR``. Every caller has a
 pure-PyTorch path with the same numbers, taken when the op is disabled (``CAP_DS_KERNELS=0``) or cannot be built
 (a single warning says why): kernels are an optimisation, never a requirement.
+
+May import: ``runtime`` only.
 """
 
 from __future__ import annotations

@@ -8,14 +8,15 @@ from __future__ import annotations
 import errno
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 from cap_ds.cap.loss import REDUCTIONS
 from cap_ds.cap.objective import MODULES
 from cap_ds.compression.layers import MASK_INITS
 from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
-from cap_ds.data.glue import get_task
 from cap_ds.data.models import SENTENCE_VECTORS
+from cap_ds.data.tasks import get_task
 from cap_ds.runtime.errors import UserError
 
 MODES = ("prune", "finetune")
@@ -29,7 +30,7 @@ class ArgumentError(UserError, ValueError):
     """A flag value that cannot work; raised before training starts."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Pre-trained student (path or hub id). Default: the offline all-MiniLM-L6-v2 package."})
@@ -41,7 +42,7 @@ class ModelArguments:
         "help": "Sentence vector CAP contrasts.", "choices": list(SENTENCE_VECTORS)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataArguments:
     task_name: str = field(default="sst2", metadata={"help": "GLUE task: sst2, cola, stsb, mrpc, rte, qnli, mnli, qqp."})
     data_dir: str | None = field(default=None, metadata={
@@ -52,9 +53,11 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N evaluation rows."})
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunArguments:
-    output_dir: str = field(default="outputs/cap", metadata={"help": "Where metrics, runs/ and final/ go."})
+    output_dir: str = field(default="outputs/cap", metadata={
+        "help": "Where the run writes: metrics.json, final/ (the pruned model), checkpoints/, runs/ (TensorBoard), "
+                "train_state.json. One run per folder."})
     mode: str = field(default="prune", metadata={"help": "prune (CAP) or finetune (dense teacher).",
                                                   "choices": list(MODES)})
     deepspeed: str | None = field(default=None, metadata={
@@ -63,7 +66,9 @@ class RunArguments:
         "help": "Start a new run in an --output_dir that holds an earlier run: its run files (checkpoints/, "
                 "final/, metrics.json, runs/, ...) are deleted first. Without it (and without --resume) such a "
                 "folder is refused."})
-    local_rank: int = field(default=-1, metadata={"help": "Set by the DeepSpeed launcher."})
+    local_rank: int = field(default=-1, metadata={
+        "help": "This process's GPU on its node; the DeepSpeed launcher passes --local_rank=N (else LOCAL_RANK is "
+                "read). Do not set it yourself."})
     per_device_train_batch_size: int = field(default=32, metadata={
         "help": "Training examples per rank and micro-batch (global batch = this x ranks x accumulation)."})
     per_device_eval_batch_size: int = field(default=64, metadata={
@@ -84,7 +89,11 @@ class RunArguments:
     warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up as a fraction of steps if --warmup_steps 0."})
     seed: int = field(default=42, metadata={
         "help": "Seed of everything random: head init, dropout, shuffling, extra negatives."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the loss terms every N optimizer steps."})
+    logging_steps: int = field(default=10, metadata={
+        "help": "Every N optimizer steps (and at the last), rank 0 prints one progress line, 'step 40/900 | loss "
+                "0.41 (ce .. kd .. prc ..) | sparsity 0.62 | lr 8.1e-05 | 31.2 ex/s | ETA 6m12s', whether or not "
+                "output is a terminal (a redirected log shows progress), and writes the same values as Train/* "
+                "scalars (TensorBoard). Only these steps read the loss from the device."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only on signal)."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest deleted)."})
@@ -101,7 +110,8 @@ class RunArguments:
                 "steps; between checks a step makes no host sync of its own."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes per rank."})
     disable_tqdm: bool = field(default=False, metadata={
-        "help": "No progress bars (they are off anyway when stderr is not a terminal; log lines report progress)."})
+        "help": "No progress bars (they are shown only when stderr is a terminal; the --logging_steps lines are "
+                "printed either way)."})
     grad_norm_steps: int = field(default=0, metadata={
         "help": "Diagnostic: every N steps log each weighted loss term's gradient norm over the student's weights "
                 "and its cosine with KD's (Grad/* scalars, metrics.json grad_diagnostics); rank 0's batch, one "
@@ -109,7 +119,7 @@ class RunArguments:
                 "ZeRO-3. 0: off."})
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruningArguments:
     pruning_method: str = field(default="movement", metadata={
         "help": "Unstructured: magnitude, movement, soft_movement. Structured CAP-f: first_order (heads + FFN "
@@ -161,7 +171,7 @@ class PruningArguments:
         return "constant" if self.pruning_method == "soft_movement" and not self.threshold_control else "magnitude"
 
 
-@dataclass
+@dataclass(frozen=True)
 class CapArguments:
     cap: str = field(default="prc,snc,fic", metadata={"help": "CAP modules: any of prc,snc,fic, or none."})
     contrastive_temperature: float = field(default=0.1, metadata={"help": "tau of the cosine logits q.k/tau."})
@@ -209,16 +219,57 @@ class CapArguments:
 ALL_ARGUMENTS = (ModelArguments, DataArguments, RunArguments, PruningArguments, CapArguments)
 
 
-def parse_args(argv: list[str] | None = None):
-    """Parse flags into the five dataclasses and validate them."""
-    from transformers import HfArgumentParser
+class Flags(NamedTuple):
+    """The five flag groups, validated and frozen (``parse_args``'s result; unpacks like a tuple)."""
 
-    parser = HfArgumentParser(ALL_ARGUMENTS)
-    margs, dargs, rargs, pargs, cargs = parser.parse_args_into_dataclasses(args=argv)
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    pruning: PruningArguments
+    cap: CapArguments
+
+
+# --help sections, in display order. A flag is listed under its dataclass's section unless FLAG_SECTIONS moves it
+# there (display only: the field stays in its dataclass).
+HELP_SECTIONS = {"model": "model", "data": "data (GLUE)", "training": "training",
+                 "pruning": "pruning", "cap": "CAP contrastive losses and distillation", "deepspeed": "DeepSpeed",
+                 "output": "output, logging and checkpoints"}
+DATACLASS_SECTIONS = {ModelArguments: "model", DataArguments: "data", RunArguments: "training",
+                      PruningArguments: "pruning", CapArguments: "cap"}
+FLAG_SECTIONS = {
+    "deepspeed": "deepspeed", "local_rank": "deepspeed",
+    "output_dir": "output", "overwrite_output_dir": "output", "resume": "output", "logging_steps": "output",
+    "save_steps": "output", "save_total_limit": "output", "disable_tqdm": "output", "grad_norm_steps": "output",
+    "mask_scores_learning_rate": "pruning", "sentence_vector": "cap",
+}
+USAGE = """CAP pruning (or dense teacher fine-tuning, --mode finetune) of a pre-trained encoder on a GLUE task.
+
+  deepspeed cap_ds/train.py --mode finetune --data_dir ../shared/data/glue --output_dir out/teacher
+  deepspeed cap_ds/train.py --teacher_name_or_path out/teacher/final --cap prc,snc,fic \\
+      --pruning_method movement --target_sparsity 0.9 --data_dir ../shared/data/glue --output_dir out/cap
+
+`python cap_ds/train.py ...` runs one process. Flags must be spelled in full (no prefixes); a mistake stops with
+one line and exit code 2. Ctrl-C writes a checkpoint and exits 130 (a second Ctrl-C quits at once)."""
+
+
+def build_parser():
+    """The command line's parser: strict (no prefixes, one-line errors raising ArgumentError), help by section."""
+    from cap_ds.run.flagparser import StrictArgumentParser
+
+    def section_of(dtype: type, name: str) -> str:
+        return HELP_SECTIONS[FLAG_SECTIONS.get(name, DATACLASS_SECTIONS[dtype])]
+
+    return StrictArgumentParser(ALL_ARGUMENTS, error_type=ArgumentError, sections=HELP_SECTIONS.values(),
+                                section_of=section_of, description=USAGE)
+
+
+def parse_args(argv: list[str] | None = None) -> Flags:
+    """Parse flags into the five dataclasses and validate them. Any mistake is an ArgumentError (one line)."""
+    margs, dargs, rargs, pargs, cargs = build_parser().parse(argv)
     if rargs.local_rank < 0 and "LOCAL_RANK" in os.environ:
-        rargs.local_rank = int(os.environ["LOCAL_RANK"])
+        rargs = replace(rargs, local_rank=int(os.environ["LOCAL_RANK"]))
     validate(margs, dargs, rargs, pargs, cargs)
-    return margs, dargs, rargs, pargs, cargs
+    return Flags(margs, dargs, rargs, pargs, cargs)
 
 
 def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, pargs: PruningArguments,

@@ -52,30 +52,31 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return out
 
 
-def run_results(*, trainer, eval_metrics: dict[str, float], margs, rargs, pargs, model_path: str, plan,
-                eval_examples: int, runtime: float, encode_seconds: float, banks: dict, shard, optimizer: str,
-                modules: list[str], ce_weight: float, kd_weight: float,
-                sparsity: dict[str, Any] | None) -> dict[str, Any]:
-    """metrics.json's content (``peak_memory`` inside: collective, every rank calls this). ``sparsity``: the
-    measured mask report of a pruning run (None: fine-tuning)."""
-    log, task = trainer.log, trainer.task
+def run_results(spec, trainer, *, eval_metrics: dict[str, float], timings: dict[str, float], banks: dict,
+                eval_examples: int, optimizer: str, sparsity: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json's content (``peak_memory`` inside: collective, every rank calls this). ``spec``: the run's
+    ``RunSpec``; ``timings``: ``train_runtime_s`` and ``bank_encode_s``; ``sparsity``: the measured mask report of
+    a pruning run (None: fine-tuning)."""
+    log, task, shard, plan = trainer.log, trainer.task, trainer.shard, spec.plan
+    ce_weight, kd_weight = spec.loss_weights()
     result = {
-        "task": task.name, "mode": rargs.mode, "eval": eval_metrics, "primary_metric": task.primary_metric,
+        "task": task.name, "mode": spec.training.mode, "eval": eval_metrics, "primary_metric": task.primary_metric,
         "steps": trainer.global_step, "epochs": plan.num_epochs, "eval_examples": eval_examples,
-        "train_runtime_s": runtime, "train_time_s": log.train_time, "train_examples": log.examples_seen,
-        "bank_encode_s": encode_seconds, "snapshot_s": log.snapshot_time, "world_size": shard.world,
+        "train_runtime_s": timings["train_runtime_s"], "train_time_s": log.train_time,
+        "train_examples": log.examples_seen, "bank_encode_s": timings["bank_encode_s"],
+        "snapshot_s": log.snapshot_time, "world_size": shard.world,
         **log.step_timer.metrics(),  # step_time_s: steady-state median; train_examples_per_second follows it
         "bank_bytes_per_rank": sum(b.memory_bytes() for b in banks.values()),
         "bank_rows_per_rank": len(shard.encoded) if banks else 0, "optimizer": optimizer,
         **peak_memory(trainer.device),
-        "model_name_or_path": model_path, "teacher_name_or_path": margs.teacher_name_or_path,
-        "teacher_eval": trainer.teacher_metrics, "cap_modules": modules, "ce_weight": ce_weight,
+        "model_name_or_path": spec.model_path, "teacher_name_or_path": spec.model.teacher_name_or_path,
+        "teacher_eval": trainer.teacher_metrics, "cap_modules": spec.modules, "ce_weight": ce_weight,
         "kd_weight": kd_weight,
     }
     if log.grad_history:
         result["grad_diagnostics"] = log.grad_history
     if sparsity is not None:
-        result.update({"pruning_method": pargs.pruning_method, "target_sparsity": pargs.target_sparsity,
+        result.update({"pruning_method": spec.pruning.pruning_method, "target_sparsity": spec.pruning.target_sparsity,
                        "sparsity": sparsity["sparsity"], "sparsity_per_module": sparsity["per_module"],
                        "snapshots": banks["snc"].num_columns if "snc" in banks else 0})
         extra = trainer.schedule.results()

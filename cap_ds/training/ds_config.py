@@ -89,17 +89,17 @@ def check_diagnostic(cfg: dict[str, Any], grad_norm_steps: int, path: str | Path
 
 
 def build_ds_config(path: str | Path | None, *, micro_batch: int, grad_accum: int, world_size: int | None,
-                    max_grad_norm: float, output_dir: str, learning_rate: float | None = None,
-                    adam_epsilon: float | None = None,
-                    weight_decay: float | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                    max_grad_norm: float, output_dir: str,
+                    optimizer_flags: dict[str, float] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(config for ``deepspeed.initialize``, the ``compression_training`` section or None). ``world_size`` None
-    (not known yet, before the process group): ``train_batch_size`` is left as the file has it."""
+    (not known yet, before the process group): ``train_batch_size`` is left as the file has it.
+    ``optimizer_flags``: the values an ``"auto"`` optimizer param takes (``lr``, ``eps``, ``weight_decay``)."""
     cfg = copy.deepcopy(DEFAULT_DS_CONFIG if path is None else load_ds_config(path))
     compression = cfg.pop(COMPRESSION_KEY, None)
     optimizer = cfg.get("optimizer")
     if isinstance(optimizer, dict) and isinstance(optimizer.get("params"), dict):
         params = optimizer["params"]  # HF convention: "auto" takes the flag
-        for key, value in (("lr", learning_rate), ("eps", adam_epsilon), ("weight_decay", weight_decay)):
+        for key, value in (optimizer_flags or {}).items():
             if params.get(key) == "auto" and value is not None:
                 params[key] = value
         if params.get("betas") == "auto":

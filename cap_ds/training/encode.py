@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cap_ds.cap import MemoryBank, Shard, ShardSampler, encode_dataset
-from cap_ds.data.glue import TaskSpec, compute_metrics, model_inputs
+from cap_ds.data.batches import model_inputs
+from cap_ds.data.metrics import compute_metrics
 from cap_ds.data.models import SentenceVectorHook
+from cap_ds.data.tasks import TaskSpec
 from cap_ds.runtime.collectives import all_gather_cat
 from cap_ds.runtime.errors import TrainingFailed, UserError
 from cap_ds.runtime.monitor import RunLog
@@ -124,19 +126,34 @@ class TeacherOutputs:
     live: torch.nn.Module | None = None
 
 
-def teacher_outputs(teacher: torch.nn.Module | None, *, resume: dict | None, encoder: Encoder,
-                    banks: dict[str, MemoryBank], eval_loader: DataLoader, task: TaskSpec, sentence_vector: str,
-                    live: bool, cache_logits: bool, offload: str, micro_batch: int, bf16: bool) -> TeacherOutputs:
+@dataclass(frozen=True)
+class TeacherSettings:
+    """How the teacher runs: ``live`` (a forward every step) or its logits cached by one pass
+    (``cache_logits``), its engine's offload and batch, bf16 compute, and the sentence vector FiC reads."""
+
+    sentence_vector: str
+    live: bool
+    cache_logits: bool
+    offload: str
+    micro_batch: int
+    bf16: bool
+
+
+def teacher_outputs(teacher: torch.nn.Module | None, settings: TeacherSettings, *, resume: dict | None,
+                    encoder: Encoder, banks: dict[str, MemoryBank], eval_loader: DataLoader,
+                    task: TaskSpec) -> TeacherOutputs:
     """Wrap the teacher in its frozen engine (when it still has work: a fresh run's passes, or every step when
     ``live``), evaluate it and run its pass into FiC / the cached logits; a resumed run takes the logits and
     metrics from its checkpoint. A cached teacher is not returned, so it is released after its pass."""
+    live = settings.live
     if teacher is not None and (resume is None or live):
-        teacher = teacher_engine(teacher, offload, micro_batch, bf16)
+        teacher = teacher_engine(teacher, settings.offload, settings.micro_batch, settings.bf16)
     if resume is not None:
         out = TeacherOutputs(resume["teacher_logits"], resume["teacher_metrics"])
     elif teacher is not None:
         metrics = evaluate(teacher, eval_loader, task, encoder.device).metrics
-        out = TeacherOutputs(fill_teacher_outputs(encoder, teacher, banks, sentence_vector, cache_logits), metrics)
+        out = TeacherOutputs(fill_teacher_outputs(encoder, teacher, banks, settings.sentence_vector,
+                                                  settings.cache_logits), metrics)
     else:
         out = TeacherOutputs()
     out.live = teacher if live else None
@@ -165,12 +182,14 @@ def bank_pool(train_sampler: ShardSampler, shard: Shard, reach: int, extra_negat
     return None if len(pool) >= shard.size else pool
 
 
-def restrict_encoded_rows(shard: Shard, train_sampler: ShardSampler, encode_sampler: ShardSampler, *, reach: int,
-                          resumed_pool: torch.Tensor | None, resuming: bool, encodes: bool, extra_negatives: int,
-                          seed: int, max_steps: int, is_rank0: bool) -> None:
+def restrict_encoded_rows(shard: Shard, loaders, *, reach: int, resume: dict | None, encodes: bool,
+                          extra_negatives: int, seed: int, max_steps: int) -> None:
     """Narrow the encode passes (and the extra negatives) to the rows a short run reaches: a fresh run computes
     the pool (``encodes``: it has a pass to run), a resumed one takes its checkpoint's and checks that the resumed
-    steps stay inside it."""
+    steps stay inside it. ``loaders``: the run's (``train`` and ``encode`` samplers are ``ShardSampler``)."""
+    train_sampler, encode_sampler = loaders.train.sampler, loaders.encode.sampler
+    resuming, is_rank0 = resume is not None, shard.rank == 0
+    resumed_pool = resume["encode_pool"] if resume is not None else None
     if resuming:
         shard.restrict(resumed_pool)
         if shard.pool is not None and not bool(torch.isin(train_sampler.order()[:reach], shard.pool).all()):

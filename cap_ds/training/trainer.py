@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from cap_ds.cap import Shard
 from cap_ds.compression import PruningSchedule
-from cap_ds.data.glue import TaskSpec
+from cap_ds.data.tasks import TaskSpec
 from cap_ds.runtime.collectives import world_size
 from cap_ds.runtime.errors import TrainingFailed
-from cap_ds.runtime.monitor import RunLog, ScalarLogger
+from cap_ds.runtime.monitor import RunLog, ScalarLogger, progress_line
 from cap_ds.runtime.signals import StopRequested, StopSignals
 from cap_ds.runtime.transfer import to_device
 from cap_ds.training.agreement import StepAgreement
@@ -31,7 +31,7 @@ from cap_ds.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from cap_ds.training.encode import Snapshots, evaluate
 from cap_ds.training.losses import TrainingLoss, read_terms
 
-__all__ = ["CapTrainer", "LoopSettings", "StepCallback", "TrainingFailed"]
+__all__ = ["CapTrainer", "LoopParts", "LoopSettings", "StepCallback", "TrainingEvents", "TrainingFailed"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class LoopSettings:
     show_progress: bool = True
     max_nonfinite_steps: int = 10  # consecutive NaN/inf-loss or skipped steps tolerated before failing
     check_steps: int = 10  # read the agreed stop / non-finite state every N steps (and at every other sync point)
+    is_rank0: bool = True  # logs, progress bar and checkpoint messages
 
 
 class StepCallback(Protocol):
@@ -60,25 +61,45 @@ class StepCallback(Protocol):
     def before_step(self, batch: dict[str, torch.Tensor], step: int) -> None: ...
 
 
-class CapTrainer:
-    """Runs the loop on an initialised DeepSpeed engine. ``train_loader``'s sampler is a ``ShardSampler``
-    (``set_epoch`` and ``start_index`` place a resumed run); ``resume`` is a checkpoint's trainer state."""
+class TrainingEvents(Protocol):
+    """What the loop tells its caller as it happens (the entry point records how a failed run ended)."""
 
-    def __init__(self, *, engine, task: TaskSpec, train_loader, eval_loader, settings: LoopSettings,
-                 loss: TrainingLoss, log: RunLog, scalars: ScalarLogger, shard: Shard | None = None,
-                 schedule: PruningSchedule | None = None, snapshots: Snapshots | None = None,
-                 callbacks: Sequence[StepCallback] = (), teacher_metrics: dict[str, float] | None = None,
-                 checkpointer: Checkpointer | None = None, stop: StopSignals | None = None,
-                 resume: dict[str, Any] | None = None, is_rank0: bool = True) -> None:
+    def on_train_begin(self, step: int) -> None: ...
+
+    def on_step_end(self, step: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopParts:
+    """What the loop drives besides the engine and the loss; each optional (a fine-tuning run has none of the
+    pruning parts). ``shard``: the CAP encode pool saved with checkpoints; ``teacher_metrics``: saved too."""
+
+    shard: Shard | None = None
+    schedule: PruningSchedule | None = None
+    snapshots: Snapshots | None = None
+    checkpointer: Checkpointer | None = None
+    stop: StopSignals | None = None
+    callbacks: Sequence[StepCallback] = ()
+    events: Sequence[TrainingEvents] = ()
+    teacher_metrics: dict[str, float] | None = None
+
+
+class CapTrainer:
+    """Runs the loop on an initialised DeepSpeed engine. ``loaders.train``'s sampler is a ``ShardSampler``
+    (``set_epoch`` and ``start_index`` place a resumed run); ``loaders.evaluate`` is the evaluation loader. A
+    resumed run loads a checkpoint's trainer state with ``load_state_dict`` before ``train``."""
+
+    def __init__(self, *, engine, task: TaskSpec, loaders, settings: LoopSettings, loss: TrainingLoss,
+                 log: RunLog, scalars: ScalarLogger, parts: LoopParts = LoopParts()) -> None:
         self.engine, self.model, self.task = engine, engine.module, task
-        self.train_loader, self.eval_loader = train_loader, eval_loader
+        self.train_loader, self.eval_loader = loaders.train, loaders.evaluate
         self.s, self.loss, self.log, self.scalars = settings, loss, log, scalars
-        self.shard, self.schedule, self.snapshots = shard, schedule, snapshots
-        self.callbacks = tuple(callbacks)
-        self.teacher_metrics = teacher_metrics
-        self.checkpointer = checkpointer
-        self.stop = stop if stop is not None else StopSignals()
-        self.is_rank0 = is_rank0
+        self.shard, self.schedule, self.snapshots = parts.shard, parts.schedule, parts.snapshots
+        self.callbacks, self.events = tuple(parts.callbacks), tuple(parts.events)
+        self.teacher_metrics = parts.teacher_metrics
+        self.checkpointer = parts.checkpointer
+        self.stop = parts.stop if parts.stop is not None else StopSignals()
+        self.is_rank0 = settings.is_rank0
         self.last_eval_logits: np.ndarray | None = None
         self.preempted = False
         # Loop position (restored on resume): micro-batches consumed in the current epoch.
@@ -88,8 +109,6 @@ class CapTrainer:
         self.snapshot_epoch = 0
         self.pending_snapshot = False  # a step snapshot a stop interrupted: taken first on resume
         self.nonfinite_run = 0  # consecutive optimizer steps with a non-finite loss or skipped by DeepSpeed
-        if resume is not None:
-            self._load_state_dict(resume)
         self.agreement = StepAgreement(self.device, self.nonfinite_run)
 
     @property
@@ -107,6 +126,8 @@ class CapTrainer:
         window_t0, window_examples = time.perf_counter(), 0
         last_eval: dict[str, float] = {}
         start_epoch, skip = self.epoch, self.batch_in_epoch
+        for listener in self.events:
+            listener.on_train_begin(self.global_step)
         if self.pending_snapshot:  # a resumed run whose last step's snapshot was interrupted
             try:
                 self._snapshot()
@@ -147,6 +168,8 @@ class CapTrainer:
                 if engine.global_steps == before:
                     continue  # inside gradient accumulation
                 self.global_step += 1
+                for listener in self.events:
+                    listener.on_step_end(self.global_step)
                 self.log.step_timer.end_step()
                 progress.update(1)
                 applied = engine.was_step_applied()
@@ -215,7 +238,31 @@ class CapTrainer:
             terms["sparsity"] = self.schedule.sparsity()
         self.scalars.log("Train", terms, self.global_step)
         self.log.history.append({"step": self.global_step, **terms})
+        if self.is_rank0:
+            self._print_progress(terms)
         return terms
+
+    def _print_progress(self, values: dict[str, float]) -> None:
+        """The logging step's plain line (printed whatever stderr is: a redirected log shows progress too); the
+        ETA comes from the wall time since the previous logging step, evaluations and snapshots included (at the
+        first, from the mean optimizer step time)."""
+        now = time.perf_counter()
+        mark_t, mark_step = getattr(self, "_progress_mark", (None, None))
+        left = max(self.s.total_steps - self.global_step, 0)
+        eta = None
+        if mark_t is not None and self.global_step > mark_step:
+            eta = (now - mark_t) / (self.global_step - mark_step) * left
+        elif self.log.timed_steps:
+            eta = self.log.train_time / self.log.timed_steps * left
+        self._progress_mark = (now, self.global_step)
+        line = progress_line(self.global_step, self.s.total_steps, values, eta)
+        if self.s.show_progress:  # a live progress bar: print above it instead of through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm():
+                logger.info(line)
+        else:
+            logger.info(line)
 
     def _check_agreed(self) -> bool:
         """Read the agreed state (one host read): warn about and count non-finite or skipped steps, fail past
@@ -266,7 +313,7 @@ class CapTrainer:
             "rng": rng_state(),
         }
 
-    def _load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the loop position, the run log, the schedule, the banks and, last, the RNG (the encode passes
         and engines built before the trainer may have drawn random numbers). Teacher outputs and the encoded
         rows come back through the recipe (``encode.resumed_teacher``) before the loss is built."""
@@ -281,6 +328,7 @@ class CapTrainer:
         if self.loss.objective is not None:
             self.loss.objective.load_state_dict(state["objective"])
         set_rng_state(state["rng"])
+        self.agreement = StepAgreement(self.device, self.nonfinite_run)
 
     def save_checkpoint(self) -> None:
         if self.checkpointer is None:
