@@ -198,7 +198,7 @@ def run_variant(args: argparse.Namespace, variant: Variant, data: dict, write) -
     from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
     from cap_ds.data.batches import model_inputs
     from cap_ds.data.models import default_model_path, load_student
-    from cap_ds.training.checkpoint import set_seed
+    from cap_ds.runtime.rng import set_seed
     from cap_ds.training.optim import optimizer_groups
 
     task, train_ds, collate = data["task"], data["train"], data["collate"]
@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     from cap_ds.data.batches import GlueCollator, tokenize_dataset
     from cap_ds.data.glue import load_glue_split
-    from cap_ds.data.tasks import get_task
     from cap_ds.data.models import default_model_path, load_tokenizer
+    from cap_ds.data.tasks import get_task
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,9 @@ from cap_ds.run.spec import RunSpec
 from cap_ds.runtime.collectives import barrier, destroy_world, init_world
 from cap_ds.runtime.errors import TrainingFailed, UserError
 from cap_ds.runtime.monitor import RunLog, ScalarLogger, configure_logging
+from cap_ds.runtime.rng import set_seed
 from cap_ds.runtime.signals import StopRequested, StopSignals
-from cap_ds.training.checkpoint import Checkpointer, set_seed
+from cap_ds.training.checkpoint import Checkpointer
 from cap_ds.training.diagnostics import GradientDiagnostic
 from cap_ds.training.ds_config import computes_in_bf16, warn_unknown_keys
 from cap_ds.training.encode import (

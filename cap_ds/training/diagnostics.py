@@ -10,7 +10,7 @@ import torch
 from cap_ds.cap import CapObjective
 from cap_ds.compression import is_score_parameter
 from cap_ds.runtime.monitor import RunLog, ScalarLogger
-from cap_ds.training.checkpoint import rng_state, set_rng_state
+from cap_ds.runtime.rng import rng_state, set_rng_state
 from cap_ds.training.losses import TrainingLoss
 
 

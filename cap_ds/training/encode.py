@@ -23,9 +23,9 @@ from cap_ds.data.tasks import TaskSpec
 from cap_ds.runtime.collectives import all_gather_cat
 from cap_ds.runtime.errors import TrainingFailed, UserError
 from cap_ds.runtime.monitor import RunLog
+from cap_ds.runtime.rng import rng_state, set_rng_state
 from cap_ds.runtime.signals import StopRequested, StopSignals
 from cap_ds.runtime.transfer import to_device
-from cap_ds.training.checkpoint import rng_state, set_rng_state
 from cap_ds.training.teachers import teacher_engine
 
 logger = logging.getLogger(__name__)

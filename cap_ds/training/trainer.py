@@ -24,10 +24,11 @@ from cap_ds.data.tasks import TaskSpec
 from cap_ds.runtime.collectives import world_size
 from cap_ds.runtime.errors import TrainingFailed
 from cap_ds.runtime.monitor import RunLog, ScalarLogger, progress_line
+from cap_ds.runtime.rng import rng_state, set_rng_state
 from cap_ds.runtime.signals import StopRequested, StopSignals
 from cap_ds.runtime.transfer import to_device
 from cap_ds.training.agreement import StepAgreement
-from cap_ds.training.checkpoint import Checkpointer, rng_state, set_rng_state
+from cap_ds.training.checkpoint import Checkpointer
 from cap_ds.training.encode import Snapshots, evaluate
 from cap_ds.training.losses import TrainingLoss, read_terms
 
