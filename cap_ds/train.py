@@ -60,7 +60,7 @@ from cap_ds.training.encode import (
 )
 from cap_ds.training.losses import TrainingLoss
 from cap_ds.training.optim import build_optimizer, optimizer_groups, optimizer_name
-from cap_ds.training.pruning import install_pruning, lr_schedule, pruning_schedule
+from cap_ds.training.pruning import PassContext, install_pruning, lr_schedule, pruning_schedule
 from cap_ds.training.trainer import CapTrainer, LoopParts, LoopSettings
 
 logger = logging.getLogger("cap_ds.train")
@@ -215,8 +215,7 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
     log, scalars = RunLog(), ScalarLogger(engine, is_rank0)
     snapshots = Snapshots(encoder, banks["snc"], engine.module, hook, log) if "snc" in banks else None
     schedule = pruning_schedule(pruning, engine, plan, spec.pruning, loss=loss, importance_loader=loaders.importance,
-                                stop=stop, snapshots=snapshots, show_progress=show_progress and is_rank0,
-                                is_rank0=is_rank0)
+                                snapshots=snapshots, context=PassContext(stop, show_progress and is_rank0, is_rank0))
     settings = LoopSettings(
         total_steps=plan.total_steps, num_epochs=plan.num_epochs, snapshot_steps=cap.snapshot_steps,
         snapshot_epochs=not spec.structured, snapshot_mode=cap.snapshot_mode, logging_steps=flags.logging_steps,

@@ -320,9 +320,9 @@ def _train_tiny(method: str, cache: bool, monkeypatch) -> tuple[dict, list, int]
     """A tiny BERT pruned along a ramp with 2 micro-batches per step and an eval pass between steps."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from cap_ds.compression import layers, methods
+    from cap_ds.compression import masked_modules
+    from cap_ds.compression.methods import masks as methods
 
-    monkeypatch.setattr(layers, "CACHE_MASKS", cache)
     calls = {"n": 0}
     real_topk, real_sigmoid = methods.topk_mask, methods.sigmoid_threshold_mask
 
@@ -345,6 +345,8 @@ def _train_tiny(method: str, cache: bool, monkeypatch) -> tuple[dict, list, int]
                                                              "modules": [r"encoder\.layer\.\d+\."]}}}}
     init_compression(model, {"compression_training": section})
     sched = CompressionScheduler(model, {"compression_training": section})
+    for m in masked_modules(model).values():
+        m.mask_cache_enabled = cache  # the scheduler turned the cache on
     from cap_ds.training.optim import optimizer_groups
 
     opt = torch.optim.AdamW(optimizer_groups(model, 0.01, 0.1), lr=1e-2)

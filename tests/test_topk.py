@@ -317,14 +317,15 @@ def _pruned_tiny_bert(method: str, dtype: torch.dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["movement", "magnitude"])
 def test_prefill_gives_each_layer_its_own_mask_in_one_call_per_size(method, dtype, monkeypatch):
-    from cap_ds.compression import layers, masked_modules, scheduler
+    from cap_ds.compression import masked_modules, scheduler
+    from cap_ds.compression.methods import masks
 
     monkeypatch.setenv("CAP_DS_TOPK", "radix")
     monkeypatch.setattr(scheduler, "PREFILL_DEVICES", ("cpu",))
     batched, single = [], []
     real_batched, real_mask = scheduler.topk_keep_batched, methods.topk_mask
     monkeypatch.setattr(scheduler, "topk_keep_batched", lambda v, k: batched.append(v.shape) or real_batched(v, k))
-    monkeypatch.setattr(methods, "topk_mask", lambda *a, **kw: single.append(1) or real_mask(*a, **kw))
+    monkeypatch.setattr(masks, "topk_mask", lambda *a, **kw: single.append(1) or real_mask(*a, **kw))
     model, sched = _pruned_tiny_bert(method, dtype)
     mods = [m for m in masked_modules(model).values() if m.method is not None]
     assert len(mods) == 11
@@ -364,7 +365,8 @@ def test_prefill_gives_each_layer_its_own_mask_in_one_call_per_size(method, dtyp
                 m.weight.add_(torch.randn_like(m.weight) * 0.1)
                 if m.mask_scores is not None:
                     m.mask_scores.add_(torch.randn_like(m.mask_scores))
-    monkeypatch.setattr(layers, "CACHE_MASKS", False)  # no cache: no prefill, one top-k per layer and forward
+    for m in masked_modules(model).values():
+        m.mask_cache_enabled = False  # no cache: no prefill, one top-k per layer and forward
     sched.step()
     batched.clear()
     single.clear()

@@ -1,5 +1,6 @@
 """cap_ds's home for DeepSpeed's former compression API: ``init_compression``, a scheduler, masked layers,
-structured (row/head) pruning, first-order pruning and ``redundancy_clean`` with a loadable export.
+structured (row/head) pruning, first-order pruning and ``redundancy_clean`` with a loadable export. Pruning
+methods are registered objects (``methods``: ``get_method``, ``register_method``; see docs/methods.md).
 
 Same JSON schema (``compression_training``) and call shapes as ``deepspeed.compression`` (removed in 0.19.7),
 fixed: gradual cubic sparsity, masks in the weight dtype, top-k without a full sort, masking in forward and
@@ -32,6 +33,16 @@ from cap_ds.compression.first_order import (
     structured_sparsity,
 )
 from cap_ds.compression.layers import MaskedLinear, is_score_parameter
+from cap_ds.compression.methods import (
+    SPARSE,
+    UNITS,
+    PruningMethod,
+    UnknownMethodError,
+    find_method,
+    get_method,
+    method_names,
+    register_method,
+)
 from cap_ds.compression.pruned_modeling import (
     CapPrunedBertConfig,
     CapPrunedBertForSequenceClassification,
@@ -58,7 +69,8 @@ __all__ = [
     "COMPRESSION_KEY", "CapPrunedBertConfig", "CapPrunedBertForSequenceClassification", "CapPrunedBertModel",
     "CapPrunedRobertaConfig", "CapPrunedRobertaForSequenceClassification", "CapPrunedRobertaModel",
     "CompressionConfig", "CompressionConfigError", "CompressionScheduler", "ENCODER_LINEAR_PATTERN",
-    "FirstOrderPruner", "ImportancePass", "MaskedLinear", "PruningSchedule", "StageSchedule",
+    "FirstOrderPruner", "ImportancePass", "MaskedLinear", "PruningMethod", "PruningSchedule", "SPARSE",
+    "StageSchedule", "UNITS", "UnknownMethodError", "find_method", "get_method", "method_names", "register_method",
     "check_schedule_reached", "structured_sparsity", "is_score_parameter", "bake_masks", "compression_scheduler", "cubic_schedule",
     "first_order_section", "init_compression", "masked_modules", "parameter_counts", "parse_compression_config",
     "redundancy_clean", "save_clean_pretrained", "sparsity_report", "strip_compression_section", "warmup_offsets",

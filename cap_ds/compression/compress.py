@@ -62,7 +62,7 @@ def init_compression(model: nn.Module, deepspeed_config: str | Path | dict[str, 
                 raise CompressionConfigError(
                     f"{sp.key}.shared_parameters.block_pattern {sp.block[0]}:{sp.block[1]}: module {name!r} has "
                     f"in_features {module.in_features}, not divisible by {sp.block[1]}")
-            new = MaskedLinear.from_linear(module, sp.canonical_method if sparse else None, sp.mask_init,
+            new = MaskedLinear.from_linear(module, sp.strategy if sparse else None, sp.mask_init,
                                            sp.mask_scale, sp.block if sparse else None)
             _set_submodule(target, name, new)
             module = new
@@ -70,8 +70,8 @@ def init_compression(model: nn.Module, deepspeed_config: str | Path | dict[str, 
             module.group = sparse.group
         row = by_tech.get(ROW_PRUNING, {}).get(name)
         if row is not None:
-            if module.row_method != rp.method:
-                module.enable_row_pruning(rp.method, rp.mask_init, rp.mask_scale)
+            if module.row_strategy is not rp.strategy:
+                module.enable_row_pruning(rp.strategy, rp.mask_init, rp.mask_scale)
             module.row_group = row.group
         head = by_tech.get(HEAD_PRUNING, {}).get(name)
         if head is not None:
@@ -79,8 +79,8 @@ def init_compression(model: nn.Module, deepspeed_config: str | Path | dict[str, 
                 raise CompressionConfigError(
                     f"{hp.key}.shared_parameters.num_heads {hp.num_heads} does not divide the in_features "
                     f"{module.in_features} of {name!r}")
-            if module.head_method != hp.method:
-                module.enable_head_pruning(hp.method, hp.num_heads, hp.mask_init, hp.mask_scale)
+            if module.head_strategy is not hp.strategy:
+                module.enable_head_pruning(hp.strategy, hp.num_heads, hp.mask_init, hp.mask_scale)
             module.head_group = head.group
     setattr(target, CONFIG_ATTR, cfg)
     return model

@@ -19,6 +19,9 @@ Keys beyond DeepSpeed's (all optional):
   at the groups' ``dense_ratio``, instead of whatever sparsity ``final_lambda`` happens to give).
 - ``row_pruning`` / ``head_pruning``: method ``first_order`` (masks set by ``FirstOrderPruner``, no schedule;
   ``dense_ratio`` optional and unused), ``mask_init``/``mask_scale`` for topk scores (default kaiming, as DeepSpeed).
+
+Which method allows what (blocks, threshold_control, an omitted dense_ratio, the default score init) is asked of
+the method objects (``methods.get_method``); this module only enforces their answers.
 """
 
 from __future__ import annotations
@@ -27,10 +30,18 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from cap_ds.compression.layers import MASK_INITS
-from cap_ds.compression.methods import HEAD_METHODS, ROW_METHODS, SPARSE_METHODS, canonical_method
+from cap_ds.compression.methods import (
+    SPARSE,
+    UNITS,
+    PruningMethod,
+    find_method,
+    get_method,
+    method_names,
+    registered_methods,
+)
+from cap_ds.compression.methods.scores import MASK_INITS
 from cap_ds.runtime.errors import UserError
 
 COMPRESSION_KEY = "compression_training"
@@ -54,7 +65,6 @@ SHARED_KEYS = {
     ROW_PRUNING: set(_COMMON_SHARED_KEYS),
     HEAD_PRUNING: _COMMON_SHARED_KEYS | {"num_heads"},
 }
-METHODS = {SPARSE_PRUNING: SPARSE_METHODS, ROW_PRUNING: ROW_METHODS, HEAD_PRUNING: HEAD_METHODS}
 DEFAULT_METHOD = {SPARSE_PRUNING: "l1", ROW_PRUNING: "l1", HEAD_PRUNING: "topk"}
 GROUP_KEYS = {"params", "modules", "related_modules"}
 
@@ -82,12 +92,14 @@ class TechniqueConfig:
     schedule_offset_end: int | None = None  # None: switch on at once (DeepSpeed's old behaviour)
     schedule_offset_stride: int = 1
     mask_init: str = "constant"
-    mask_scale: float | None = None  # None: the init's default (layers.DEFAULT_MASK_SCALE)
+    mask_scale: float | None = None  # None: the init's default (methods.scores.DEFAULT_MASK_SCALE)
     groups: list[PruningGroup] = field(default_factory=list)
+    kind: ClassVar[str] = SPARSE  # what the technique masks (methods.SPARSE / methods.UNITS)
 
     @property
-    def canonical_method(self) -> str:
-        return canonical_method(self.method)
+    def strategy(self) -> PruningMethod:
+        """The registered method ``method`` names (for this technique's kind of mask)."""
+        return get_method(self.method, self.kind)
 
     @property
     def offset_end(self) -> int:
@@ -112,10 +124,7 @@ class SparsePruningConfig(TechniqueConfig):
 class RowPruningConfig(TechniqueConfig):
     technique: str = ROW_PRUNING
     mask_init: str = "kaiming"
-
-    @property
-    def canonical_method(self) -> str:
-        return self.method
+    kind: ClassVar[str] = UNITS
 
 
 @dataclass
@@ -124,10 +133,7 @@ class HeadPruningConfig(TechniqueConfig):
     method: str = "topk"
     mask_init: str = "kaiming"
     num_heads: int = 0
-
-    @property
-    def canonical_method(self) -> str:
-        return self.method
+    kind: ClassVar[str] = UNITS
 
 
 @dataclass
@@ -205,8 +211,9 @@ def _parse_common(cfg: TechniqueConfig, shared: dict[str, Any]) -> None:
         raise CompressionConfigError(f"{sp}.enabled must be true or false, got {enabled!r}")
     cfg.enabled = enabled
     cfg.method = shared.get("method", DEFAULT_METHOD[cfg.technique])
-    allowed = METHODS[cfg.technique]
-    if cfg.method not in allowed:
+    if find_method(cfg.method, cfg.kind) is None:
+        default = DEFAULT_METHOD[cfg.technique]  # listed first
+        allowed = [default, *(n for n in method_names(cfg.kind, aliases=True) if n != default)]
         raise CompressionConfigError(f"{sp}.method: unknown method {cfg.method!r}; allowed: {', '.join(allowed)}")
     cfg.schedule_offset = _number(shared.get("schedule_offset", cfg.schedule_offset), f"{sp}.schedule_offset", int, 0)
     if shared.get("schedule_offset_end") is not None:
@@ -297,8 +304,9 @@ def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
     _check_shared_keys(SPARSE_PRUNING, shared)
     cfg = SparsePruningConfig()
     _parse_common(cfg, shared)
-    if shared.get("mask_init") is None and (cfg.canonical_method == "movement" or shared.get("threshold_control")):
-        cfg.mask_init = "magnitude"  # zero-init scores collapse at short budgets (README "Movement pruning")
+    method = cfg.strategy
+    if shared.get("mask_init") is None and method.learns_scores:
+        cfg.mask_init = method.default_mask_init(bool(shared.get("threshold_control")))
     sp = f"{cfg.key}.shared_parameters"
     cfg.initial_threshold = _number(shared.get("initial_threshold", 0.0), f"{sp}.initial_threshold", float, 0, 1)
     cfg.final_threshold = _number(shared.get("final_threshold", 0.1), f"{sp}.final_threshold", float, 0, 1)
@@ -306,18 +314,18 @@ def _parse_sparse(section: dict[str, Any]) -> SparsePruningConfig:
     cfg.threshold_control = shared.get("threshold_control", False)
     if not isinstance(cfg.threshold_control, bool):
         raise CompressionConfigError(f"{sp}.threshold_control must be true or false, got {cfg.threshold_control!r}")
-    if cfg.threshold_control and cfg.canonical_method != "soft_movement":
-        raise CompressionConfigError(f"{sp}.threshold_control needs method soft_movement, not {cfg.method!r}")
+    if cfg.threshold_control and not method.supports_threshold_control:
+        able = " or ".join(m.name for m in registered_methods(SPARSE) if m.supports_threshold_control)
+        raise CompressionConfigError(f"{sp}.threshold_control needs method {able}, not {cfg.method!r}")
     cfg.excluded_modules = _regex_list(shared["excluded_modules"], f"{sp}.excluded_modules") \
         if shared.get("excluded_modules") else []
     cfg.block = parse_block_pattern(shared.get("block_pattern"), f"{sp}.block_pattern")
-    if cfg.block is not None and cfg.canonical_method == "soft_movement":
+    if cfg.block is not None and not method.supports_blocks:
+        able = ", ".join(n for m in registered_methods(SPARSE) if m.supports_blocks for n in reversed(m.spellings))
         raise CompressionConfigError(
-            f"{sp}.block_pattern {shared['block_pattern']!r} needs a ranked method (l1, magnitude, topk, movement), "
-            "not soft_movement")
+            f"{sp}.block_pattern {shared['block_pattern']!r} needs a ranked method ({able}), not {cfg.method}")
     fixed = cfg.block[0] / cfg.block[1] if cfg.block is not None else None
-    _parse_groups(cfg, section, shared, ratio_optional=cfg.canonical_method == "soft_movement"
-                  and not cfg.threshold_control, fixed_ratio=fixed)
+    _parse_groups(cfg, section, shared, ratio_optional=method.ratio_optional(cfg), fixed_ratio=fixed)
     return cfg
 
 
@@ -332,7 +340,7 @@ def _parse_structured(technique: str, section: dict[str, Any]) -> TechniqueConfi
             raise CompressionConfigError(f"{key}.shared_parameters.num_heads is required (heads per attention layer)")
         if "num_heads" in shared:
             cfg.num_heads = _number(shared["num_heads"], f"{key}.shared_parameters.num_heads", int, 1)
-    _parse_groups(cfg, section, shared, ratio_optional=cfg.method == "first_order")
+    _parse_groups(cfg, section, shared, ratio_optional=cfg.strategy.ratio_optional(cfg))
     return cfg
 
 

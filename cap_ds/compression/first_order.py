@@ -85,7 +85,7 @@ class FirstOrderPruner:
         if cfg is None:
             raise CompressionConfigError("FirstOrderPruner needs a compression_training config with head_pruning "
                                          "and/or row_pruning method first_order (see first_order_section)")
-        techs = [t for t in (cfg.head_pruning, cfg.row_pruning) if t.enabled and t.method == "first_order"]
+        techs = [t for t in (cfg.head_pruning, cfg.row_pruning) if t.enabled and t.strategy.fixed_units]
         if not techs:
             raise CompressionConfigError(f"{cfg.head_pruning.key} / {cfg.row_pruning.key}: FirstOrderPruner needs "
                                          "at least one of them enabled with method first_order")
@@ -103,12 +103,14 @@ class FirstOrderPruner:
             for a in plan[tech.technique]:
                 m = modules[a.name]
                 if tech.technique == HEAD_PRUNING:
-                    if m.head_method != "first_order":
-                        raise CompressionConfigError(f"{a.name!r} has head method {m.head_method!r}, not first_order")
+                    if m.head_strategy is not tech.strategy:
+                        raise CompressionConfigError(
+                            f"{a.name!r} has head method {m.head_method!r}, not {tech.method}")
                     self.units.append(_Units(HEADS, a.name, a.name, m.num_heads, m.head_size))
                 else:
-                    if m.row_method != "first_order":
-                        raise CompressionConfigError(f"{a.name!r} has row method {m.row_method!r}, not first_order")
+                    if m.row_strategy is not tech.strategy:
+                        raise CompressionConfigError(
+                            f"{a.name!r} has row method {m.row_method!r}, not {tech.method}")
                     if not a.related:
                         raise CompressionConfigError(
                             f"{tech.key}.different_groups.{a.group}.related_modules is required for first_order: "

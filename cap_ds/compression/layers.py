@@ -10,7 +10,6 @@ module's forward. Masks are built in the weight's dtype (bf16 safe); fixed masks
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable
 
@@ -18,28 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cap_ds.compression.methods import (
-    HEAD_METHODS,
-    ROW_METHODS,
-    SCORE_METHODS,
-    CachedBinarizer,
-    canonical_method,
-    compute_mask,
-    num_kept,
-    unit_mask,
-)
+from cap_ds.compression.methods import SPARSE, UNITS, CachedBinarizer, PruningMethod, get_method, num_kept
+from cap_ds.compression.methods.scores import MASK_INITS  # noqa: F401  (re-exported: the CLI's --mask_init choices)
 from cap_ds.ops import kernel_wanted, masked_linear, recomputed_masked_linear
 
-# Route the plain sparse-masked product through cap_ds.ops.masked_linear, which picks the kernel or the PyTorch
-# expression (CAP_DS_MASKED_KERNEL=auto|on|off; auto: the expression wherever the kernel was not measured faster,
-# today CPU and CUDA). False: always the expression here. CAP_DS_KERNELS=0 turns every kernel off.
-USE_KERNELS = True
 # Resolution of the sigmoid(score) histogram behind soft movement's quantile threshold (width 1.5e-5).
 SCORE_HISTOGRAM_BINS = 1 << 16
-
-# Reuse a layer's sparse mask until its scheduler says weights, scores or thresholds changed (one top-k per layer and
-# optimizer step instead of one per forward: micro-steps, eval, bank and snapshot passes). Off: recompute each time.
-CACHE_MASKS = True
 
 # Layer -> (weakly) the scheduler method that fills many layers' mask caches with one batched top-k
 # (CompressionScheduler.prefill_masks); called at a layer's cache miss. Weak both ways: a copied or pickled model
@@ -57,41 +40,11 @@ def is_score_parameter(name: str) -> bool:
     return name.endswith("mask_scores")
 
 
-MASK_INITS = ("magnitude", "constant", "uniform", "kaiming")
-# mask_scale when none is given: magnitude priors have mean 1 (about 100 full-LR Adam steps of the scores at the
-# reference score LR 1e-2); constant 0 is the reference movement init (Sanh et al., CAP's scripts).
-DEFAULT_MASK_SCALE = {"magnitude": 1.0, "constant": 0.0, "uniform": 0.0, "kaiming": 0.0}
-
-
-def default_mask_scale(mask_init: str, mask_scale: float | None) -> float:
-    return DEFAULT_MASK_SCALE.get(mask_init, 0.0) if mask_scale is None else float(mask_scale)
-
-
-def _init_scores(scores: torch.Tensor, mask_init: str, mask_scale: float | None,
-                 magnitude: torch.Tensor | None = None) -> None:
-    """Fill ``scores`` in place. ``magnitude`` (same shape as ``scores``) is what the ``magnitude`` init ranks by:
-    scores = mask_scale * |magnitude| / mean|magnitude|, so the first top-k masks are the magnitude masks and
-    movement then moves scores away from them only as fast as its evidence accumulates."""
-    scale = default_mask_scale(mask_init, mask_scale)
-    if mask_init == "magnitude":
-        if magnitude is None:
-            raise ValueError("mask_init 'magnitude' needs the weight to rank by")
-        mag = magnitude.detach().abs().float()
-        with torch.no_grad():
-            scores.copy_(scale * mag / mag.mean().clamp_min(torch.finfo(torch.float32).tiny))
-    elif mask_init == "constant":
-        nn.init.constant_(scores, scale)
-    elif mask_init == "uniform":
-        nn.init.uniform_(scores, -scale, scale)
-    elif mask_init == "kaiming":
-        nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
-    else:
-        raise ValueError(f"unknown mask_init {mask_init!r}; allowed: {', '.join(MASK_INITS)}")
-
-
 class MaskedLinear(nn.Linear):
     """Linear layer with optional sparse, row and head keep-masks.
 
+    Each mask follows a method object (``strategy``, ``row_strategy``, ``head_strategy``: a registered
+    :class:`PruningMethod`), which computes it; ``method`` / ``row_method`` / ``head_method`` are their names.
     ``threshold`` (sparse), ``row_threshold`` and ``head_threshold`` are set by the compression scheduler: kept
     fraction for magnitude/movement/l1/topk, sigmoid threshold for soft movement. Learned scores
     (``mask_scores``, ``row_mask_scores`` [out, 1], ``head_mask_scores`` [1, heads]) are regular parameters so
@@ -103,36 +56,39 @@ class MaskedLinear(nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        method: str | None = "movement",
+        method: str | PruningMethod | None = "movement",
         mask_init: str = "constant",
         mask_scale: float | None = None,
-        device=None,
-        dtype=None,
+        *,
         block: tuple[int, int] | None = None,
+        **factory_kwargs,  # device, dtype (as nn.Linear)
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias=bias, **factory_kwargs)
         self._setup(method, mask_init, mask_scale, block)
 
-    def _setup(self, method: str | None, mask_init: str, mask_scale: float | None,
+    def _setup(self, method: str | PruningMethod | None, mask_init: str, mask_scale: float | None,
                block: tuple[int, int] | None = None) -> None:
-        self.method = canonical_method(method) if method is not None else None
+        self.strategy: PruningMethod | None = get_method(method, SPARSE) if method is not None else None
         # Dense until the scheduler says otherwise (kept fraction 1 / sigmoid threshold 0 keep everything).
-        self.threshold = 1.0 if self.method != "soft_movement" else 0.0
+        self.threshold = self.strategy.dense_threshold if self.strategy is not None else 1.0
         self.block = block
         if block is not None and self.in_features % block[1]:
             raise ValueError(f"block pattern {block[0]}:{block[1]} needs in_features ({self.in_features}) "
                              f"divisible by {block[1]}")
         self.pruning_enabled = True
-        self.mask_cache_enabled = False  # turned on by CompressionScheduler, which invalidates it at every step
+        # Reuse the sparse mask until the scheduler says weights, scores or thresholds changed (one top-k per layer
+        # and optimizer step instead of one per forward: micro-steps, eval, bank and snapshot passes). Turned on by
+        # CompressionScheduler, which invalidates it at every step; off, the mask is recomputed in every forward.
+        self.mask_cache_enabled = False
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         self.last_regularization: torch.Tensor | None = None
         self.track_scores = False  # set by CompressionScheduler when it sets soft movement's threshold by quantile
         self.last_histogram: torch.Tensor | None = None
         self.group: str | None = None
-        self.row_method: str | None = None
+        self.row_strategy: PruningMethod | None = None
         self.row_group: str | None = None
         self.row_threshold = 1.0
-        self.head_method: str | None = None
+        self.head_strategy: PruningMethod | None = None
         self.head_group: str | None = None
         self.head_threshold = 1.0
         self.num_heads = 0
@@ -140,15 +96,15 @@ class MaskedLinear(nn.Linear):
         self.register_parameter("head_mask_scores", None)
         self.register_buffer("row_mask_fixed", None, persistent=False)
         self.register_buffer("head_mask_fixed", None, persistent=False)
-        if self.method in SCORE_METHODS:
+        if self.strategy is not None and self.strategy.learns_scores:
             scores = torch.empty_like(self.weight, requires_grad=False)
-            _init_scores(scores, mask_init, mask_scale, self.weight)
+            self.strategy.init_scores(scores, mask_init, mask_scale, self.weight)
             self.mask_scores = nn.Parameter(scores)
         else:
             self.register_parameter("mask_scores", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method: str | None, mask_init: str = "constant",
+    def from_linear(cls, linear: nn.Linear, method: str | PruningMethod | None, mask_init: str = "constant",
                     mask_scale: float | None = None,
                     block: tuple[int, int] | None = None) -> MaskedLinear:
         """Wrap an existing linear, sharing its weight and bias parameters (no copy)."""
@@ -161,44 +117,60 @@ class MaskedLinear(nn.Linear):
         new.train(linear.training)
         return new
 
+    # ---- names of the masks' methods (None: no such mask)
+    @property
+    def method(self) -> str | None:
+        return self.strategy.name if self.strategy is not None else None
+
+    @property
+    def row_method(self) -> str | None:
+        return self.row_strategy.unit_name if self.row_strategy is not None else None
+
+    @property
+    def head_method(self) -> str | None:
+        return self.head_strategy.unit_name if self.head_strategy is not None else None
+
     # ---- structured pruning switches (DeepSpeed's ``enable_*_pruning`` names)
-    def enable_row_pruning(self, method: str, mask_init: str = "kaiming", mask_scale: float | None = None) -> None:
+    def enable_row_pruning(self, method: str | PruningMethod, mask_init: str = "kaiming",
+                           mask_scale: float | None = None) -> None:
         """Mask whole output rows (and their bias): ``l1`` by row L1 norm, ``topk`` by learned [out, 1] scores,
         ``first_order`` by a fixed mask the first-order pruner writes."""
-        if method not in ROW_METHODS:
-            raise ValueError(f"unknown row pruning method {method!r}; allowed: {', '.join(ROW_METHODS)}")
-        self.row_method = method
+        strategy = self.row_strategy = get_method(method, UNITS)
         self.row_threshold = 1.0
-        if method == "topk":
+        if strategy.learns_scores:
             scores = self.weight.new_empty(self.out_features, 1)
-            _init_scores(scores, mask_init, mask_scale, self.weight.detach().abs().sum(1, keepdim=True))
+            strategy.init_scores(scores, mask_init, mask_scale, self.weight.detach().abs().sum(1, keepdim=True))
             self.row_mask_scores = nn.Parameter(scores)
-        if method == "first_order":
+        if strategy.fixed_units:
             self.register_buffer("row_mask_fixed", torch.ones(self.out_features, device=self.weight.device),
                                  persistent=False)
 
-    def enable_head_pruning(self, method: str, num_heads: int, mask_init: str = "kaiming",
+    def enable_head_pruning(self, method: str | PruningMethod, num_heads: int, mask_init: str = "kaiming",
                             mask_scale: float | None = None) -> None:
         """Mask groups of input columns, one group per attention head (``in_features // num_heads`` each)."""
-        if method not in HEAD_METHODS:
-            raise ValueError(f"unknown head pruning method {method!r}; allowed: {', '.join(HEAD_METHODS)}")
+        strategy = get_method(method, UNITS)
         if num_heads < 1 or self.in_features % num_heads:
             raise ValueError(f"num_heads {num_heads} must divide in_features {self.in_features}")
-        self.head_method = method
+        self.head_strategy = strategy
         self.num_heads = int(num_heads)
         self.head_threshold = 1.0
-        if method == "topk":
+        if strategy.learns_scores:
             scores = self.weight.new_empty(1, self.num_heads)
-            head_l1 = self.weight.detach().abs().reshape(self.out_features, self.num_heads, -1).sum((0, 2))
-            _init_scores(scores, mask_init, mask_scale, head_l1.unsqueeze(0))
+            strategy.init_scores(scores, mask_init, mask_scale, self._head_l1().unsqueeze(0))
             self.head_mask_scores = nn.Parameter(scores)
-        if method == "first_order":
+        if strategy.fixed_units:
             self.register_buffer("head_mask_fixed", torch.ones(self.num_heads, device=self.weight.device),
                                  persistent=False)
 
     @property
     def head_size(self) -> int:
         return self.in_features // self.num_heads if self.num_heads else 0
+
+    def _row_l1(self) -> torch.Tensor:
+        return self.weight.detach().abs().sum(1)
+
+    def _head_l1(self) -> torch.Tensor:
+        return self.weight.detach().abs().reshape(self.out_features, self.num_heads, -1).sum((0, 2))
 
     def extra_repr(self) -> str:
         out = f"{super().extra_repr()}, method={self.method}, threshold={self.threshold:.4f}"
@@ -227,19 +199,18 @@ class MaskedLinear(nn.Linear):
         """(entries, kept, dtype, device) of the top-k this layer's cached sparse mask still needs, when a batched
         top-k may compute it instead (:meth:`store_mask`): unstructured magnitude/movement, cache on and stale,
         weight and scores whole (not ZeRO-3 partitioned: those hold data only inside forward). Else None."""
-        if (self.method not in ("magnitude", "movement") or self.block is not None or not self.pruning_enabled
-                or not (CACHE_MASKS and self.mask_cache_enabled) or self.weight.numel() == 0
+        if (self.strategy is None or not self.strategy.exact_topk or self.block is not None
+                or not self.pruning_enabled
+                or not self.mask_cache_enabled or self.weight.numel() == 0
                 or hasattr(self.weight, "ds_id") or hasattr(self.mask_scores, "ds_id") or self._mask_cached()):
             return None
-        values = self.weight if self.method == "magnitude" else self.mask_scores
+        values = self.strategy.topk_source(self.weight, self.mask_scores)
         return values.numel(), num_kept(values.numel(), self.threshold), values.dtype, values.device
 
     @torch.no_grad()
     def topk_values(self, out: torch.Tensor) -> torch.Tensor:
         """Write what the sparse mask ranks (|W| for magnitude, the scores for movement), flattened, into ``out``."""
-        if self.method == "magnitude":
-            return torch.abs(self.weight.detach().reshape(-1), out=out)
-        return out.copy_(self.mask_scores.detach().reshape(-1))
+        return self.strategy.write_topk_values(self.weight, self.mask_scores, out)
 
     def store_mask(self, keep: torch.Tensor) -> None:
         """Cache ``keep`` (bool, the weight's numel) as this step's sparse mask, as :meth:`sparse_mask` would."""
@@ -248,7 +219,7 @@ class MaskedLinear(nn.Linear):
     def cached_keep(self) -> torch.Tensor | None:
         """This step's boolean sparse mask from the per-step cache (filled by the scheduler's batched prefill or
         computed here), or None when the cache is not in use (no sparse method, pruning off, cache off)."""
-        if self.method is None or not self.pruning_enabled or not (CACHE_MASKS and self.mask_cache_enabled) \
+        if self.strategy is None or not self.pruning_enabled or not self.mask_cache_enabled \
                 or self.weight.numel() == 0:
             return None
         if not self._mask_cached():
@@ -258,7 +229,7 @@ class MaskedLinear(nn.Linear):
                 prefill()  # may fill this layer's cache (and its size group's) with one batched top-k
         if not self._mask_cached():
             with torch.no_grad():
-                mask = compute_mask(self.method, self.weight, self.mask_scores, self.threshold, self.block)
+                mask = self.strategy.keep_mask(self.weight, self.mask_scores, self.threshold, self.block)
             self._mask_cache = (self._mask_cache_key(), mask.bool())
         return self._mask_cache[1]
 
@@ -269,33 +240,29 @@ class MaskedLinear(nn.Linear):
         return None
 
     def sparse_mask(self) -> torch.Tensor | None:
-        if self.method is None or not self.pruning_enabled:
+        if self.strategy is None or not self.pruning_enabled:
             return None
         keep = self.cached_keep()
         if keep is None:
-            return compute_mask(self.method, self.weight, self.mask_scores, self.threshold,
-                                self.block).to(self.weight.dtype)
+            return self.strategy.keep_mask(self.weight, self.mask_scores, self.threshold,
+                                           self.block).to(self.weight.dtype)
         mask = keep.to(self.weight.dtype)
         scores = self._learning_scores()
         return CachedBinarizer.apply(scores, mask) if scores is not None else mask
 
     def row_mask(self) -> torch.Tensor | None:
         """[out] keep-mask over output rows, or None."""
-        if self.row_method is None or not self.pruning_enabled:
+        if self.row_strategy is None or not self.pruning_enabled:
             return None
-        values = self.weight.detach().abs().sum(1) if self.row_method == "l1" else None
-        return unit_mask(self.row_method, values, self.row_mask_scores, self.row_threshold,
-                         self.row_mask_fixed).to(self.weight.dtype)
+        return self.row_strategy.unit_mask(self._row_l1, self.row_mask_scores, self.row_threshold,
+                                           self.row_mask_fixed).to(self.weight.dtype)
 
     def head_mask(self) -> torch.Tensor | None:
         """[num_heads] keep-mask over heads (input column groups), or None."""
-        if self.head_method is None or not self.pruning_enabled:
+        if self.head_strategy is None or not self.pruning_enabled:
             return None
-        values = None
-        if self.head_method == "l1":
-            values = self.weight.detach().abs().reshape(self.out_features, self.num_heads, -1).sum((0, 2))
-        return unit_mask(self.head_method, values, self.head_mask_scores, self.head_threshold,
-                         self.head_mask_fixed).to(self.weight.dtype)
+        return self.head_strategy.unit_mask(self._head_l1, self.head_mask_scores, self.head_threshold,
+                                            self.head_mask_fixed).to(self.weight.dtype)
 
     def _apply_masks(self, weight: torch.Tensor) -> torch.Tensor:
         sparse = self.sparse_mask()
@@ -341,22 +308,18 @@ class MaskedLinear(nn.Linear):
         return self.bias * row
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.method == "soft_movement" and self.training:
-            # Stashed here (inside forward) so the regulariser is ZeRO-3 safe: scores hold data only now.
-            self.last_regularization = torch.sigmoid(self.mask_scores.float()).mean()
-            if self.track_scores and self._scores_partitioned():
-                # ZeRO-3 scores are whole only in forward: stash what the scheduler's global threshold needs.
-                self.last_histogram = self.score_histogram()
+        if self.strategy is not None:
+            self.strategy.in_forward(self)  # e.g. soft movement's regulariser: ZeRO-3 scores hold data only now
         if not self.pruning_enabled:
             return F.linear(input, self.weight, self.bias)
-        if USE_KERNELS and self.row_method is None and self.head_method is None:
+        if self.row_method is None and self.head_method is None:
             keep = self.cached_keep()
-            if keep is not None and not kernel_wanted(input) and not torch.is_autocast_enabled(input.device.type):
+            if keep is not None and not kernel_wanted() and not torch.is_autocast_enabled(input.device.type):
                 # The cached mask, and the straight-through gradient to the scores, without keeping W*M (nor
                 # the mask in the weight's dtype) from forward to backward (ops.RecomputedMaskedLinear).
                 return recomputed_masked_linear(input, self.weight, self.bias, keep, self._learning_scores())
-            # Only a sparse mask: masked_linear routes x @ (W*M)^T + b to the cap_masked_gemm op where it wins
-            # (same numbers; W*M not kept for the backward), else to F.linear(x, W*M, b).
+            # Only a sparse mask: masked_linear routes x @ (W*M)^T + b to the cap_masked_gemm op with
+            # CAP_DS_KERNELS=on (same numbers; W*M not kept for the backward), else to F.linear(x, W*M, b).
             sparse = self.sparse_mask()
             if sparse is not None:
                 return masked_linear(input, self.weight, sparse, self.bias)

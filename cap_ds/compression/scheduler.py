@@ -8,8 +8,10 @@ here on the final value holds). The reference code's (initial_warmup, final_warm
 ``CompressionScheduler`` is stepped by the training loop after each *applied* optimizer step (DeepSpeed's engine
 used to do this itself). Unlike DeepSpeed's on/off switch, each technique ramps from dense at its
 ``schedule_offset`` to each group's ``dense_ratio`` at ``schedule_offset_end`` (no end: DeepSpeed's switch at
-``schedule_offset``, no KeyError). ``first_order`` structured masks are not scheduled here: CAP-f's stage
-schedule (``first_order.StageSchedule``) sets them.
+``schedule_offset``, no KeyError). Masks of methods with ``fixed_units`` (``first_order``) are not scheduled here:
+CAP-f's stage schedule (``first_order.StageSchedule``) sets them. What moves along the ramp (a kept fraction, soft
+movement's sigmoid threshold), the regulariser's weight and whether the batched top-k applies are the method
+object's answers (``methods.PruningMethod``); the scheduler owns the steps, the curve and threshold_control.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from cap_ds.compression.compress import masked_modules
 from cap_ds.compression.config import CompressionConfig, TechniqueConfig, as_compression_config
 from cap_ds.compression.layers import MaskedLinear, register_mask_prefill
+from cap_ds.compression.methods import PruningMethod
 from cap_ds.compression.stats import sparsity_report
 from cap_ds.compression.topk import HISTOGRAM_BINS, RADIX_DTYPES, topk_impl, topk_keep_batched
 from cap_ds.runtime.errors import TrainingFailed
@@ -76,6 +79,11 @@ def _scheduled(tech: TechniqueConfig, step: int, initial: float, final: float) -
 
 def _kept_fraction(tech: TechniqueConfig, step: int, final: float) -> float:
     return _scheduled(tech, step, 1.0, final)
+
+
+def _scheduled_units(method: PruningMethod | None) -> bool:
+    """Whether a row/head mask follows this scheduler (methods with fixed units are set by their pruner)."""
+    return method is not None and not method.fixed_units
 
 
 def quantile_threshold(histogram: torch.Tensor, kept: float) -> float:
@@ -144,14 +152,13 @@ def check_schedule_reached(config: CompressionConfig, applied_steps: int, run_st
     """A scheduled run that ends short of its schedule (DeepSpeed skipped steps) or below the sparsity its masks
     should have (a non-finite model keeps everything) is a failed run."""
     for tech in config.techniques():
-        if tech.enabled and tech.canonical_method != "first_order" and applied_steps < tech.offset_end:
+        if tech.enabled and not tech.strategy.fixed_units and applied_steps < tech.offset_end:
             raise TrainingFailed(
                 f"the pruning schedule did not reach its target: {tech.key} ends at step {tech.offset_end} but "
                 f"only {applied_steps} of the run's {run_steps} steps were applied (DeepSpeed "
                 f"skipped the others); measured sparsity {measured:.4f}")
     sparse = config.sparse_pruning
-    exact = sparse.canonical_method in ("magnitude", "movement") or sparse.threshold_control
-    if sparse.enabled and exact and sparse.groups:
+    if sparse.enabled and sparse.strategy.reaches_target(sparse) and sparse.groups:
         target = 1.0 - max(g.dense_ratio for g in sparse.groups)
         if measured < target - 0.01:
             raise TrainingFailed(f"measured sparsity {measured:.4f} is below the schedule's target "
@@ -179,7 +186,7 @@ class CompressionScheduler(PruningSchedule):
         # the updated scores (under ZeRO-3, of the scores the layers stash in forward, one update old).
         self.quantile = self.sparse.enabled and self.sparse.threshold_control
         self.controlled = [m for m in self.modules.values()
-                           if self.quantile and m.method == "soft_movement" and m.group in self.groups]
+                           if self.quantile and m.strategy is self.strategy and m.group in self.groups]
         for module in self.controlled:
             module.track_scores = True
         self.soft_threshold = 0.0
@@ -189,17 +196,24 @@ class CompressionScheduler(PruningSchedule):
         self._apply()
 
     @property
+    def strategy(self) -> PruningMethod:
+        """The sparse pruning method."""
+        return self.sparse.strategy
+
+    @property
     def method(self) -> str:
-        return self.sparse.canonical_method
+        return self.strategy.name
+
+    def _ramp(self, initial: float, final: float) -> float:
+        """The sparse schedule's value at the current step, from ``initial`` to ``final``."""
+        return _scheduled(self.sparse, self.training_steps, initial, final)
 
     def threshold_for(self, group: str) -> float:
-        """Sparse kept fraction (magnitude/movement) or sigmoid threshold (soft movement) at the current step."""
-        sp = self.sparse
-        if self.method == "soft_movement":
-            if self.quantile:
-                return self.soft_threshold
-            return _scheduled(sp, self.training_steps, sp.initial_threshold, sp.final_threshold)
-        return _kept_fraction(sp, self.training_steps, self.groups[group].dense_ratio)
+        """Sparse kept fraction (magnitude/movement) or sigmoid threshold (soft movement) at the current step;
+        under threshold_control the global quantile threshold."""
+        if self.quantile:
+            return self.soft_threshold
+        return self.strategy.sparse_threshold(self.sparse, self.groups[group].dense_ratio, self._ramp)
 
     def row_threshold_for(self, group: str) -> float:
         return _kept_fraction(self.row, self.training_steps, self.row_groups[group].dense_ratio)
@@ -216,13 +230,10 @@ class CompressionScheduler(PruningSchedule):
 
     @property
     def regularization_lambda(self) -> float:
-        """Soft movement's L1 weight, proportional to the threshold (reference: lambda_final * t / t_final)."""
-        sp = self.sparse
-        if not sp.enabled or self.method != "soft_movement" or sp.final_threshold == 0:
+        """The weight of the method's loss term at the current step (soft movement's L1; 0 without one)."""
+        if not self.sparse.enabled:
             return 0.0
-        if self.quantile:  # the reference's lambda_t / lambda_final = tau_t / tau_final, as a schedule progress
-            return sp.final_lambda * _scheduled(sp, self.training_steps, 0.0, 1.0)
-        return sp.final_lambda * self.threshold / sp.final_threshold
+        return self.strategy.regularization_lambda(self.sparse, self.threshold, self._ramp)
 
     def scheduled_kept(self, step: int) -> float:
         """The kept fraction the cubic schedule asks for at ``step`` over the soft-movement weights (the groups'
@@ -275,11 +286,11 @@ class CompressionScheduler(PruningSchedule):
         self._prefill_pending = True
         for module in self.modules.values():
             module.invalidate_masks()
-            if module.method is not None and module.group in self.groups and self.sparse.enabled:
+            if module.strategy is not None and module.group in self.groups and self.sparse.enabled:
                 module.threshold = self.threshold_for(module.group)
-            if module.row_method not in (None, "first_order") and module.row_group in self.row_groups:
+            if _scheduled_units(module.row_strategy) and module.row_group in self.row_groups:
                 module.row_threshold = self.row_threshold_for(module.row_group)
-            if module.head_method not in (None, "first_order") and module.head_group in self.head_groups:
+            if _scheduled_units(module.head_strategy) and module.head_group in self.head_groups:
                 module.head_threshold = self.head_threshold_for(module.head_group)
 
     def step(self) -> None:
@@ -295,8 +306,9 @@ class CompressionScheduler(PruningSchedule):
         self._apply()
 
     def regularization(self) -> torch.Tensor | None:
-        """lambda_t * mean over modules of mean(sigmoid(scores)), from values stashed in the last forward."""
-        if not self.sparse.enabled or self.method != "soft_movement":
+        """lambda_t * mean over modules of the term each stashed in its last forward (soft movement: mean
+        sigmoid(scores)); None for methods without one."""
+        if not self.sparse.enabled or not self.strategy.regularizes:
             return None
         terms = [m.last_regularization for m in self.modules.values() if m.last_regularization is not None]
         if not terms:
@@ -305,7 +317,7 @@ class CompressionScheduler(PruningSchedule):
 
     def scalars(self) -> dict[str, float]:
         out = {"threshold": self.threshold}
-        if self.method == "soft_movement" and self.sparse.enabled:
+        if self.strategy.regularizes and self.sparse.enabled:
             out["lambda"] = self.regularization_lambda
         if self.quantile:
             out["scheduled_sparsity"] = 1.0 - self.scheduled_kept(self.training_steps)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cap_ds.compression.config import load_ds_config
+from cap_ds.compression.methods import get_method
 from cap_ds.data.tasks import TaskSpec, get_task
 from cap_ds.run.args import CapArguments, DataArguments, Flags, ModelArguments, PruningArguments, RunArguments
 from cap_ds.run.rundir import run_config
@@ -59,7 +60,7 @@ class RunSpec:
     @property
     def structured(self) -> bool:
         """CAP-f: heads and FFN neurons pruned in stages (no encode passes, per-stage snapshots)."""
-        return self.prune and self.pruning.pruning_method == "first_order"
+        return self.prune and get_method(self.pruning.pruning_method).structured
 
     @property
     def teacher_path(self) -> str | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cap_ds.compression import parse_compression_config
+from cap_ds.compression.methods import get_method
 from cap_ds.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def check_compression_schedule(section: dict[str, Any] | None, total_steps: int,
     cfg = parse_compression_config({"compression_training": section})
     for key in ("sparse_pruning", "row_pruning", "head_pruning"):
         tech = getattr(cfg, key, None)
-        if tech is None or not tech.enabled or tech.canonical_method == "first_order":
+        if tech is None or not tech.enabled or tech.strategy.fixed_units:
             continue
         if tech.offset_end > total_steps:
             name = "schedule_offset_end" if tech.schedule_offset_end is not None else "schedule_offset"
@@ -105,7 +106,7 @@ def plan_steps(num_train: int, world: int, rargs, pargs, *, prune: bool,
                compression: dict[str, Any] | None = None, source: str = "") -> StepPlan:
     """The plan for ``num_train`` training rows on ``world`` ranks (see the module docstring)."""
     spe = steps_per_epoch(num_train, world, rargs.per_device_train_batch_size, rargs.gradient_accumulation_steps)
-    structured = prune and pargs.pruning_method == "first_order"
+    structured = prune and get_method(pargs.pruning_method).structured
     if structured:  # CAP-f: the schedule is the stages, each followed by --epochs_per_stage of retraining
         stages = structured_stages(pargs.target_sparsity, pargs.structured_step)
         num_epochs = len(stages) * pargs.epochs_per_stage

@@ -16,13 +16,17 @@ from typing import Any
 import torch
 
 from cap_ds.compression import (
+    UNITS,
     CompressionConfig,
     CompressionScheduler,
     FirstOrderPruner,
     ImportancePass,
+    PruningMethod,
     PruningSchedule,
     StageSchedule,
+    find_method,
     first_order_section,
+    get_method,
     init_compression,
     parse_compression_config,
 )
@@ -35,22 +39,24 @@ logger = logging.getLogger(__name__)
 
 def sparse_section(pargs, offset: int, offset_end: int) -> dict[str, Any]:
     """The compression_training section the pruning flags stand for."""
+    method = get_method(pargs.pruning_method)
     return {"sparse_pruning": {
         "shared_parameters": {
             "enabled": True, "method": pargs.pruning_method, "schedule_offset": offset,
             "schedule_offset_end": offset_end, "mask_init": pargs.score_init,
             "mask_scale": pargs.mask_scale,
             "final_threshold": pargs.final_threshold, "final_lambda": pargs.final_lambda,
-            "threshold_control": pargs.threshold_control and pargs.pruning_method == "soft_movement",
+            "threshold_control": pargs.threshold_control and method.supports_threshold_control,
         },
         "different_groups": {"sp1": {"params": {"dense_ratio": round(1.0 - pargs.target_sparsity, 10)},
                                      "modules": [pargs.prune_modules]}},
     }}
 
 
-def _is_first_order(compression: dict[str, Any] | None) -> bool:
+def _prunes_units_with(compression: dict[str, Any] | None, method: PruningMethod) -> bool:
+    """Whether the ``--deepspeed`` file's section prunes rows or heads with ``method`` (then it is used)."""
     return bool(compression) and any(
-        compression.get(k, {}).get("shared_parameters", {}).get("method") == "first_order"
+        find_method(compression.get(k, {}).get("shared_parameters", {}).get("method"), UNITS) is method
         for k in ("head_pruning", "row_pruning"))
 
 
@@ -71,9 +77,10 @@ def install_pruning(student: torch.nn.Module, pargs, plan: StepPlan, compression
                     source: str, is_rank0: bool) -> Pruning:
     """Masks into ``student`` (before ``deepspeed.initialize``) and the embeddings frozen. ``compression``: the
     ``--deepspeed`` file's section, used when it is enabled (CAP-f: when it prunes first-order)."""
-    structured = pargs.pruning_method == "first_order"
+    method = get_method(pargs.pruning_method)
+    structured = method.structured
     if structured:
-        section = compression if _is_first_order(compression) else first_order_section(
+        section = compression if _prunes_units_with(compression, method) else first_order_section(
             student.config.num_attention_heads)
         config = parse_compression_config({"compression_training": section})
     else:
@@ -113,15 +120,23 @@ def lr_schedule(pruning: Pruning | None, plan: StepPlan, pargs,
     return lambda opt: get_linear_schedule_with_warmup(opt, plan.warmup, plan.total_steps)
 
 
+@dataclass(frozen=True)
+class PassContext:
+    """How an importance pass runs: the stop signals it checks, and whether this rank shows a bar and reports."""
+
+    stop: Any
+    show_progress: bool
+    report: bool
+
+
 def pruning_schedule(pruning: Pruning | None, engine, plan: StepPlan, pargs, *, loss: TrainingLoss, importance_loader,
-                     stop, snapshots: Snapshots | None, show_progress: bool,
-                     is_rank0: bool) -> PruningSchedule | None:
+                     snapshots: Snapshots | None, context: PassContext) -> PruningSchedule | None:
     """The schedule the loop moves: the unstructured scheduler, or CAP-f's stages (each after an SnC snapshot
     in eval mode, from stage 1 on, then an importance pass with the full training loss)."""
     if pruning is None or not pruning.structured:
         return pruning.scheduler if pruning is not None else None
-    importance = ImportancePass(engine, importance_loader, loss, stop, pargs.importance_batches,
-                                show_progress=show_progress, report=is_rank0)
+    importance = ImportancePass(engine, importance_loader, loss, context.stop, pargs.importance_batches,
+                                show_progress=context.show_progress, report=context.report)
     before = (lambda: snapshots.take(train_mode=False)) if snapshots is not None else None
     return StageSchedule(FirstOrderPruner(engine.module, pruning.config), plan.stages, pargs.epochs_per_stage,
                          importance, before)

@@ -1,6 +1,8 @@
-"""Mask methods: how a binary keep-mask is derived from weights or learned scores.
+"""Mask math shared by the pruning methods: exact top-k, N:M blocks, the sigmoid threshold and the
+straight-through binarizers that carry a mask's gradient to learned scores.
 
-``movement`` / ``topk`` and ``soft_movement`` learn scores through a straight-through estimator (STE): the
+Which method uses what lives in the method modules (``magnitude.py``, ``movement.py``, ...); this module only
+computes. Movement and soft movement learn scores through a straight-through estimator (STE): the
 mask's gradient is passed to the scores unchanged, so d loss / d score = (d loss / d W') * W (Sanh et al. 2020).
 Top-k selection is exact, with one tie rule, and chosen per device type (``topk.py``: the sync-free ``radix``
 search by default, ``kthvalue`` for small CPU inputs; never a full sort per forward: DeepSpeed's old binarizer
@@ -24,19 +26,6 @@ from cap_ds.compression.topk import (  # noqa: F401  (re-exported: the top-k can
     topk_keep,
     topk_keep_batched,
 )
-
-SCORE_METHODS = ("movement", "soft_movement")
-SPARSE_METHODS = ("magnitude", "movement", "soft_movement", "l1", "topk")
-ROW_METHODS = ("l1", "topk", "first_order")
-HEAD_METHODS = ("topk", "l1", "first_order")
-# DeepSpeed's old names map onto ours: l1 = magnitude mask, topk = learned top-k scores (movement).
-METHOD_ALIASES = {"l1": "magnitude", "topk": "movement"}
-
-
-def canonical_method(name: str) -> str:
-    if name not in SPARSE_METHODS:
-        raise ValueError(f"unknown sparse pruning method {name!r}; allowed: {', '.join(SPARSE_METHODS)}")
-    return METHOD_ALIASES.get(name, name)
 
 
 def num_kept(numel: int, keep_ratio: float) -> int:
@@ -130,46 +119,3 @@ class CachedBinarizer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         return grad_output, None
-
-
-def compute_mask(method: str, weight: torch.Tensor, scores: torch.Tensor | None, threshold: float,
-                 block: tuple[int, int] | None = None) -> torch.Tensor:
-    """The keep-mask for ``method`` (canonical name); differentiable w.r.t. scores where the method learns them.
-
-    ``threshold`` is the kept fraction for magnitude/movement, and the sigmoid threshold for soft movement.
-    ``block=(N, M)`` ranks within blocks of M input weights instead of the whole matrix.
-    Magnitude masks carry no gradient (plain gradual magnitude pruning: pruned weights get no update).
-    """
-    if method == "magnitude":
-        if block is not None:
-            return nm_mask(weight.detach().abs(), nm_kept(threshold, *block), block[1])
-        return topk_mask(weight.detach().abs(), threshold)
-    if scores is None:
-        raise ValueError(f"method {method!r} needs mask scores")
-    if method == "movement":
-        if block is not None:
-            return NMBinarizer.apply(scores, nm_kept(threshold, *block), block[1])
-        return TopKBinarizer.apply(scores, threshold)
-    if method == "soft_movement":
-        return ThresholdBinarizer.apply(scores, threshold)
-    raise ValueError(f"unknown canonical method {method!r}")
-
-
-def unit_mask(method: str, unit_values: torch.Tensor | None, scores: torch.Tensor | None, keep_ratio: float,
-              fixed: torch.Tensor | None) -> torch.Tensor:
-    """Keep-mask over structured units (rows or heads), 1-D.
-
-    ``l1`` keeps the units with the largest ``unit_values`` (L1 norms, no gradient), ``topk`` the largest learned
-    ``scores`` (straight-through), ``first_order`` returns the ``fixed`` mask set by the first-order pruner.
-    """
-    if method == "first_order":
-        if fixed is None:
-            raise ValueError("first_order needs a fixed mask")
-        return fixed
-    if method == "l1":
-        return topk_mask(unit_values.detach(), keep_ratio)
-    if method == "topk":
-        if scores is None:
-            raise ValueError("topk needs unit scores")
-        return TopKBinarizer.apply(scores.reshape(-1), keep_ratio)
-    raise ValueError(f"unknown structured method {method!r}; allowed: {', '.join(ROW_METHODS)}")
