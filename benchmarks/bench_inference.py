@@ -284,19 +284,20 @@ LAYER_SHAPES = {"roberta-large": ((1024, 4096), (4096, 1024)), "bert-base": ((76
 
 def layer_paths(lin: nn.Linear, layer, x: torch.Tensor) -> dict:
     """Every path for y = lin(x): dense, CSR, and (2:4 weight, capable GPU) each backend direct and via F.linear."""
-    import cap_ds.sparse as sp
+    from cap_ds.sparse import semi
+    from cap_ds.sparse.formats import is_2to4
 
     w, b = lin.weight.detach(), lin.bias.detach()
     cands = {"dense F.linear": lambda: torch.nn.functional.linear(x, w, b), "csr": lambda: layer.csr_forward(x)}
-    if sp._is_2to4(w) and sp._semi_supported(x.device, x.dtype, *w.shape):
-        for backend in sp._semi_backends():
+    if is_2to4(w) and semi.supported(x.device, x.dtype, *w.shape):
+        for backend in semi.backends():
             try:
-                semi = sp._semi_convert(w, backend)
+                packed = semi.convert(w, backend)
             except (RuntimeError, ValueError, NotImplementedError) as err:
                 print(f"  2:4 {backend}: conversion failed ({err})")
                 continue
-            cands[f"2:4 {backend} direct"] = lambda semi=semi, backend=backend: sp._semi_matmul(semi, backend, x, b)
-            cands[f"2:4 {backend} F.linear(old)"] = lambda semi=semi: torch.nn.functional.linear(x, semi, b)
+            cands[f"2:4 {backend} direct"] = lambda p=packed, be=backend: semi.matmul(p, be, x, b)
+            cands[f"2:4 {backend} F.linear(old)"] = lambda p=packed: torch.nn.functional.linear(x, p, b)
     return cands
 
 
@@ -346,7 +347,6 @@ def layers_main(argv: list[str]) -> int:
                             print(f"  {name}: failed ({type(err).__name__}: {str(err)[:120]})")
                             del cands[name]
                 times = sp.time_candidates(cands, device, reps=args.reps)
-                sp.clear_decision_cache()
                 sparse_model = nn.Sequential(copy.deepcopy(lin))
                 sparsify_keeps = sp.sparsify(sparse_model, batch_tokens=tokens).sparsify_summary.layers[0]["format"]
                 for name, t in times.items():

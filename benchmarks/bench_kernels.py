@@ -129,7 +129,7 @@ def training_case(m: int, k: int, n: int, dtype: torch.dtype, device: str, gen: 
 
 
 def bench_training(op, device: str, dtypes: list[str], tokens: dict[str, int], reps: int) -> list[dict]:
-    from cap_ds.ops.masked_linear import kernel_wins
+    from cap_ds.ops import kernel_wanted
 
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -139,8 +139,7 @@ def bench_training(op, device: str, dtypes: list[str], tokens: dict[str, int], r
                 m = tokens[model]
                 case = training_case(m, k, n, DTYPES[dname], device, gen, reps, op)
                 rows.append(dict(bench="masked_linear_train", device=device, model=model, shape=f"{m}x{k}->{n}",
-                                 dtype=dname, auto_uses_kernel=kernel_wins(torch.device(device).type,
-                                                                           DTYPES[dname]),
+                                 dtype=dname, switch_uses_kernel=kernel_wanted(),
                                  kernel_over_expression=case["ours"] / case["pytorch"], **case))
     return rows
 
@@ -150,13 +149,13 @@ def print_training(rows: list[dict], threads: int, reps: int) -> None:
     print(f"Training masked linear on {dev}, forward + backward (dx, dW, dscores, db), 10% kept, kernel forced vs "
           f"F.linear(x, W*M); {threads} threads, median of {reps} interleaved rounds")
     header = (f"{'model':<14} {'M x K -> N':<16} {'dtype':<5} {'expr ms':>8} {'kernel ms':>9} {'kernel/expr':>11} "
-              f"{'saved MB expr':>13} {'saved MB kernel':>15} {'max rel err':>11} {'auto->kernel':>12}")
+              f"{'saved MB expr':>13} {'saved MB kernel':>15} {'max rel err':>11} {'switch->kernel':>14}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['model']:<14} {r['shape']:<16} {r['dtype']:<5} {r['pytorch'] * 1e3:>8.2f} {r['ours'] * 1e3:>9.2f} "
               f"{r['kernel_over_expression']:>10.3f}x {r['kept_pytorch'] / 2**20:>13.1f} "
-              f"{r['kept_ours'] / 2**20:>15.1f} {r['rel_err']:>11.1e} {str(r['auto_uses_kernel']):>12}")
+              f"{r['kept_ours'] / 2**20:>15.1f} {r['rel_err']:>11.1e} {str(r['switch_uses_kernel']):>14}")
     for dname in sorted({r["dtype"] for r in rows}):
         ratios = [r["kernel_over_expression"] for r in rows if r["dtype"] == dname]
         wins = all(q < 1.0 for q in ratios)

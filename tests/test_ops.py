@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import cap_ds.ops as ops
-from cap_ds.compression import layers
 from cap_ds.compression.layers import MaskedLinear
+from cap_ds.ops import loader
 from cap_ds.ops.masked_linear import masked_linear, masked_linear_reference
 
 masked_linear_mod = importlib.import_module("cap_ds.ops.masked_linear")  # the package attribute is the function
@@ -28,23 +28,21 @@ HAS_CXX = shutil.which("c++") is not None or shutil.which("g++") is not None
 
 @pytest.fixture(scope="module")
 def op():
-    """The built op, with the masked-linear kernel forced on (auto routes CPU and CUDA to the expression)."""
+    """The built op, with CAP_DS_KERNELS=on for the rest of this module (auto never takes the training kernel)."""
     if not HAS_CXX:
         pytest.skip("no C++ compiler: the op cannot be built (the PyTorch path is used)")
-    module = ops.load_kernels()
-    assert module is not None, f"cap_masked_gemm failed to build: {ops._state['error']!r}"
-    ops.set_masked_kernel_mode("on")
-    yield module
-    ops.set_masked_kernel_mode(None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAP_DS_KERNELS", "on")
+        module = ops.load_kernels()
+        assert module is not None, f"cap_masked_gemm failed to build: {loader._state['error']!r}"
+        yield module
 
 
 @pytest.fixture
 def fresh_state(monkeypatch):
-    """Run with a forgotten load attempt; restore the real one afterwards."""
-    saved = dict(ops._state)
-    ops._reset_for_tests()
-    yield monkeypatch
-    ops._state.update(saved)
+    """Run with a forgotten load attempt (a new process's state); the real one is back afterwards."""
+    monkeypatch.setattr(loader, "_state", {"tried": False, "module": None, "error": None})
+    return monkeypatch
 
 
 def test_jit_build_cpu(op):
@@ -163,14 +161,14 @@ def test_masked_linear_falls_back_for_unsupported(op):
 
 
 @pytest.mark.parametrize("method", ["movement", "magnitude", "soft_movement"])
-def test_masked_linear_module_uses_kernel_with_same_numbers(op, monkeypatch, method):
+def test_masked_linear_module_uses_kernel_with_same_numbers(op, kernel_switch, method):
     torch.manual_seed(0)
     layer = MaskedLinear(48, 40, method=method, mask_init="uniform", mask_scale=1.0)
     layer.threshold = 0.3 if method != "soft_movement" else 0.5
     x = torch.randn(2, 5, 48)
     results = []
     for use in (True, False):
-        monkeypatch.setattr(layers, "USE_KERNELS", use)
+        kernel_switch("on" if use else "off")
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         y = layer(xi)
@@ -184,60 +182,43 @@ def test_masked_linear_module_uses_kernel_with_same_numbers(op, monkeypatch, met
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
 
 
-@pytest.fixture
-def mode_env(monkeypatch):
-    """No override, a clean CAP_DS_MASKED_KERNEL; the module-level override is restored afterwards."""
-    saved = masked_linear_mod._override
-    masked_linear_mod._override = None
-    monkeypatch.delenv("CAP_DS_MASKED_KERNEL", raising=False)
-    yield monkeypatch
-    masked_linear_mod._override = saved
-
-
-def test_masked_kernel_mode_env_and_override(mode_env):
-    assert ops.masked_kernel_mode() == "auto"
-    for value, mode in (("on", "on"), (" OFF ", "off"), ("auto", "auto"), ("", "auto")):
-        mode_env.setenv("CAP_DS_MASKED_KERNEL", value)
-        assert ops.masked_kernel_mode() == mode
-    mode_env.setenv("CAP_DS_MASKED_KERNEL", "fast")
-    with pytest.raises(ValueError, match=r"CAP_DS_MASKED_KERNEL='fast'.*allowed: auto, on, off"):
-        ops.masked_kernel_mode()
-    ops.set_masked_kernel_mode("off")  # the override wins over the (bad) env value
-    assert ops.masked_kernel_mode() == "off"
-    with pytest.raises(ValueError, match="set_masked_kernel_mode='always'.*allowed: auto, on, off"):
-        ops.set_masked_kernel_mode("always")
+def test_kernel_switch_values(kernel_switch, monkeypatch):
+    assert ops.kernel_mode() == "auto"
+    for value, mode in (("on", "on"), (" OFF ", "off"), ("auto", "auto"), ("", "auto"), ("1", "auto"),
+                        ("0", "off"), ("false", "off")):
+        kernel_switch(value)
+        assert ops.kernel_mode() == mode and ops.kernels_enabled() == (mode != "off")
+    kernel_switch("fast")
+    with pytest.raises(ValueError, match=r"CAP_DS_KERNELS='fast'.*allowed: auto, on, off"):
+        ops.kernel_mode()
+    kernel_switch("auto")
+    monkeypatch.setenv("CAP_DS_MASKED_KERNEL", "on")  # the retired switch: said, not obeyed
+    with pytest.warns(FutureWarning, match="CAP_DS_MASKED_KERNEL is no longer read"):
+        assert ops.kernel_mode() == "auto"
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_auto_routes_to_the_expression_where_the_kernel_does_not_win(mode_env, device, dtype):
-    """Routing only (no tensors on the device): auto never takes the kernel on CUDA (H200: 6x / 2.6x slower in
-    bf16) nor on CPU (bench_kernels: slower or no measurable win), so auto never builds it either."""
-    assert not masked_linear_mod.kernel_wins(device, dtype)
+def test_auto_routes_to_the_expression(kernel_switch, monkeypatch, device, dtype):
+    """Routing only (no tensors on the device): auto never takes the training kernel (H200: 6x / 2.6x slower in
+    bf16; CPU: slower or no measurable win), so auto never builds it either; on takes it, off never."""
     calls = []
-    mode_env.setattr(ops, "kernels_support", lambda dev: calls.append(dev) or True)
-    mode_env.setattr(masked_linear_mod, "_kernel_usable", lambda *a: True)
+    monkeypatch.setattr(loader, "kernels_support", lambda dev: calls.append(dev) or True)
+    monkeypatch.setattr(masked_linear_mod, "_kernel_usable", lambda *a: True)
     x = w = m = torch.zeros(1, 1, dtype=dtype)
     assert not masked_linear_mod.use_kernel(x, w, m) and calls == []
-    mode_env.setenv("CAP_DS_MASKED_KERNEL", "on")
+    kernel_switch("on")
     assert masked_linear_mod.use_kernel(x, w, m) and calls == [x.device]
-    mode_env.setenv("CAP_DS_MASKED_KERNEL", "off")
+    kernel_switch("off")
     assert not masked_linear_mod.use_kernel(x, w, m)
-    # a (device, dtype) listed as a win takes the kernel in auto mode
-    mode_env.delenv("CAP_DS_MASKED_KERNEL")
-    mode_env.setattr(masked_linear_mod, "KERNEL_WINS", frozenset({("cpu", dtype)}))
-    assert masked_linear_mod.use_kernel(x, w, m)
 
 
 @pytest.mark.parametrize("mode", ["auto", "on", "off"])
-def test_masked_linear_numbers_equal_the_expression_in_every_mode(op, mode):
+def test_masked_linear_numbers_equal_the_expression_in_every_mode(op, kernel_switch, mode):
     case = _case((4, 64, 96), 80, torch.float32, 0.1, True, seed=5)
     ref, g = _run(masked_linear_reference, *case)
-    ops.set_masked_kernel_mode(mode)
-    try:
-        ours, _ = _run(masked_linear, *case, grad_out=g)
-    finally:
-        ops.set_masked_kernel_mode("on")
+    kernel_switch(mode)
+    ours, _ = _run(masked_linear, *case, grad_out=g)
     assert ours[0].grad_fn.name().startswith("MaskedLinearFunction") == (mode == "on")
     for a, r in zip(ours, ref):
         assert torch.equal(a, r)
@@ -252,8 +233,8 @@ def test_masked_linear_module_structured_masks_keep_pytorch_path(op):
 
 
 def test_env_switch_disables_kernels(fresh_state):
-    fresh_state.setenv("CAP_DS_KERNELS", "0")
-    assert not ops.kernels_enabled() and ops.load_kernels() is None
+    fresh_state.setenv("CAP_DS_KERNELS", "off")
+    assert not ops.kernels_enabled() and ops.load_kernels() is None and not loader._state["tried"]
     x, w, scores, keep, b = _case((4, 8), 5, torch.float32, 0.5, True)
     y = masked_linear(x.requires_grad_(), w, keep.float(), b)
     assert not y.grad_fn.name().startswith("MaskedLinearFunction")
@@ -364,9 +345,9 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, source):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masked_linear_cuda_matches_pytorch(dtype, cuda_kernels, mode_env):
+def test_masked_linear_cuda_matches_pytorch(dtype, cuda_kernels, kernel_switch):
     case = [t.cuda() if t is not None else None for t in _case((4, 33, 96), 80, dtype, 0.3, True)]
-    ops.set_masked_kernel_mode("on")  # the kernel itself (auto routes CUDA to the expression)
+    kernel_switch("on")  # the kernel itself (auto routes CUDA to the expression)
     ours, g = _run(masked_linear, *case)
     ref, _ = _run(masked_linear_reference, *case, grad_out=g)
     assert ours[0].grad_fn.name().startswith("MaskedLinearFunction")
@@ -377,19 +358,19 @@ def test_masked_linear_cuda_matches_pytorch(dtype, cuda_kernels, mode_env):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_auto_routes_cuda_to_the_expression(dtype, mode_env):
+def test_auto_routes_cuda_to_the_expression(dtype, kernel_switch):
     """On a real CUDA tensor, auto (the default) takes F.linear(x, W*M): same numbers as the expression, bit for bit;
     off too; on takes the kernel where the op was built with CUDA."""
     case = [t.cuda() if t is not None else None for t in _case((8, 64, 96), 128, dtype, 0.1, True, seed=2)]
     ref, g = _run(masked_linear_reference, *case)
     for mode in ("auto", "off"):
-        ops.set_masked_kernel_mode(mode)
+        kernel_switch(mode)
         assert not masked_linear_mod.use_kernel(case[0], case[1], case[3].to(dtype), case[4])
         ours, _ = _run(masked_linear, *case, grad_out=g)
         assert not ours[0].grad_fn.name().startswith("MaskedLinearFunction")
         for a, r in zip(ours, ref):
             assert torch.equal(a, r)
-    ops.set_masked_kernel_mode("on")
+    kernel_switch("on")
     assert masked_linear_mod.use_kernel(case[0], case[1], case[3].to(dtype), case[4]) == ops.kernels_support("cuda")
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cap_ds.ops as ops
+from cap_ds.ops import loader
 from cap_ds.sparse import SparseLinear, densify, pack_csr, sparsify, weight_sparsity
 
 
@@ -17,7 +18,7 @@ from cap_ds.sparse import SparseLinear, densify, pack_csr, sparsify, weight_spar
 def op():
     module = ops.load_kernels()
     if module is None:
-        pytest.skip(f"cap_masked_gemm not built here ({ops._state['error']!r})")
+        pytest.skip(f"cap_masked_gemm not built here ({loader._state['error']!r})")
     return module
 
 
@@ -120,14 +121,14 @@ def test_sparse_linear_low_precision(op, two_threads, dtype):
         sparse(x.float())
 
 
-def test_kernel_and_pytorch_fallback_agree(op, two_threads, monkeypatch):
+def test_kernel_and_pytorch_fallback_agree(op, two_threads, kernel_switch):
     w = sparse_weight(50, 64, 0.9)
     dense, sparse = layer_pair(w)
     x = torch.randn(2, 41, 64)
     with torch.no_grad():
         ours = sparse(x)
         reference = sparse.reference_forward(x.reshape(-1, 64)).reshape(2, 41, 50)
-        monkeypatch.setattr("cap_ds.sparse.kernels_support", lambda device: False)
+        kernel_switch("off")  # every kernel off: the PyTorch path
         fallback = sparse(x)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fallback, dense(x).detach(), rtol=1e-5, atol=1e-5)

@@ -18,16 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import cap_ds.sparse as sp
-from cap_ds.sparse import POLICIES, SparseLinear, rule_format, sparsify
+from cap_ds import ops
+from cap_ds.sparse import POLICIES, SparseLinear, measure, rule_format, semi, sparsify
 
 from .test_sparse import sparse_weight, tiny_bert
 
 
 @pytest.fixture(autouse=True)
-def fresh_decisions():
-    sp.clear_decision_cache()
-    yield
-    sp.clear_decision_cache()
+def decisions(monkeypatch):
+    """An empty in-process decision cache for each test (``decisions.clear()``: as a new process would start)."""
+    fresh: dict = {}
+    monkeypatch.setattr(measure, "_DECISIONS", fresh)
+    return fresh
 
 
 def fake_timer(table: dict[str, float] | None = None, by_tokens=None, calls: list | None = None):
@@ -98,7 +100,7 @@ def test_measure_shares_one_measurement_per_key_and_uses_real_weights_shape():
     assert not calls  # in-process cache
 
 
-def test_batch_classes_hold_both_formats_when_cheap(monkeypatch):
+def test_batch_classes_hold_both_formats_when_cheap(monkeypatch, decisions):
     def by_tokens(tokens):  # CSR wins small batches, dense large ones (the GPU's memory-bound/compute-bound split)
         return {"dense": 1e-3, "csr": 0.5e-3} if tokens <= sp.SMALL_BATCH_TOKENS else {"dense": 1e-3, "csr": 3e-3}
 
@@ -121,15 +123,15 @@ def test_batch_classes_hold_both_formats_when_cheap(monkeypatch):
         assert used == (["csr"] if path == "csr" else [])
 
     # No memory for a second format: one format not slower than dense in either class, i.e. dense here.
-    sp.clear_decision_cache()
+    decisions.clear()
     lean = sparsify(copy.deepcopy(dense), max_extra_memory=0.0, measure_fn=fake_timer(by_tokens=by_tokens))
     assert not sparse_layers(lean)
 
 
-def test_measure_never_keeps_a_path_slower_than_dense():
+def test_measure_never_keeps_a_path_slower_than_dense(decisions):
     rng = random.Random(0)
     for trial in range(5):
-        sp.clear_decision_cache()
+        decisions.clear()
         tables: dict[int, dict[str, float]] = {}
 
         def by_tokens(tokens, tables=tables):
@@ -147,7 +149,7 @@ def test_measure_never_keeps_a_path_slower_than_dense():
 
 
 def test_rule_policy_is_what_rule_format_documents():
-    assert rule_format("cpu", torch.float32, 0.9, False, 128) == ("csr" if sp.kernels_support("cpu") else "dense")
+    assert rule_format("cpu", torch.float32, 0.9, False, 128) == ("csr" if ops.kernels_support("cpu") else "dense")
     assert rule_format("cpu", torch.float32, 0.6, False, 128) == "dense"
     assert rule_format("cpu", torch.bfloat16, 0.95, False, 128) == "dense"
     for tokens in (1, 4096):
@@ -158,7 +160,7 @@ def test_rule_policy_is_what_rule_format_documents():
         model[0].weight.copy_(sparse_weight(48, 32, 0.9))
         model[2].weight.copy_(sparse_weight(16, 48, 0.6))
     sparsify(model, policy="rule")
-    expect = "csr" if sp.kernels_support("cpu") else "dense"
+    expect = "csr" if ops.kernels_support("cpu") else "dense"
     assert model.sparsify_summary.counts == ({"csr": 1, "dense": 1} if expect == "csr" else {"dense": 2})
     assert type(model[2]) is nn.Linear
 
@@ -190,14 +192,14 @@ def test_bad_arguments_name_the_argument_and_the_allowed_values():
         layer.set_format("2:4", semi_backend="cublas")
 
 
-def test_decision_cache_file_is_reused_across_processes(tmp_path):
+def test_decision_cache_file_is_reused_across_processes(tmp_path, decisions):
     path = tmp_path / "decisions" / "sparsify.json"
     model = sparsify(tiny_bert(), cache_path=path, measure_fn=fake_timer({"dense": 2e-3, "csr": 1e-3}))
     data = json.loads(path.read_text())
     assert len(data) == 6 and all("times_ms" in v for v in data.values())
     assert any(k.startswith("128x64|float32|cpu:") for k in data)
 
-    sp.clear_decision_cache()  # as a new process would start
+    decisions.clear()  # as a new process would start
 
     def no_timing(candidates, x):
         raise AssertionError("measured although the file had the decision")
@@ -206,7 +208,7 @@ def test_decision_cache_file_is_reused_across_processes(tmp_path):
     assert again.sparsify_summary.measured_keys == 0 and again.sparsify_summary.cached_keys == 24
     assert [m.format for m in sparse_layers(again)] == [m.format for m in sparse_layers(model)]
     path.write_text("{not json")
-    sp.clear_decision_cache()
+    decisions.clear()
     sparsify(tiny_bert(), cache_path=path, measure_fn=fake_timer({"dense": 1e-3}))  # unreadable file: re-measured
     assert len(json.loads(path.read_text())) == 6
 
@@ -262,10 +264,10 @@ def fake_2to4(monkeypatch):
         conversions.append((backend, tuple(dense.shape), dense.dtype))
         return _FakeSemi(dense)
 
-    monkeypatch.setattr(sp, "_semi_supported", lambda device, dtype, n_out, n_in: True)
-    monkeypatch.setattr(sp, "_semi_backends", lambda: ("cusparselt", "cutlass"))
-    monkeypatch.setattr(sp, "_semi_convert", convert)
-    monkeypatch.setattr(sp, "_semi_matmul", lambda semi, backend, x2, bias: F.linear(x2, semi.dense, bias))
+    monkeypatch.setattr(semi, "supported", lambda device, dtype, n_out, n_in: True)
+    monkeypatch.setattr(semi, "backends", lambda: ("cusparselt", "cutlass"))
+    monkeypatch.setattr(semi, "convert", convert)
+    monkeypatch.setattr(semi, "matmul", lambda compressed, backend, x2, bias: F.linear(x2, compressed.dense, bias))
     return conversions
 
 
@@ -309,7 +311,7 @@ def test_2to4_weight_is_converted_once_not_per_call(fake_2to4):
     assert len(fake_2to4) == 4 and fake_2to4[-1][0] == "cusparselt"
 
 
-def test_measure_can_pick_2to4_and_reports_the_backend(fake_2to4):
+def test_measure_can_pick_2to4_and_reports_the_backend(fake_2to4, decisions):
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
     with torch.no_grad():
         model[0].weight.copy_(two_four_weight(128, 64))
@@ -330,7 +332,7 @@ def test_measure_can_pick_2to4_and_reports_the_backend(fake_2to4):
             torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
     assert len(fake_2to4) == n + 1  # measuring converted its own copies; the layer converts once
     # allow_2to4=False keeps 2:4 out of the decision
-    sp.clear_decision_cache()
+    decisions.clear()
     again = nn.Sequential(nn.Linear(64, 128))
     with torch.no_grad():
         again[0].weight.copy_(two_four_weight(128, 64))
@@ -397,12 +399,12 @@ def test_gpu_2to4_converted_once_per_backend(monkeypatch, caplog):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("2:4 sparse tensor cores need sm_80+")
     conversions: list[str] = []
-    real = sp._semi_convert
-    monkeypatch.setattr(sp, "_semi_convert", lambda dense, backend: conversions.append(backend) or real(dense, backend))
+    real = semi.convert
+    monkeypatch.setattr(semi, "convert", lambda dense, backend: conversions.append(backend) or real(dense, backend))
     dense = nn.Linear(256, 512).cuda().to(torch.bfloat16)
     with torch.no_grad():
         dense.weight.copy_(two_four_weight(512, 256).to(torch.bfloat16))
-    for backend in sp._semi_backends():
+    for backend in semi.backends():
         layer = SparseLinear.from_linear(dense).set_format("2:4", semi_backend=backend)
         for tokens in (1, 77, 4096):  # 1 and 77 need padding to a multiple of 8
             x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
@@ -423,7 +425,7 @@ def test_gpu_timer_returns_positive_times():
     assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
 
 
-@pytest.mark.parametrize("backend", sp.SEMI_BACKENDS)
+@pytest.mark.parametrize("backend", semi.BACKENDS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_semi_matmul_calling_convention(monkeypatch, backend, with_bias):
     """The direct aten calls get the operands torch's own dispatch would pass; padding and layout are undone.
@@ -448,10 +450,10 @@ def test_semi_matmul_calling_convention(monkeypatch, backend, with_bias):
                         lambda bias, packed, meta, b: bias[:, None] + cutlass_mm(packed, meta, b))
     w = two_four_weight(64, 32)
     bias = torch.randn(64) if with_bias else None
-    semi = type("Semi", (), {"packed": w, "meta": None})()
+    compressed = type("Semi", (), {"packed": w, "meta": None})()
     for tokens in (1, 8, 77):
         x = torch.randn(tokens * 2, 32)[::2]  # non-contiguous input
-        y = sp._semi_matmul(semi, backend, x, bias)
+        y = semi.matmul(compressed, backend, x, bias)
         assert y.shape == (tokens, 64) and y.is_contiguous()
         torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
         assert calls[-1] == {"rows": tokens + (-tokens) % 8, "b_is_xt": True}  # x^T view, padded to 8 rows

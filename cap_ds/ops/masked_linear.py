@@ -5,62 +5,20 @@ dL/dM = (g^T x) * W, which the straight-through binarizers pass on to the mask s
 as a temporary: autograd through the PyTorch expression holds W*M from forward to backward and builds dW and dM
 with two separate multiplies; here dW and dM come out of one fused pass (dW in place of g^T x).
 
-Dispatch (issue 15: keep a kernel only where it measurably wins, else route to the PyTorch expression).
-``CAP_DS_MASKED_KERNEL`` (or :func:`set_masked_kernel_mode`) picks: ``auto`` (default) uses the kernel only where
-:data:`KERNEL_WINS` lists the device and dtype, ``on`` uses it wherever it applies (benchmarks, tests), ``off`` never.
-Measured fwd+bwd, 10 % kept, kernel vs ``F.linear(x, W*M)``:
-
-- CUDA, H200 bf16: 0.400 vs 0.067 ms at 512x768->3072 (6x slower), 0.568 vs 0.217 ms at 4096x1024->4096 (2.6x
-  slower); fp32 about equal (../shared/gpu/README.md, main of 2026-11-27). No win: CUDA routes to the expression.
-- CPU (2 shared cores, 1 thread, load ~11, 256 tokens, ``benchmarks/bench_kernels.py --only training --threads 1
-  --tokens 256 --train_reps 7``): kernel/expression fp32 0.98-1.33x, bf16 1.11-1.72x over the six BERT-base and
-  RoBERTa-large shapes; the best fp32 case (0.98x) is inside the noise. No measurable win: CPU routes to the
-  expression too.
-
-The kernel's one advantage, ~9 MB less kept for the backward per 768x3072 fp32 layer, is memory, not speed; ``on``
-still gives it to whoever wants it.
+Where it runs: the kernel only with ``CAP_DS_KERNELS=on`` (and where it applies: matching fp32/fp16/bf16 tensors
+on one device, no autocast, an op built for that device); otherwise the PyTorch expression, or
+:func:`recomputed_masked_linear` in ``MaskedLinear``. The default (``auto``) leaves the kernel out because it
+was not measured faster than the expression on any device or dtype (H200 and CPU, fwd+bwd on BERT-base and
+RoBERTa-large shapes: docs/results.md, "GPU performance, training half"); its one advantage is memory (~1/3 less
+kept for the backward), which ``on`` gives to whoever wants it.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-ENV_MODE = "CAP_DS_MASKED_KERNEL"
-MODES = ("auto", "on", "off")
-# (device type, dtype) pairs where the kernel beat the expression fwd+bwd on BERT-base and RoBERTa-large shapes.
-# Empty: CUDA (H200 bf16 6x / 2.6x slower, fp32 equal) and CPU (fp32 0.98-1.33x, bf16 1.11-1.72x) both lose.
-KERNEL_WINS: frozenset[tuple[str, torch.dtype]] = frozenset()
-
-_override: str | None = None
-
-
-def _check_mode(mode: str, source: str) -> str:
-    value = mode.strip().lower()
-    if value not in MODES:
-        raise ValueError(f"{source}={mode!r} is not a masked-kernel mode; allowed: {', '.join(MODES)}")
-    return value
-
-
-def set_masked_kernel_mode(mode: str | None) -> None:
-    """Force ``auto``/``on``/``off`` in this process (None: back to ``CAP_DS_MASKED_KERNEL``, default auto)."""
-    global _override
-    _override = None if mode is None else _check_mode(mode, "set_masked_kernel_mode")
-
-
-def masked_kernel_mode() -> str:
-    """The mode in force: the :func:`set_masked_kernel_mode` override, else ``CAP_DS_MASKED_KERNEL``, else auto."""
-    if _override is not None:
-        return _override
-    raw = os.environ.get(ENV_MODE, "")
-    return _check_mode(raw, ENV_MODE) if raw.strip() else "auto"
-
-
-def kernel_wins(device_type: str, dtype: torch.dtype) -> bool:
-    """True where the kernel was measured faster than the expression (the ``auto`` rule)."""
-    return (device_type, dtype) in KERNEL_WINS
+from cap_ds.ops import loader
 
 
 def masked_linear_reference(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
@@ -144,31 +102,21 @@ def _kernel_usable(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bi
     return not torch.is_autocast_enabled(x.device.type)
 
 
-def kernel_wanted(x: torch.Tensor) -> bool:
-    """Whether the mode asks for the kernel on ``x``'s device and dtype (``on``, or ``auto`` where it wins), before
-    checking that it applies: masked layers otherwise take :func:`recomputed_masked_linear`."""
-    mode = masked_kernel_mode()
-    return mode == "on" or (mode == "auto" and kernel_wins(x.device.type, x.dtype))
+def kernel_wanted() -> bool:
+    """Whether the switch asks for the training kernel (``CAP_DS_KERNELS=on``), before checking that it applies:
+    masked layers otherwise take :func:`recomputed_masked_linear`."""
+    return loader.kernel_mode() == "on"
 
 
 def use_kernel(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether :func:`masked_linear` takes the kernel for these tensors (mode, applicability, the win table, and
-    a built op). In ``auto`` mode a losing device/dtype never triggers the kernel build."""
-    mode = masked_kernel_mode()
-    if mode == "off" or not _kernel_usable(x, weight, mask, bias):
-        return False
-    if mode == "auto" and not kernel_wins(x.device.type, x.dtype):
-        return False
-    from cap_ds.ops import kernels_support
-
-    return kernels_support(x.device)
+    """Whether :func:`masked_linear` takes the kernel for these tensors: the switch, applicability and a built op.
+    Unless the switch is ``on`` the op is not even built for training."""
+    return kernel_wanted() and _kernel_usable(x, weight, mask, bias) and loader.kernels_support(x.device)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight * mask, bias)``: through the kernel where :func:`use_kernel` says so, else PyTorch."""
     if use_kernel(x, weight, mask, bias):
-        from cap_ds.ops import load_kernels
-
-        return MaskedLinearFunction.apply(x, weight, mask, bias, load_kernels())
+        return MaskedLinearFunction.apply(x, weight, mask, bias, loader.load_kernels())
     return masked_linear_reference(x, weight, mask, bias)

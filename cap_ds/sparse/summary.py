@@ -1,0 +1,55 @@
+"""``SparsifySummary``: what ``sparsify`` chose, per layer and in total (``model.sparsify_summary``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SparsifySummary:
+    """One row per considered linear (``name``, ``shape``, ``numel``, ``sparsity``, ``is_2to4``, ``format``; with
+    ``times_ms`` when measured, ``extra_bytes`` when replaced, ``backend`` for 2:4) and the decision's cost."""
+
+    policy: str
+    device: str
+    dtype: str
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    measured_keys: int = 0
+    cached_keys: int = 0
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Layers per format, e.g. ``{"csr": 36}`` (``csr|dense`` for a layer holding two)."""
+        out: dict[str, int] = {}
+        for row in self.layers:
+            out[row["format"]] = out.get(row["format"], 0) + 1
+        return dict(sorted(out.items()))
+
+    @property
+    def replaced(self) -> list[dict[str, Any]]:
+        """The rows of layers that became a SparseLinear."""
+        return [r for r in self.layers if r["format"] != "dense"]
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over weights of all considered layers (dense ones included)."""
+        total = sum(r["numel"] for r in self.layers)
+        return sum(r["sparsity"] * r["numel"] for r in self.layers) / total if total else 0.0
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory the replaced layers hold beyond their dense weights (negative: they save memory)."""
+        return sum(r.get("extra_bytes", 0) for r in self.layers)
+
+    def line(self) -> str:
+        """The one-line summary ``sparsify`` logs."""
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items()) or "none"
+        return (f"sparsify(policy={self.policy}, {self.device}, {self.dtype}): {len(self.layers)} linears considered,"
+                f" formats: {counts}; weight sparsity {self.sparsity:.3f}; {len(self.replaced)} replaced by "
+                f"SparseLinear; measured {self.measured_keys} keys ({self.cached_keys} from cache) in "
+                f"{self.seconds:.2f} s")
+
+    def __str__(self) -> str:
+        return self.line()
