@@ -188,7 +188,7 @@ def table_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {', '.join(KINDS)}")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS).replace("%", "%%"))
     parser.add_argument("--policy", default="measure", help="comma list of sparsify policies, e.g. measure,rule")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--seq", type=int, default=128)
