@@ -8,6 +8,7 @@ state all come in through the constructor. It calls concepts; none of them impor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cap_ds.cap import Shard
 from cap_ds.compression import PruningSchedule
@@ -110,6 +112,7 @@ class CapTrainer:
         self.snapshot_epoch = 0
         self.pending_snapshot = False  # a step snapshot a stop interrupted: taken first on resume
         self.nonfinite_run = 0  # consecutive optimizer steps with a non-finite loss or skipped by DeepSpeed
+        self._progress_mark: tuple[float, int] | None = None  # (time, step) of the last progress line (ETA)
         self.agreement = StepAgreement(self.device, self.nonfinite_run)
 
     @property
@@ -248,21 +251,17 @@ class CapTrainer:
         ETA comes from the wall time since the previous logging step, evaluations and snapshots included (at the
         first, from the mean optimizer step time)."""
         now = time.perf_counter()
-        mark_t, mark_step = getattr(self, "_progress_mark", (None, None))
         left = max(self.s.total_steps - self.global_step, 0)
         eta = None
-        if mark_t is not None and self.global_step > mark_step:
+        if self._progress_mark is not None and self.global_step > self._progress_mark[1]:
+            mark_t, mark_step = self._progress_mark
             eta = (now - mark_t) / (self.global_step - mark_step) * left
         elif self.log.timed_steps:
             eta = self.log.train_time / self.log.timed_steps * left
         self._progress_mark = (now, self.global_step)
         line = progress_line(self.global_step, self.s.total_steps, values, eta)
-        if self.s.show_progress:  # a live progress bar: print above it instead of through it
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            with logging_redirect_tqdm():
-                logger.info(line)
-        else:
+        # With a live progress bar the line prints above it instead of through it.
+        with logging_redirect_tqdm() if self.s.show_progress else contextlib.nullcontext():
             logger.info(line)
 
     def _check_agreed(self) -> bool:
