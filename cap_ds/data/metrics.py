@@ -66,9 +66,11 @@ def compute_metrics(task: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
     preds = preds.astype(np.int64)
     gold = gold.astype(np.int64)
     out = {"accuracy": float(accuracy_score(gold, preds))}
-    if task.name == "cola":
+    if "matthews_correlation" in task.metrics:
         # sklearn returns 0.0 when either side is constant (denominator 0), the conventional value.
         out["matthews_correlation"] = float(matthews_corrcoef(gold, preds))
-    if task.name in ("mrpc", "qqp"):
+    if "f1" in task.metrics:
         out["f1"] = float(f1_score(gold, preds, pos_label=1, average="binary", zero_division=0.0))
+    if "macro_f1" in task.metrics:  # every class the gold or the predictions hold counts equally
+        out["macro_f1"] = float(f1_score(gold, preds, average="macro", zero_division=0.0))
     return out
