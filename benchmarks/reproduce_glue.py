@@ -1,4 +1,7 @@
-"""CAP vs pruning baselines on one GLUE task, same data, budget and seed for every method.
+"""CAP vs pruning baselines on one task, same data, budget and seed for every method: a GLUE task
+(``--task_name``) or your own data, classification, regression or extractive QA (``--data_args``: the train.py
+data flags, e.g. ``--data_args "--task_type question_answering --train_file q_train.jsonl --validation_file
+q_dev.jsonl --max_seq_length 256 --doc_stride 64"``).
 
 Steps: fine-tune the dense teacher, then for each target sparsity prune the pre-trained student with
 magnitude+KD, movement+KD, soft movement+KD, CAP-m (movement + PrC/SnC/FiC + KD), CAP-soft, the ablations
@@ -62,7 +65,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
 # pruning criterion -> its KD-only baseline (the METHODS row with no CAP module)
 BASELINES = {pruning: name for name, (_, pruning, cap) in METHODS.items() if cap == "none"}
 # Flags that define the budget: a sweep folder is only resumed with the same values.
-BUDGET_KEYS = ("task_name", "model_name_or_path", "max_train_samples", "max_eval_samples", "max_seq_length",
+BUDGET_KEYS = ("task_name", "data_args", "model_name_or_path", "max_train_samples", "max_eval_samples", "max_seq_length",
                "per_device_train_batch_size", "num_train_epochs", "learning_rate", "teacher_epochs",
                "teacher_learning_rate", "teacher_seed", "extra_args", "deepspeed", "num_gpus")
 
@@ -70,6 +73,10 @@ BUDGET_KEYS = ("task_name", "model_name_or_path", "max_train_samples", "max_eval
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task_name", default="sst2")
+    ap.add_argument("--data_args", default="",
+                    help="train.py data flags for your own data instead of --task_name/--data_dir (quoted), e.g. "
+                         "'--train_file t.csv --validation_file d.csv' or '--task_type question_answering ...'; "
+                         "a --max_seq_length inside wins over --max_seq_length")
     ap.add_argument("--data_dir", default=DEFAULT_GLUE,
                     help="GLUE folder (default ../shared/data/glue when present, else the hub)")
     ap.add_argument("--model_name_or_path", default=None, help="pre-trained student (default: offline all-MiniLM)")
@@ -161,13 +168,17 @@ class Sweep:
 
     def common(self, seed: int) -> list[str]:
         a = self.args
-        flags = ["--deepspeed", a.deepspeed, "--task_name", a.task_name, "--max_seq_length", str(a.max_seq_length),
+        data = shlex.split(a.data_args) if a.data_args else ["--task_name", a.task_name]
+        flags = ["--deepspeed", a.deepspeed, *data, "--max_seq_length", str(a.max_seq_length),
                  "--per_device_train_batch_size", str(a.per_device_train_batch_size), "--seed", str(seed),
                  "--disable_tqdm", "--resume", "auto", "--save_steps", str(a.save_steps)]
         if a.max_train_samples:
             flags += ["--max_train_samples", str(a.max_train_samples)]
-        if a.data_dir:
+        if a.data_dir and not a.data_args:
             flags += ["--data_dir", a.data_dir]
+        if "--max_seq_length" in data:  # the data's own window length (QA) wins
+            i = flags.index("--max_seq_length", len(data))
+            del flags[i:i + 2]
         if a.model_name_or_path:
             flags += ["--model_name_or_path", a.model_name_or_path]
         if a.max_eval_samples:
@@ -290,7 +301,7 @@ class Sweep:
         write_atomic(self.out / "results.md", text + f"\nMachine: {where}.\n")
         plot_accuracy_vs_sparsity([{"method": r["label"], "sparsity": r["sparsity"], metric: r["score"]}
                                    for r in rows], self.out / "accuracy_vs_sparsity.png", metric=metric,
-                                  dense=dense, title=f"{self.args.task_name.upper()}: pruning at equal budget")
+                                  dense=dense, title=f"{(rows[0].get('task') or self.args.task_name).upper()}: pruning at equal budget")
 
 
 def discard_weights(run_dir: Path) -> None:
@@ -320,7 +331,7 @@ def row(method: str, target: float, seed: int, m: dict) -> dict:
             "sparsity": m["sparsity"], "metric_name": metric, "score": m["eval"][metric], "eval": m["eval"],
             "teacher": (m.get("teacher_eval") or {}).get(metric), "steps": m["steps"],
             "step_time_s": m["step_time_s"], "train_runtime_s": m["train_runtime_s"],
-            "eval_examples": m.get("eval_examples")}
+            "eval_examples": m.get("eval_examples"), "task": m.get("task")}
 
 
 def markdown(rows: list[dict], dense: float | None, metric: str) -> str:

@@ -33,12 +33,14 @@ import torch
 
 from cap_ds.cap import CapObjective, Shard, make_banks
 from cap_ds.compression import sparsity_report
-from cap_ds.data.batches import GlueCollator, LoaderSettings, make_loaders, tokenize_dataset
-from cap_ds.data.glue import load_glue_split
+from cap_ds.data.answer import remember_qa_settings
+from cap_ds.data.batches import GlueCollator, LoaderSettings, make_loaders
 from cap_ds.data.models import SentenceVectorHook, check_fic_width, load_student, load_teacher, load_tokenizer
+from cap_ds.data.sources import load_task_data
 from cap_ds.run.args import parse_args
 from cap_ds.run.export import export_pretrained
 from cap_ds.run.faults import settle
+from cap_ds.run.predictions import predict_rows, write_predictions
 from cap_ds.run.preflight import Preflight, launcher_rank, preflight
 from cap_ds.run.results import record_failure, run_results, write_results, write_state
 from cap_ds.run.spec import RunSpec
@@ -144,11 +146,10 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
 
     # ---- data, step plan (hub data: sized once loaded), DeepSpeed config
     task, tokenizer = spec.task, load_tokenizer(spec.model_path)
-    train_ds, eval_ds = (tokenize_dataset(load_glue_split(task, split, spec.data.data_dir, limit), task, tokenizer,
-                                          spec.data.max_seq_length)
-                         for split, limit in (("train", spec.data.max_train_samples),
-                                              ("validation", spec.data.max_eval_samples)))
-    loaders = make_loaders(train_ds, eval_ds, GlueCollator(tokenizer, is_regression=task.is_regression), rank=rank,
+    data = load_task_data(spec.data.source(), tokenizer)
+    train_ds, eval_ds = data.train, data.evaluate
+    collate = GlueCollator(tokenizer, is_regression=task.is_regression)
+    loaders = make_loaders(train_ds, eval_ds, collate, rank=rank,
                            world=world, settings=LoaderSettings(
                                seed=flags.seed, train_batch=flags.per_device_train_batch_size,
                                eval_batch=flags.per_device_eval_batch_size, num_workers=flags.dataloader_num_workers,
@@ -161,8 +162,12 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
         plan.log(prune)
 
     # ---- models, then pruning (before deepspeed.initialize, so score parameters reach the optimizer)
-    student = load_student(spec.model_path, task.num_labels, task.label_names, spec.model.config_overrides)
-    teacher = load_teacher(spec.teacher_path) if spec.teacher_path else None
+    student = load_student(spec.model_path, task.num_labels, task.label_names, spec.model.config_overrides,
+                           question_answering=task.is_qa)
+    teacher = load_teacher(spec.teacher_path, question_answering=task.is_qa) if spec.teacher_path else None
+    if task.is_qa:  # the export answers with the run's windows and spans (data/answer.py)
+        source = spec.data.source()
+        remember_qa_settings(student.config, source.max_seq_length, source.doc_stride, source.qa)
     modules = spec.modules
     check_fic_width(teacher, student, modules)
     ce_weight, kd_weight = spec.loss_weights()
@@ -187,7 +192,7 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
     banks = make_banks(modules, len(train_ds), student.config.hidden_size, cap.bank_dtype, shard, cap.max_snapshots)
     hook = SentenceVectorHook(engine.module, spec.model.sentence_vector) if modules else None
     objective = CapObjective(
-        banks, None if task.is_regression else torch.tensor(train_ds["labels"], dtype=torch.long),
+        banks, torch.tensor(train_ds["labels"], dtype=torch.long) if task.kind == "classification" else None,
         temperature=cap.contrastive_temperature, extra_negatives=cap.extra_negatives,
         unsup_weight=cap.cap_unsup_weight, sup_weight=cap.cap_sup_weight, reduction=cap.cap_reduction,
         seed=flags.seed + rank) if modules else None
@@ -203,7 +208,7 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
         teacher, TeacherSettings(sentence_vector=spec.model.sentence_vector, live=live,
                                  cache_logits=kd_weight > 0 and not live, offload=cap.teacher_offload,
                                  micro_batch=flags.per_device_eval_batch_size, bf16=computes_in_bf16(ds_config)),
-        resume=resume, encoder=encoder, banks=banks, eval_loader=loaders.evaluate, task=task)
+        resume=resume, encoder=encoder, banks=banks, eval_loader=loaders.evaluate, scorer=data.scorer)
     teacher = None  # a cached teacher is released here
     if resume is None:
         fill_prc(encoder, banks, engine.module, hook)
@@ -224,7 +229,7 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
     diagnostics = [GradientDiagnostic(loss, engine.module, flags.grad_norm_steps, scalars, log)] \
         if flags.grad_norm_steps else []
     trainer = CapTrainer(
-        engine=engine, task=task, loaders=loaders, settings=settings, loss=loss, log=log, scalars=scalars,
+        engine=engine, scorer=data.scorer, loaders=loaders, settings=settings, loss=loss, log=log, scalars=scalars,
         parts=LoopParts(shard=shard, schedule=schedule, snapshots=snapshots, checkpointer=checkpointer, stop=stop,
                         callbacks=diagnostics, events=[progress], teacher_metrics=taught.metrics))
     if resume is not None:
@@ -250,12 +255,14 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
         raise TrainingFailed("the run ended without an evaluation (no optimizer step was taken)")
     result = run_results(spec, trainer, eval_metrics=eval_metrics,
                          timings={"train_runtime_s": runtime, "bank_encode_s": encode_seconds}, banks=banks,
-                         eval_examples=len(eval_ds), optimizer=optimizer_name(engine), sparsity=report)
+                         eval_examples=data.eval_examples, optimizer=optimizer_name(engine), sparsity=report)
+    predictions = predict_rows(engine.module, data, collate, flags.per_device_eval_batch_size, rank, world)
     if hook is not None:
         hook.remove()
     export_pretrained(engine.module, tokenizer, os.path.join(flags.output_dir, "final"),  # collective
                       sparsity_report=report, title=spec.title())
     if is_rank0:
+        write_predictions(flags.output_dir, data, trainer.last_eval_logits, predictions)
         write_results(flags.output_dir, result, trainer.last_eval_logits, trainer.global_step)
         logger.info("final eval %s%s", eval_metrics, f", sparsity {result['sparsity']:.4f}" if prune else "")
     barrier()

@@ -31,9 +31,11 @@ from cap_ds.compression.layers import MaskedLinear, is_score_parameter
 from cap_ds.compression.pruned_modeling import (
     AUTO_CLASSES,
     CapPrunedBertConfig,
+    CapPrunedBertForQuestionAnswering,
     CapPrunedBertForSequenceClassification,
     CapPrunedBertModel,
     CapPrunedRobertaConfig,
+    CapPrunedRobertaForQuestionAnswering,
     CapPrunedRobertaForSequenceClassification,
     CapPrunedRobertaModel,
 )
@@ -53,6 +55,11 @@ _PRUNED_FOR = {  # exact class -> (pruned class, config class, prefix of the enc
     "CapPrunedRobertaModel": (CapPrunedRobertaModel, CapPrunedRobertaConfig, ""),
     "CapPrunedRobertaForSequenceClassification": (CapPrunedRobertaForSequenceClassification,
                                                   CapPrunedRobertaConfig, "roberta."),
+    "BertForQuestionAnswering": (CapPrunedBertForQuestionAnswering, CapPrunedBertConfig, "bert."),
+    "RobertaForQuestionAnswering": (CapPrunedRobertaForQuestionAnswering, CapPrunedRobertaConfig, "roberta."),
+    "CapPrunedBertForQuestionAnswering": (CapPrunedBertForQuestionAnswering, CapPrunedBertConfig, "bert."),
+    "CapPrunedRobertaForQuestionAnswering": (CapPrunedRobertaForQuestionAnswering, CapPrunedRobertaConfig,
+                                             "roberta."),
 }
 PRUNED_CLASSES = tuple({v[0] for v in _PRUNED_FOR.values()})
 

@@ -215,11 +215,37 @@ class CapPrunedRobertaForSequenceClassification(_roberta.RobertaForSequenceClass
         self.post_init()
 
 
+class CapPrunedBertForQuestionAnswering(_bert.BertForQuestionAnswering):
+    """Extractive QA (start/end logits over the tokens) on the cleaned encoder; no pooler, as BERT's."""
+
+    config_class = CapPrunedBertConfig
+
+    def __init__(self, config: CapPrunedBertConfig):
+        _bert.BertPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.bert = CapPrunedBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class CapPrunedRobertaForQuestionAnswering(_roberta.RobertaForQuestionAnswering):
+    config_class = CapPrunedRobertaConfig
+
+    def __init__(self, config: CapPrunedRobertaConfig):
+        _roberta.RobertaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.roberta = CapPrunedRobertaModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
 AUTO_CLASSES = {
     CapPrunedBertConfig: {"AutoModel": CapPrunedBertModel,
-                          "AutoModelForSequenceClassification": CapPrunedBertForSequenceClassification},
+                          "AutoModelForSequenceClassification": CapPrunedBertForSequenceClassification,
+                          "AutoModelForQuestionAnswering": CapPrunedBertForQuestionAnswering},
     CapPrunedRobertaConfig: {"AutoModel": CapPrunedRobertaModel,
-                             "AutoModelForSequenceClassification": CapPrunedRobertaForSequenceClassification},
+                             "AutoModelForSequenceClassification": CapPrunedRobertaForSequenceClassification,
+                             "AutoModelForQuestionAnswering": CapPrunedRobertaForQuestionAnswering},
 }
 
 

@@ -65,7 +65,7 @@ class GlueCollator:
     """Dynamic-padding collator: pads model inputs with ``tokenizer.pad`` and adds ``labels``/``idx`` tensors.
 
     ``labels`` become float32 for regression (auto-detected from float label values unless ``is_regression``
-    is given) and int64 otherwise; ``idx`` is int64 so per-example state can be gathered with it.
+    is given) and int64 otherwise (QA: ``[B, 2]`` start and end token positions); ``idx`` is int64 so per-example state can be gathered with it.
     """
 
     def __init__(
@@ -86,6 +86,10 @@ class GlueCollator:
         )
         if "labels" in features[0]:
             labels = [f["labels"] for f in features]
+            if isinstance(labels[0], list | tuple | np.ndarray | torch.Tensor):  # QA: [start, end] token positions
+                batch["labels"] = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+                labels = None
+        if "labels" in features[0] and labels is not None:
             regression = self.is_regression
             if regression is None:
                 regression = any(_is_float_label(v) for v in labels)

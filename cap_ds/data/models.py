@@ -61,7 +61,10 @@ def parse_config_overrides(overrides: str | None) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str, num_labels: int, label_names: tuple[str, ...] | None, overrides: str | None = None):
+def load_config(path: str, num_labels: int, label_names: tuple[str, ...] | None, overrides: str | None = None,
+                *, question_answering: bool = False):
+    """The student's config: ``num_labels`` and the label names (``id2label``/``label2id``, so a pipeline on the
+    exported model prints them), the problem type and the ``--config_overrides``."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, num_labels=num_labels)
@@ -76,7 +79,10 @@ def load_config(path: str, num_labels: int, label_names: tuple[str, ...] | None,
     if label_names is not None:
         config.id2label = dict(enumerate(label_names))
         config.label2id = {n: i for i, n in enumerate(label_names)}
-    config.problem_type = "regression" if label_names is None else "single_label_classification"
+    if question_answering:
+        config.problem_type = None  # start/end logits: no sequence-classification problem type
+    else:
+        config.problem_type = "regression" if label_names is None else "single_label_classification"
     return config
 
 
@@ -211,21 +217,36 @@ def max_positions(config) -> int | None:
     return limit
 
 
-def load_student(path: str, num_labels: int, label_names: tuple[str, ...] | None, overrides: str | None = None):
-    """Pre-trained encoder with a (new) sequence-classification head.
+def model_class(question_answering: bool = False):
+    """The auto class of the task's head: sequence classification/regression, or extractive QA (start/end)."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    return AutoModelForQuestionAnswering if question_answering else AutoModelForSequenceClassification
+
+
+def output_logits(outputs) -> torch.Tensor:
+    """The head's logits as one tensor: ``[B, C]`` for sequence tasks, ``[B, 2, L]`` (start, end) for QA, so
+    KD, the cached teacher logits and evaluation treat both alike."""
+    logits = getattr(outputs, "logits", None)
+    if logits is not None:
+        return logits
+    return torch.stack((outputs.start_logits, outputs.end_logits), dim=1)
+
+
+def load_student(path: str, num_labels: int, label_names: tuple[str, ...] | None, overrides: str | None = None,
+                 *, question_answering: bool = False):
+    """Pre-trained encoder with a (new) sequence-classification or question-answering head.
 
     transformers' load report would list the new head and, with fewer layers, every dropped layer's weights;
     those are expected and not shown. Anything else missing or unexpected is one warning line."""
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    config = load_config(path, num_labels, label_names, overrides)
+    config = load_config(path, num_labels, label_names, overrides, question_answering=question_answering)
     report_logger = hf_logging.get_logger("transformers.modeling_utils")
     report_filter = _DropLoadReport()
     report_logger.addFilter(report_filter)  # (its level must stay: transformers keys other logs on it)
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, config=config,
-                                                                         output_loading_info=True)
+        model, info = model_class(question_answering).from_pretrained(path, config=config, output_loading_info=True)
     finally:
         report_logger.removeFilter(report_filter)
     layers = getattr(config, "num_hidden_layers", None)
@@ -245,11 +266,9 @@ def load_student(path: str, num_labels: int, label_names: tuple[str, ...] | None
     return model
 
 
-def load_teacher(path: str) -> nn.Module:
-    """A fine-tuned classifier, frozen and in eval mode."""
-    from transformers import AutoModelForSequenceClassification
-
-    teacher = AutoModelForSequenceClassification.from_pretrained(path)
+def load_teacher(path: str, *, question_answering: bool = False) -> nn.Module:
+    """A fine-tuned classifier (or QA model), frozen and in eval mode."""
+    teacher = model_class(question_answering).from_pretrained(path)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -262,8 +281,17 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def check_teacher(teacher_config, num_labels: int, label_names: tuple[str, ...] | None, teacher_path: str) -> None:
-    """The teacher must predict the task's labels in the task's order (else KD/FiC silently teach nonsense)."""
+def check_teacher(teacher_config, num_labels: int, label_names: tuple[str, ...] | None, teacher_path: str,
+                  *, question_answering: bool = False) -> None:
+    """The teacher must predict the task's labels in the task's order (else KD/FiC silently teach nonsense), with
+    the task's kind of head (a QA teacher for QA, a sequence classifier otherwise)."""
+    archs = list(getattr(teacher_config, "architectures", None) or [])
+    if archs:
+        is_qa = any(a.endswith("ForQuestionAnswering") for a in archs)
+        if is_qa != question_answering:
+            want = "question answering (start/end logits)" if question_answering else "sequence classification"
+            raise ValueError(f"teacher {teacher_path!r} is a {archs[0]}, but the task needs a {want} model; "
+                             "fine-tune the teacher on this task with --mode finetune")
     if teacher_config.num_labels != num_labels:
         raise ValueError(f"teacher {teacher_path!r} has {teacher_config.num_labels} labels but the task needs {num_labels}")
     if label_names is None:

@@ -17,18 +17,13 @@ from cap_ds.compression.layers import MASK_INITS
 from cap_ds.compression.methods import get_method, method_names
 from cap_ds.compression.stats import ENCODER_LINEAR_PATTERN
 from cap_ds.data.models import SENTENCE_VECTORS
-from cap_ds.data.tasks import get_task
-from cap_ds.runtime.errors import UserError
+from cap_ds.run.data_args import MIN_SEQ_LENGTH, ArgumentError, DataArguments, validate_data
+
+__all__ = ["MIN_SEQ_LENGTH", "ArgumentError", "CapArguments", "DataArguments", "Flags", "ModelArguments",
+           "PruningArguments", "RunArguments", "parse_args"]
 
 MODES = ("prune", "finetune")
-# [CLS] a [SEP] b [SEP]: a pair's special tokens and a token of each sentence. Below that the tokenizer ignores
-# the limit (a pair truncated to 2 comes out whole).
-MIN_SEQ_LENGTH = 5
 PRUNING_METHODS = method_names()  # the registered methods (compression.methods.registry), canonical names
-
-
-class ArgumentError(UserError, ValueError):
-    """A flag value that cannot work; raised before training starts."""
 
 
 @dataclass(frozen=True)
@@ -39,19 +34,9 @@ class ModelArguments:
         "help": "Comma-separated config overrides for the student, e.g. 'num_hidden_layers=2'."})
     teacher_name_or_path: str | None = field(default=None, metadata={
         "help": "Fine-tuned teacher for KD and FiC (e.g. the final/ folder of a --mode finetune run)."})
-    sentence_vector: str = field(default="pooler", metadata={
-        "help": "Sentence vector CAP contrasts.", "choices": list(SENTENCE_VECTORS)})
-
-
-@dataclass(frozen=True)
-class DataArguments:
-    task_name: str = field(default="sst2", metadata={"help": "GLUE task: sst2, cola, stsb, mrpc, rte, qnli, mnli, qqp."})
-    data_dir: str | None = field(default=None, metadata={
-        "help": "Local GLUE folder (with SST-2/, CoLA/, ... or the task folder itself). Default: the hub."})
-    max_seq_length: int = field(default=128, metadata={
-        "help": "Truncate inputs to this many tokens, special tokens included (at least 5)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N evaluation rows."})
+    sentence_vector: str = field(default="auto", metadata={
+        "help": "Sentence vector CAP contrasts. auto: pooler for sequence tasks, cls (the raw [CLS] state, as the "
+                "CAP reference for SQuAD) for question answering.", "choices": ["auto", *SENTENCE_VECTORS]})
 
 
 @dataclass(frozen=True)
@@ -232,7 +217,7 @@ class Flags(NamedTuple):
 
 # --help sections, in display order. A flag is listed under its dataclass's section unless FLAG_SECTIONS moves it
 # there (display only: the field stays in its dataclass).
-HELP_SECTIONS = {"model": "model", "data": "data (GLUE)", "training": "training",
+HELP_SECTIONS = {"model": "model", "data": "data (GLUE, your files, question answering)", "training": "training",
                  "pruning": "pruning", "cap": "CAP contrastive losses and distillation", "deepspeed": "DeepSpeed",
                  "output": "output, logging and checkpoints"}
 DATACLASS_SECTIONS = {ModelArguments: "model", DataArguments: "data", RunArguments: "training",
@@ -243,7 +228,9 @@ FLAG_SECTIONS = {
     "save_steps": "output", "save_total_limit": "output", "disable_tqdm": "output", "grad_norm_steps": "output",
     "mask_scores_learning_rate": "pruning", "sentence_vector": "cap",
 }
-USAGE = """CAP pruning (or dense teacher fine-tuning, --mode finetune) of a pre-trained encoder on a GLUE task.
+USAGE = """CAP pruning (or dense teacher fine-tuning, --mode finetune) of a pre-trained encoder on a GLUE task, your
+own classification/regression files (--train_file/--validation_file) or extractive QA (--task_type
+question_answering).
 
   deepspeed cap_ds/train.py --mode finetune --data_dir ../shared/data/glue --output_dir out/teacher
   deepspeed cap_ds/train.py --teacher_name_or_path out/teacher/final --cap prc,snc,fic \\
@@ -270,15 +257,16 @@ def parse_args(argv: list[str] | None = None) -> Flags:
     if rargs.local_rank < 0 and "LOCAL_RANK" in os.environ:
         rargs = replace(rargs, local_rank=int(os.environ["LOCAL_RANK"]))
     validate(margs, dargs, rargs, pargs, cargs)
+    if dargs.task_name is None and not dargs.uses_files:
+        dargs = replace(dargs, task_name="sst2")
+    if margs.sentence_vector == "auto":  # QA models have no pooler; the CAP reference contrasts raw [CLS] there
+        margs = replace(margs, sentence_vector="cls" if dargs.is_qa else "pooler")
     return Flags(margs, dargs, rargs, pargs, cargs)
 
 
 def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, pargs: PruningArguments,
              cargs: CapArguments) -> None:
-    try:
-        get_task(dargs.task_name)
-    except ValueError as err:
-        raise ArgumentError(f"--task_name: {err}") from err
+    validate_data(dargs)
     for args in (margs, dargs, rargs, pargs, cargs):  # NaN passes every comparison below: refuse it here
         for f in fields(args):
             value = getattr(args, f.name)
@@ -312,19 +300,10 @@ def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, p
         raise ArgumentError("one of --max_steps or --num_train_epochs must be > 0")
     if not 0.0 <= rargs.warmup_ratio < 1.0:
         raise ArgumentError(f"--warmup_ratio must be in [0, 1), got {rargs.warmup_ratio}")
-    if dargs.data_dir is not None and not os.path.isdir(dargs.data_dir):
-        raise ArgumentError(f"--data_dir {dargs.data_dir!r} is not a directory")
     if rargs.deepspeed is not None and not os.path.isfile(rargs.deepspeed):
         raise ArgumentError(f"--deepspeed {rargs.deepspeed!r}: file not found")
     if rargs.grad_norm_steps < 0:
         raise ArgumentError(f"--grad_norm_steps must be >= 0, got {rargs.grad_norm_steps}")
-    for name in ("max_train_samples", "max_eval_samples"):
-        value = getattr(dargs, name)
-        if value is not None and value < 1:
-            raise ArgumentError(f"--{name} must be >= 1, got {value}")
-    if dargs.max_seq_length < MIN_SEQ_LENGTH:
-        raise ArgumentError(f"--max_seq_length must be >= {MIN_SEQ_LENGTH}, got {dargs.max_seq_length} (tokens per "
-                            "input, [CLS] and [SEP] included; 128 is the usual GLUE value)")
     if rargs.warmup_steps < 0:
         raise ArgumentError(f"--warmup_steps must be >= 0, got {rargs.warmup_steps} (0: use --warmup_ratio)")
     if not 0 <= rargs.seed < 2**32:

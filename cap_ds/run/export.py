@@ -31,10 +31,11 @@ __all__ = ["EXPORT_MANIFEST", "export_pretrained", "plain_model", "sparsity_file
 
 
 def plain_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """A fresh transformers model of the same config holding the baked weights."""
-    from transformers import AutoModelForSequenceClassification
+    """A fresh transformers model of the same config and head (sequence classification or QA) holding the baked
+    weights."""
+    from cap_ds.data.models import model_class
 
-    plain = AutoModelForSequenceClassification.from_config(model.config)
+    plain = model_class("QuestionAnswering" in type(model).__name__).from_config(model.config)
     plain.load_state_dict(state if state is not None else baked_state(model), strict=True)
     return plain.eval()
 

@@ -10,7 +10,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cap_ds.data.glue import count_local_rows
 from cap_ds.data.models import (
     check_model_folder,
     check_teacher,
@@ -21,7 +20,7 @@ from cap_ds.data.models import (
     load_config,
     max_positions,
 )
-from cap_ds.data.tasks import get_task
+from cap_ds.data.sources import inspect_source
 from cap_ds.run.args import Flags
 from cap_ds.run.rundir import RunDirPlan, plan_output_dir
 from cap_ds.run.runlock import RunLock
@@ -62,15 +61,12 @@ def preflight(flags: Flags, *, lock: bool = False) -> Preflight:
     folder's run lock is taken after every input check and before the folder is read for the resume/overwrite
     decision (RunLockError: in use)."""
     margs, dargs, rargs = flags.model, flags.data, flags.run
-    task = get_task(dargs.task_name)
-    num_train = None
-    if dargs.data_dir is not None:
-        num_train = count_local_rows(task, "train", dargs.data_dir, dargs.max_train_samples)
-        count_local_rows(task, "validation", dargs.data_dir, dargs.max_eval_samples)
+    task, num_train = inspect_source(dargs.source())  # reads and checks the data files
     model_path = margs.model_name_or_path or default_model_path()
     check_model_folder(model_path, "--model_name_or_path")
     # the student's config as load_student builds it: a --config_overrides key or value it cannot take fails here
-    s_cfg = load_config(model_path, task.num_labels, task.label_names, margs.config_overrides)
+    s_cfg = load_config(model_path, task.num_labels, task.label_names, margs.config_overrides,
+                        question_answering=task.is_qa)
     limit = max_positions(s_cfg)
     if limit is not None and dargs.max_seq_length > limit:
         raise UserError(f"--max_seq_length {dargs.max_seq_length} is longer than the {limit} positions of "
@@ -79,7 +75,7 @@ def preflight(flags: Flags, *, lock: bool = False) -> Preflight:
     check_weights(model_path, "--model_name_or_path")
     if rargs.mode == "prune" and margs.teacher_name_or_path:
         check_teacher_folder(margs.teacher_name_or_path, task, student_tok, model_path)
-    spec = resolve(flags, model_path=model_path, num_train=num_train, world_size=announced_world_size())
+    spec = resolve(flags, model_path=model_path, num_train=num_train, world_size=announced_world_size(), task=task)
     # ---- every input is checked: now the output folder, under its lock
     out = Path(rargs.output_dir)
     existed = out.exists()
@@ -103,7 +99,8 @@ def check_teacher_folder(teacher: str, task, student_tokenizer, model_path: str)
     from transformers import AutoConfig
 
     check_model_folder(teacher, "--teacher_name_or_path", ("config",))
-    check_teacher(AutoConfig.from_pretrained(teacher), task.num_labels, task.label_names, teacher)
+    check_teacher(AutoConfig.from_pretrained(teacher), task.num_labels, task.label_names, teacher,
+                  question_answering=task.is_qa)
     check_model_folder(teacher, "--teacher_name_or_path", ("tokenizer",))
     check_tokenizers(student_tokenizer, check_tokenizer_loads(teacher, "--teacher_name_or_path"), model_path, teacher)
     check_model_folder(teacher, "--teacher_name_or_path", ("weights",))

@@ -35,12 +35,13 @@ from cap_ds.training.ds_config import MONITOR_KEYS
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("checkpoints", "final", "metrics.json", "train_state.json", "eval_logits.npy", "runs",
-             "run_config.json")
+             "run_config.json", "eval_predictions.json", "predict_results.jsonl")
 # Flags that do not change what the optimizer steps compute: they may differ when a run is resumed.
 MAY_CHANGE_ON_RESUME = frozenset({
     "output_dir", "overwrite_output_dir", "resume", "local_rank", "max_steps", "num_train_epochs",
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "disable_tqdm", "dataloader_num_workers",
-    "per_device_eval_batch_size", "grad_norm_steps", "max_nonfinite_steps", "check_steps",
+    "per_device_eval_batch_size", "grad_norm_steps", "max_nonfinite_steps", "check_steps", "test_file",
+    "n_best_size", "max_answer_length", "null_score_diff_threshold",
     "deepspeed",  # its path: the content is compared instead
 })
 PATH_FLAGS = ("model_name_or_path", "teacher_name_or_path", "data_dir")

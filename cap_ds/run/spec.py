@@ -120,11 +120,13 @@ def _plan(spec: RunSpec, num_train: int, world_size: int) -> StepPlan:
                       compression=spec.deepspeed.compression, source=str(spec.training.deepspeed))
 
 
-def resolve(flags: Flags, *, model_path: str, num_train: int | None, world_size: int | None) -> RunSpec:
-    """The spec of validated ``flags`` (``preflight`` checks the files first and calls this)."""
+def resolve(flags: Flags, *, model_path: str, num_train: int | None, world_size: int | None,
+            task: TaskSpec | None = None) -> RunSpec:
+    """The spec of validated ``flags`` (``preflight`` checks the files first and calls this). ``task``: what the
+    data says the task is (a user's files: their labels); default the GLUE ``--task_name``."""
     deepspeed = _deepspeed(flags.run, world_size)
     spec = RunSpec(model=flags.model, data=flags.data, training=flags.run, pruning=flags.pruning, cap=flags.cap,
-                   task=get_task(flags.data.task_name), model_path=model_path, world_size=world_size,
+                   task=task or get_task(flags.data.task_name), model_path=model_path, world_size=world_size,
                    deepspeed=deepspeed, num_train=num_train, plan=None,
                    identity=run_config(tuple(flags), deepspeed.source, model_path))
     return spec if num_train is None else replace(spec, plan=_plan(spec, num_train, world_size or 1))

@@ -17,9 +17,8 @@ from torch.utils.data import DataLoader
 
 from cap_ds.cap import MemoryBank, Shard, ShardSampler, encode_dataset
 from cap_ds.data.batches import model_inputs
-from cap_ds.data.metrics import compute_metrics
-from cap_ds.data.models import SentenceVectorHook
-from cap_ds.data.tasks import TaskSpec
+from cap_ds.data.models import SentenceVectorHook, output_logits
+from cap_ds.data.scoring import Scorer
 from cap_ds.runtime.collectives import all_gather_cat
 from cap_ds.runtime.errors import TrainingFailed, UserError
 from cap_ds.runtime.monitor import RunLog
@@ -57,7 +56,7 @@ class Encoder:
 
         def encode_batch(batch):
             batch = to_device(batch, self.device)
-            logits = model(**model_inputs(batch)).logits
+            logits = output_logits(model(**model_inputs(batch)))
             out = {"vectors": F.normalize(hook.vector.float(), dim=-1)}
             if with_logits:
                 out["logits"] = logits.float()
@@ -72,7 +71,7 @@ class Encoder:
         """Logits of every row (the cached KD targets without FiC): one forward pass."""
         def encode_batch(batch):
             batch = to_device(batch, self.device)
-            return {"logits": model(**model_inputs(batch)).logits.float()}
+            return {"logits": output_logits(model(**model_inputs(batch))).float()}
 
         return self.run(encode_batch, desc)["logits"]
 
@@ -141,7 +140,7 @@ class TeacherSettings:
 
 def teacher_outputs(teacher: torch.nn.Module | None, settings: TeacherSettings, *, resume: dict | None,
                     encoder: Encoder, banks: dict[str, MemoryBank], eval_loader: DataLoader,
-                    task: TaskSpec) -> TeacherOutputs:
+                    scorer: Scorer) -> TeacherOutputs:
     """Wrap the teacher in its frozen engine (when it still has work: a fresh run's passes, or every step when
     ``live``), evaluate it and run its pass into FiC / the cached logits; a resumed run takes the logits and
     metrics from its checkpoint. A cached teacher is not returned, so it is released after its pass."""
@@ -151,7 +150,7 @@ def teacher_outputs(teacher: torch.nn.Module | None, settings: TeacherSettings, 
     if resume is not None:
         out = TeacherOutputs(resume["teacher_logits"], resume["teacher_metrics"])
     elif teacher is not None:
-        metrics = evaluate(teacher, eval_loader, task, encoder.device).metrics
+        metrics = evaluate(teacher, eval_loader, scorer, encoder.device).metrics
         out = TeacherOutputs(fill_teacher_outputs(encoder, teacher, banks, settings.sentence_vector,
                                                   settings.cache_logits), metrics)
     else:
@@ -212,17 +211,25 @@ class Evaluation:
     logits: np.ndarray  # deduplicated, in dev-set order
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, task: TaskSpec, device: torch.device,
+def evaluate(model: torch.nn.Module, loader: DataLoader, scorer: Scorer, device: torch.device,
              step: int = 0) -> Evaluation:
     """The task's metrics on the dev set (every rank's shard gathered; collective). Non-finite logits fail the
     run: no metric is computed from a diverged model."""
+    preds, gold = gather_logits(model, loader, device, step)
+    return Evaluation(scorer(preds, gold), preds)
+
+
+@torch.no_grad()
+def gather_logits(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+                  step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of every row of ``loader``'s dataset in ``idx`` order, every rank's share gathered
+    (collective); non-finite logits are a TrainingFailed."""
     was_training = model.training
     model.eval()
     all_idx, all_logits, all_labels = [], [], []
     for batch in loader:
         batch = to_device(batch, device)
-        logits = model(**model_inputs(batch)).logits.float()
+        logits = output_logits(model(**model_inputs(batch))).float()
         all_idx.append(batch["idx"])
         all_logits.append(logits)
         all_labels.append(batch["labels"].float())
@@ -235,13 +242,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: TaskSpec, device:
     order = np.unique(idx.cpu().numpy(), return_index=True)[1]  # dedupe sampler padding, sort by idx
     preds = logits.cpu().numpy()[order]
     gold = labels.cpu().numpy()[order]
-    bad = int((~np.isfinite(preds)).any(axis=-1).sum()) if preds.ndim > 1 else int((~np.isfinite(preds)).sum())
+    bad = int((~np.isfinite(preds.reshape(len(preds), -1))).any(axis=-1).sum())
     if bad:
         raise TrainingFailed(f"evaluation at step {step}: {bad} of {len(preds)} examples got non-finite "
                              "logits (the model diverged); no metrics are computed from them")
-    kept = preds
-    if not task.is_regression:
-        gold = gold.astype(np.int64)
-    else:
-        preds = preds.reshape(-1)
-    return Evaluation(compute_metrics(task, preds, gold), kept)
+    return preds, gold

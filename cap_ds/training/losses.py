@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cap_ds.cap import CapObjective, Shard, kd_loss
 from cap_ds.data.batches import model_inputs
-from cap_ds.data.models import SentenceVectorHook
+from cap_ds.data.models import SentenceVectorHook, output_logits
 from cap_ds.data.tasks import TaskSpec
 from cap_ds.runtime.transfer import host_to_device
 
@@ -40,26 +40,30 @@ class TrainingLoss:
               forward) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Each term as it enters the total (e.g. 0.1 * CE), and each term's raw value, both on the graph."""
         idx, labels = batch["idx"], batch["labels"]
-        logits = forward(**model_inputs(batch)).logits
+        logits = output_logits(forward(**model_inputs(batch)))
         terms: dict[str, torch.Tensor] = {}
         parts: dict[str, torch.Tensor] = {}
         if self.task.is_regression:
             terms["ce"] = F.mse_loss(logits.view(-1).float(), labels.float())
+        elif self.task.is_qa:  # [B, 2, L] against [B, 2]: the mean of the start and end losses (CAP's SQuAD CE)
+            terms["ce"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1))
         else:
             terms["ce"] = F.cross_entropy(logits.float(), labels)
         parts["ce"] = self.ce_weight * terms["ce"]
         if self.kd_weight > 0:
             if self.live_teacher is not None:
                 with torch.no_grad():
-                    t_logits = self.live_teacher(**model_inputs(batch)).logits
+                    t_logits = output_logits(self.live_teacher(**model_inputs(batch)))
             else:  # cached on the host: rows picked there by the host-side idx, copied without a sync
                 t_logits = host_to_device(self.teacher_logits.index_select(0, self.shard.local_rows(idx)),
                                           logits.device)
-            terms["kd"] = kd_loss(logits, t_logits, self.kd_temperature, self.task.is_regression)
+            # QA: start and end are two distributions over tokens; batchmean over both = (KL_start + KL_end) / 2
+            terms["kd"] = kd_loss(logits.flatten(0, -2), t_logits.flatten(0, -2), self.kd_temperature,
+                                  self.task.is_regression)
             parts["kd"] = self.kd_weight * terms["kd"]
         if self.objective is not None:
             anchors = F.normalize(self.hook.anchor.float(), dim=-1)
-            sup_labels = None if self.task.is_regression else labels
+            sup_labels = labels if self.task.kind == "classification" else None  # QA, regression: unsupervised
             for name, value in self.objective(anchors, idx, sup_labels).items():
                 terms[name] = parts[name] = value
         if self.regularizer is not None:

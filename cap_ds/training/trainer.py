@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cap_ds.cap import Shard
 from cap_ds.compression import PruningSchedule
-from cap_ds.data.tasks import TaskSpec
+from cap_ds.data.scoring import Scorer
 from cap_ds.runtime.collectives import world_size
 from cap_ds.runtime.errors import TrainingFailed
 from cap_ds.runtime.monitor import RunLog, ScalarLogger, progress_line
@@ -92,9 +92,9 @@ class CapTrainer:
     (``set_epoch`` and ``start_index`` place a resumed run); ``loaders.evaluate`` is the evaluation loader. A
     resumed run loads a checkpoint's trainer state with ``load_state_dict`` before ``train``."""
 
-    def __init__(self, *, engine, task: TaskSpec, loaders, settings: LoopSettings, loss: TrainingLoss,
+    def __init__(self, *, engine, scorer: Scorer, loaders, settings: LoopSettings, loss: TrainingLoss,
                  log: RunLog, scalars: ScalarLogger, parts: LoopParts = LoopParts()) -> None:
-        self.engine, self.model, self.task = engine, engine.module, task
+        self.engine, self.model, self.task, self.scorer = engine, engine.module, scorer.task, scorer
         self.train_loader, self.eval_loader = loaders.train, loaders.evaluate
         self.s, self.loss, self.log, self.scalars = settings, loss, log, scalars
         self.shard, self.schedule, self.snapshots = parts.shard, parts.schedule, parts.snapshots
@@ -292,7 +292,7 @@ class CapTrainer:
         return last_eval
 
     def _eval_and_log(self) -> dict[str, float]:
-        result = evaluate(self.model, self.eval_loader, self.task, self.device, self.global_step)
+        result = evaluate(self.model, self.eval_loader, self.scorer, self.device, self.global_step)
         self.last_eval_logits = result.logits
         self.scalars.log("Eval", result.metrics, self.global_step)
         if self.is_rank0:
