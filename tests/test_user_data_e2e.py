@@ -140,3 +140,67 @@ def test_question_answering_prune_export_pipeline(model_path, tmp_path):
                           capture_output=True, text=True, timeout=300, env=run_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == answers
+
+
+@pytest.mark.distributed
+def test_question_answering_two_ranks_zero3_resumes_exactly(model_path, tmp_path):
+    """QA under ZeRO-3 with 2 real ranks (banks sharded by window): a run resumed from its step-4 checkpoint ends
+    with the same eval logits and answers as the uninterrupted run."""
+    import shutil
+
+    import numpy as np
+
+    from tests.test_resume import start, wait
+
+    if not (SQUAD / "sample.json").is_file():
+        pytest.skip("SQuAD fixture not found")
+    sample = str(SQUAD / "sample.json")
+
+    def argv(out: Path) -> list[str]:
+        return ["cap_ds/train.py", "--task_type", "question_answering", "--train_file", sample, "--validation_file",
+                sample, "--version_2_with_negative", "--max_seq_length", "96", "--doc_stride", "32",
+                "--config_overrides", "num_hidden_layers=2", "--per_device_train_batch_size", "4",
+                "--num_train_epochs", "2", "--cap", "prc,snc", "--extra_negatives", "16", "--pruning_method",
+                "magnitude", "--warmup_steps", "1", "--save_steps", "4", "--save_total_limit", "3",
+                "--disable_tqdm", "--logging_steps", "2", "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
+                "--output_dir", str(out)]
+
+    ref = tmp_path / "ref"
+    assert wait(start(argv(ref))) == [0, 0]
+    metrics = json.loads((ref / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] > 4 and set(metrics["eval"]) == {"exact_match", "f1"}
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    for name in ("metrics.json", "final", "eval_logits.npy", "eval_predictions.json", "train_state.json"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()  # as if killed after step 4
+    assert wait(start([*argv(out), "--resume", "step4"])) == [0, 0]
+    np.testing.assert_allclose(np.load(out / "eval_logits.npy"), np.load(ref / "eval_logits.npy"), atol=1e-6, rtol=0)
+    assert json.loads((out / "eval_predictions.json").read_text()) == \
+        json.loads((ref / "eval_predictions.json").read_text())
+
+
+def test_question_answering_cap_f_exports_a_cleaned_qa_model(model_path, tmp_path):
+    """CAP-f on QA: heads and FFN neurons removed, final/ is the cleaned model with a QA head, and it answers as
+    the masked model did."""
+    sample = SQUAD / "sample.json"
+    if not sample.is_file():
+        pytest.skip("SQuAD fixture not found")
+    out = tmp_path / "capf"
+    run([sys.executable, "cap_ds/train.py", "--task_type", "question_answering", "--train_file", str(sample),
+         "--validation_file", str(sample), "--version_2_with_negative", "--max_seq_length", "96", "--doc_stride",
+         "32", "--config_overrides", "num_hidden_layers=2", "--per_device_train_batch_size", "8",
+         "--pruning_method", "first_order", "--target_sparsity", "0.5", "--structured_step", "0.5",
+         "--epochs_per_stage", "1", "--cap", "prc,snc", "--extra_negatives", "16", "--disable_tqdm",
+         "--output_dir", str(out)])
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["architectures"] == ["CapPrunedBertForQuestionAnswering"]
+    assert sum(config["layer_heads"]) == 12 and config["task_specific_params"]["question-answering"]["doc_stride"] == 32
+    code = ("import json, sys\nfrom cap_ds.data.answer import QuestionAnswerer\n"
+            "qa = QuestionAnswerer.from_pretrained(sys.argv[1])\n"
+            "rows = json.load(open(sys.argv[2]))['data']\n"
+            "out = qa([r['question'] for r in rows], [r['context'] for r in rows])\n"
+            "print(json.dumps({r['id']: o['answer'] for r, o in zip(rows, out)}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(out / "final"), str(sample)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=run_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == json.loads((out / "eval_predictions.json").read_text())

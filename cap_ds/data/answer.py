@@ -46,8 +46,9 @@ class QuestionAnswerer:
     @classmethod
     def from_pretrained(cls, folder: str, **overrides: Any) -> QuestionAnswerer:
         """Load an exported QA model (a cleaned CAP-f model too) with the settings its run stored."""
-        import cap_ds.compression  # noqa: F401  (registers the cleaned model classes)
         from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+        import cap_ds.compression  # noqa: F401  (registers the cleaned model classes)
 
         model = AutoModelForQuestionAnswering.from_pretrained(folder)
         stored = dict((getattr(model.config, "task_specific_params", None) or {}).get(CONFIG_KEY, {}))

@@ -99,6 +99,8 @@ def _parse_json(text: str, where: str) -> list[Any]:
         return top["data"]
     if isinstance(top, list):
         return top
+    if isinstance(top, dict) and {"question", "context"} <= set(top):  # JSON Lines holding a single record
+        return [top]
     what = f"one JSON object with keys {_fields(top)}" if isinstance(top, dict) else f"a JSON {type(top).__name__}"
     raise QaDataError(f"{where}: {what}; expected {_LAYOUTS}")
 
@@ -205,9 +207,11 @@ def _check_offsets(records: list[dict[str, Any]], where: str) -> None:
         for text, start in zip(rec["answers"]["text"], rec["answers"]["answer_start"]):
             held = context[start:start + len(text)] if 0 <= start <= len(context) else None
             if held != text:
-                there = f"holds {held!r}" if held is not None else f"is {len(context)} characters long"
+                there = f"holds {_short(held, 80)}" if held is not None else f"is {len(context)} characters long"
+                found = context.find(text)
+                hint = f" (the answer occurs at {found})" if found >= 0 else " (the answer is not in the context)"
                 raise QaDataError(f"{where}: question id {rec['id']!r}: answer_start {start} does not index the "
-                                  f"answer {_short(text)}: the context there {_short(there, 80)}")
+                                  f"answer {_short(text)}: the context there {there}{hint}")
 
 
 def _check_records(records: list[dict[str, Any]], where: str, allow_impossible: bool | None) -> None:
