@@ -177,7 +177,7 @@ class Sweep:
         if a.data_dir and not a.data_args:
             flags += ["--data_dir", a.data_dir]
         if "--max_seq_length" in data:  # the data's own window length (QA) wins
-            i = flags.index("--max_seq_length", len(data))
+            i = flags.index("--max_seq_length", 2 + len(data))
             del flags[i:i + 2]
         if a.model_name_or_path:
             flags += ["--model_name_or_path", a.model_name_or_path]

@@ -100,3 +100,16 @@ def test_bad_arguments_named():
     proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", "/tmp/unused", "--seeds", "42,x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--seeds: comma list of integers" in proc.stderr
+
+
+def test_data_args_run_the_sweep_on_your_own_data(tmp_path):
+    """--data_args replaces --task_name/--data_dir in every run, and its --max_seq_length wins (dry run)."""
+    data = "--task_type question_answering --train_file q.jsonl --validation_file d.jsonl --max_seq_length 192"
+    proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path / "sweep"), "--data_args", data,
+                           "--methods", "cap_m", "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(commands) == 2  # the teacher, then CAP-m
+    for line in commands:
+        assert data in line and "--task_name" not in line and "--data_dir" not in line
+        assert line.count("--max_seq_length") == 1
