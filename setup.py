@@ -49,6 +49,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "ninja>=1.11",
+        "pyyaml>=6.0",  # the model card's metadata
     ],
     extras_require={
         # mpi4py needs an MPI library (apt install libopenmpi-dev); it is imported lazily.

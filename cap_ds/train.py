@@ -28,6 +28,8 @@ if __package__ in (None, ""):
 import logging
 import time
 import warnings
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -40,6 +42,7 @@ from cap_ds.data.sources import load_task_data
 from cap_ds.run.args import parse_args
 from cap_ds.run.export import export_pretrained
 from cap_ds.run.faults import settle
+from cap_ds.run.model_card import model_card
 from cap_ds.run.predictions import predict_rows, write_predictions
 from cap_ds.run.preflight import Preflight, launcher_rank, preflight
 from cap_ds.run.results import record_failure, run_results, write_results, write_state
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     barrier()
     progress = RunProgress()
     try:
-        return run(pre.spec.for_world(world), pre, stop, rank, show_progress, progress)
+        spec = replace(pre.spec.for_world(world), command=tuple(sys.argv[1:] if argv is None else argv))
+        return run(spec, pre, stop, rank, show_progress, progress)
     except BaseException as err:
         # The one-line cause, settled among the ranks while the process group lives: the first rank to fail
         # reports it; a rank that dies of its broken connection stays quiet (rank 0 records the claimed cause).
@@ -259,8 +263,11 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
     predictions = predict_rows(engine.module, data, collate, flags.per_device_eval_batch_size, rank, world)
     if hook is not None:
         hook.remove()
-    export_pretrained(engine.module, tokenizer, os.path.join(flags.output_dir, "final"),  # collective
-                      sparsity_report=report, title=spec.title())
+    final = os.path.join(flags.output_dir, "final")
+    card = model_card(spec, result, Path(final), command=[a for a in spec.command if not a.startswith("--local_rank")],
+                      sparsity=report)
+    export_pretrained(engine.module, tokenizer, final, sparsity_report=report, title=spec.title(),  # collective
+                      card=card)
     if is_rank0:
         write_predictions(flags.output_dir, data, trainer.last_eval_logits, predictions)
         write_results(flags.output_dir, result, trainer.last_eval_logits, trainer.global_step)

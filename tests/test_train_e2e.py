@@ -4,6 +4,7 @@ predicting exactly what the in-training masked model predicted."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,16 @@ def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_card(folder: Path) -> tuple[dict, str]:
+    """An export's README.md: (YAML front matter, body)."""
+    import yaml
+
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n"), text[:200]
+    front, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(front), body
 
 
 def test_finetune_teacher_learns(teacher_dir):
@@ -63,6 +74,23 @@ def test_cap_prune_end_to_end(teacher_dir, glue_dir, tmp_path):
     assert saved["per_module"] == pytest.approx(metrics["sparsity_per_module"])
     assert scalars["Train/sparsity"][-1] == pytest.approx(metrics["sparsity"], abs=1e-6)
     assert scalars["Train/threshold"][0] == 1.0 and scalars["Train/threshold"][-1] == pytest.approx(0.1)
+
+    # the model card: hub metadata agreeing with metrics.json, the recipe, the heat-map it links, the command
+    meta, body = read_card(out / "final")
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-classification"
+    assert {"cap_ds", "pruning", "sparse", "contrastive-pruning"} <= set(meta["tags"])
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["datasets"] == ["nyu-mll/glue"]
+    [result] = meta["model-index"][0]["results"]
+    assert result["dataset"]["config"] == "sst2"
+    assert {m["type"]: m["value"] for m in result["metrics"]} == metrics["eval"]
+    assert meta["cap_ds"]["sparsity"] == pytest.approx(metrics["sparsity"])
+    assert meta["cap_ds"]["cap_modules"] == ["prc", "snc", "fic"]
+    assert f"{metrics['sparsity']:.2%}" in body and "attention.self.query" in body and "intermediate.dense" in body
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body):
+        assert (out / "final" / link).is_file(), link
+    assert "sparsity_heatmap.png" in body and "--pruning_method movement" in body and "--local_rank" not in body
+    teacher_meta, _ = read_card(teacher_dir / "final")
+    assert teacher_meta["cap_ds"]["mode"] == "finetune" and "pruning" not in teacher_meta["tags"]
 
     # final/ loads with plain transformers (no cap_ds code) and predicts what the masked model predicted.
     code = (

@@ -57,11 +57,13 @@ def sparsity_files(report: dict[str, Any] | None, title: str | None = None):
 
 
 def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path,
-                      sparsity_report: dict[str, Any] | None = None, title: str | None = None) -> Path:
+                      sparsity_report: dict[str, Any] | None = None, title: str | None = None,
+                      card: str | None = None) -> Path:
     """Save the pruned model + tokenizer to ``target`` (collective; rank 0 writes); returns the path.
 
     A model with masks gets ``sparsity.json`` and ``sparsity_heatmap.png`` in the export, from
     ``sparsity_report`` when given (:func:`cap_ds.compression.sparsity_report` of the masked model) or measured here.
+    ``card``: the model card's text, written as ``README.md`` (``run/model_card.py``).
     """
     target = Path(target)
     if sparsity_report is None and masked_modules(model):
@@ -71,6 +73,8 @@ def export_pretrained(model: nn.Module, tokenizer: Any, target: str | Path,
     def extra(folder: Path) -> None:  # last inside the atomic write: the manifest covers every other file
         if sparsity is not None:
             sparsity(folder)
+        if card is not None:
+            (folder / "README.md").write_text(card, encoding="utf-8")
         write_folder_manifest(folder)
 
     if has_structured_masks(model):

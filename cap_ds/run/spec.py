@@ -51,6 +51,7 @@ class RunSpec:
     num_train: int | None
     plan: StepPlan | None
     identity: dict[str, Any]  # flags + DeepSpeed content: what a resumed run must match (rundir.run_config)
+    command: tuple[str, ...] = ()  # the command line's arguments, for the model card
 
     # ---- derived facts the recipe asks for (one place each)
     @property

@@ -1,0 +1,172 @@
+"""The model card every export carries: ``final/README.md`` with the YAML metadata the Hugging Face hub reads
+(``base_model``, ``library_name``, ``tags``, ``datasets``, ``model-index`` with the eval metrics, and a
+``cap_ds`` block with the measured sparsity) and a body that says what the model is: its results, the recipe
+(method, target and measured sparsity overall and per layer type, CAP modules and weights, teacher, steps, seed),
+the per-layer heat-map, the command that made it, its measured speed when ``speed.json`` is there, and what its
+sparsity means for speed on which hardware."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CARD_FILE = "README.md"
+SPEED_FILE = "speed.json"
+DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"  # the offline package's model (data.models)
+_LAYER_TYPE = re.compile(r"\.layer\.\d+\.(.+)$")
+
+
+def layer_type_sparsity(per_module: dict[str, float]) -> dict[str, float]:
+    """Mean sparsity per layer type (``attention.self.query``, ``intermediate.dense``, ...). Every layer's
+    linear of one type has the same shape, so the mean of fractions is the share of zero weights."""
+    groups: dict[str, list[float]] = {}
+    for name, value in per_module.items():
+        m = _LAYER_TYPE.search(name)
+        groups.setdefault(m.group(1) if m else name, []).append(value)
+    return {kind: sum(v) / len(v) for kind, v in groups.items()}
+
+
+def _base_model(path: str) -> str | None:
+    """A hub id for ``base_model`` (a local folder is not one; the offline default is all-MiniLM-L6-v2)."""
+    from cap_ds.data.models import default_model_path
+
+    if Path(path).exists():
+        return DEFAULT_BASE if Path(path).resolve() == Path(default_model_path()).resolve() else None
+    return path
+
+
+def _dataset(spec) -> tuple[list[str], dict[str, Any]]:
+    """(the ``datasets`` list, the model-index ``dataset`` entry) of the run's data."""
+    data, task = spec.data, spec.task
+    if data.task_name and not data.uses_files:
+        return ["nyu-mll/glue"], {"name": f"GLUE {task.glue_dir}", "type": "nyu-mll/glue",
+                                  "config": task.hub_config, "split": task.eval_split}
+    if data.dataset_name:
+        entry = {"name": data.dataset_name, "type": data.dataset_name, "split": "validation"}
+        return [data.dataset_name], {**entry, **({"config": data.dataset_config_name}
+                                                  if data.dataset_config_name else {})}
+    return [], {"name": Path(data.validation_file or "validation").name, "type": "local-file",
+                "split": "validation"}
+
+
+def _front_matter(spec, result: dict[str, Any]) -> dict[str, Any]:
+    task, prune = spec.task, spec.prune
+    pipeline_tag = "question-answering" if task.is_qa else "text-classification"
+    tags = ["cap_ds"]
+    if prune:
+        method = spec.pruning.pruning_method
+        tags += ["pruning", "sparse", f"{method.replace('_', '-')}-pruning"]
+        tags += ["structured-pruning"] if spec.structured else ["unstructured-pruning"]
+        tags += ["contrastive-pruning"] if spec.modules else []
+    tags += ["knowledge-distillation"] if result.get("kd_weight") else []
+    datasets, dataset = _dataset(spec)
+    metrics = [{"type": k, "value": float(v), "name": k.replace("_", " ")} for k, v in result["eval"].items()]
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": pipeline_tag, "tags": tags}
+    base = _base_model(spec.model_path)
+    if base:
+        meta["base_model"] = base
+    if datasets:
+        meta["datasets"] = datasets
+    meta["metrics"] = list(result["eval"])
+    meta["model-index"] = [{"name": "-".join(re.findall(r"[A-Za-z0-9_.]+", spec.title())), "results": [{
+        "task": {"type": pipeline_tag, "name": pipeline_tag.replace("-", " ")}, "dataset": dataset,
+        "metrics": metrics}]}]
+    meta["cap_ds"] = {"mode": spec.training.mode, "task": task.name, "task_type": task.kind,
+                      **({"pruning_method": spec.pruning.pruning_method, "target_sparsity": spec.pruning.target_sparsity,
+                          "sparsity": float(result["sparsity"]), "cap_modules": spec.modules} if prune else {})}
+    return meta
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def _fmt(metrics: dict[str, float] | None) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items()) or "n/a"
+
+
+def _recipe(spec, result: dict[str, Any]) -> str:
+    t, cap = spec.training, spec.cap
+    rows: list[tuple[str, Any]] = [("mode", t.mode), ("task", f"{spec.task.name} ({spec.task.kind})"),
+                                   ("student", f"`{spec.model_path}`")]
+    if spec.prune:
+        rows += [("pruning method", spec.pruning.pruning_method),
+                 ("target sparsity", f"{spec.pruning.target_sparsity:.1%}"),
+                 ("measured sparsity", f"{result['sparsity']:.2%} of encoder linear weights"
+                  + (" (heads and FFN neurons removed)" if spec.structured else ""))]
+        rows += [("CAP modules", ", ".join(spec.modules) or "none (plain pruning)")]
+        if spec.modules:
+            rows += [("contrastive", f"temperature {cap.contrastive_temperature}, unsupervised weight "
+                                     f"{cap.cap_unsup_weight}, supervised weight {cap.cap_sup_weight}, sentence vector "
+                                     f"{spec.model.sentence_vector}")]
+        rows += [("teacher", f"`{spec.model.teacher_name_or_path}` ({_fmt(result.get('teacher_eval'))})"
+                  if spec.teacher_path else "none")]
+    rows += [("loss weights", f"CE {result['ce_weight']}, KD {result['kd_weight']} (T {cap.kd_temperature})"),
+             ("steps", f"{result['steps']} ({result['epochs']:g} epochs), {result['world_size']} rank(s), batch "
+                       f"{t.per_device_train_batch_size} per rank x {t.gradient_accumulation_steps} accumulation"),
+             ("optimizer", f"{result['optimizer']}, learning rate {t.learning_rate}"),
+             ("max sequence length", spec.data.max_seq_length), ("seed", t.seed)]
+    return _table(rows)
+
+
+def _speed(folder: Path) -> str:
+    path = folder / SPEED_FILE
+    if not path.is_file():
+        return ("Not measured for this model: no `speed.json` beside it. Measure it against its dense self on the "
+                "machine that will serve it before you rely on a speed-up.\n")
+    speed = json.loads(path.read_text())
+    return "From `speed.json`:\n\n```json\n" + json.dumps(speed, indent=2, sort_keys=True) + "\n```\n"
+
+
+def _usage(spec) -> str:
+    if spec.task.is_qa:  # transformers 5 has no question-answering pipeline
+        return ("```python\nfrom cap_ds.data.answer import QuestionAnswerer\nqa = QuestionAnswerer.from_pretrained"
+                "(\"<this folder>\")\nqa(\"Which team won?\", \"The Denver Broncos won Super Bowl 50.\")\n```\n")
+    pre = "import cap_ds  # registers the cleaned model classes\n" if spec.prune and spec.structured else ""
+    return (f"```python\n{pre}from transformers import pipeline\nclassifier = pipeline(\"text-classification\", "
+            "model=\"<this folder>\")\n```\n")
+
+
+def _limitations(spec) -> str:
+    if not spec.prune:
+        return "- A dense model: fine-tuned, not pruned.\n"
+    if spec.structured:
+        return ("- Heads and FFN neurons are physically removed: the model is smaller and faster on any hardware, "
+                "but loads only after `import cap_ds` (or with `trust_remote_code=True`).\n")
+    return ("- Unstructured sparsity: the zeros sit inside dense weight matrices. The files are as large as the "
+            "dense model's, and dense kernels (PyTorch eager, ONNX Runtime, any GPU) run it at the dense model's "
+            "speed. `cap_ds.sparse.sparsify` runs it faster on CPUs where a sparse kernel beats the dense one "
+            "(docs/sparse_inference.md); on GPUs unstructured 90 % is not faster (docs/inference.md).\n")
+
+
+def model_card(spec, result: dict[str, Any], folder: Path, command: list[str] | None = None,
+               sparsity: dict[str, Any] | None = None) -> str:
+    """The card's text for the export in ``folder`` (``result``: the run's metrics.json content)."""
+    meta = yaml.safe_dump(_front_matter(spec, result), sort_keys=False, allow_unicode=True)
+    title = spec.title()
+    what = (f"{spec.task.kind.replace('_', ' ')} model for `{spec.task.name}`, "
+            + (f"pruned to {result['sparsity']:.1%} sparsity with cap_ds ({spec.pruning.pruning_method}"
+               + (f" + CAP {'/'.join(spec.modules)}" if spec.modules else "") + ")" if spec.prune
+               else "fine-tuned with cap_ds (the dense teacher)"))
+    parts = [f"---\n{meta}---\n", f"# {title}\n", f"A {what}. cap_ds implements CAP (ContrAstive Pruning, Xu et "
+             f"al., AAAI 2022, arXiv 2112.07198) with DeepSpeed.\n",
+             "## Results\n", f"Evaluated on {result['eval_examples']} examples of the validation data: "
+             f"**{_fmt(result['eval'])}**" + (f"; the teacher: {_fmt(result.get('teacher_eval'))}" if
+                                               result.get("teacher_eval") else "") + ".\n",
+             "## Recipe\n", _recipe(spec, result)]
+    if sparsity is not None:
+        by_type = layer_type_sparsity(sparsity["per_module"])
+        parts += ["\nSparsity by layer type (all encoder layers):\n\n"
+                  + _table([(k, f"{v:.2%}") for k, v in sorted(by_type.items())]),
+                  "\n![Sparsity per layer and module](sparsity_heatmap.png)\n"]
+    if command:
+        parts += ["## How it was made\n", f"```bash\npython cap_ds/train.py {shlex.join(command)}\n```\n"]
+    parts += ["## Use\n", _usage(spec), "## Speed\n", _speed(folder), "## Limitations\n", _limitations(spec)
+              + f"- Measured on {result['eval_examples']} validation examples; small dev sets move by several "
+                "points between seeds.\n"]
+    return "\n".join(parts)
