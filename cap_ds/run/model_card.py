@@ -114,13 +114,19 @@ def _recipe(spec, result: dict[str, Any]) -> str:
     return _table(rows)
 
 
-def _speed(folder: Path) -> str:
+def speed_section(folder: Path) -> str:
+    """The card's Speed section: ``speed.json`` as a table, or that it was not measured."""
     path = folder / SPEED_FILE
     if not path.is_file():
-        return ("Not measured for this model: no `speed.json` beside it. Measure it against its dense self on the "
-                "machine that will serve it before you rely on a speed-up.\n")
+        return ("Not measured for this model: no `speed.json` beside it. `python -m cap_ds.run.speed <this folder>` "
+                "measures it against its dense self on the machine that will serve it and writes the figures here.\n")
     speed = json.loads(path.read_text())
-    return "From `speed.json`:\n\n```json\n" + json.dumps(speed, indent=2, sort_keys=True) + "\n```\n"
+    rows = "".join(f"| {r['dtype']} | {r['batch']} x {r['seq_length']} | {r['dense_ms']:.2f} | {r['model_ms']:.2f} | "
+                   f"**{r['speedup']:.2f}x** |\n" for r in speed.get("rows", []))
+    return (f"Measured by `python -m cap_ds.run.speed` on {speed.get('device')} ({speed.get('date')}, torch "
+            f"{speed.get('torch')}, {speed.get('statistic')}); dense: {speed.get('dense')}.\n\n"
+            "| dtype | batch x tokens | dense ms | this model ms | speed-up |\n|---|---|---|---|---|\n" + rows
+            + "\nThe raw figures (and each layer's format) are in `speed.json`.\n")
 
 
 def _usage(spec) -> str:
@@ -166,7 +172,7 @@ def model_card(spec, result: dict[str, Any], folder: Path, command: list[str] | 
                   "\n![Sparsity per layer and module](sparsity_heatmap.png)\n"]
     if command:
         parts += ["## How it was made\n", f"```bash\npython cap_ds/train.py {shlex.join(command)}\n```\n"]
-    parts += ["## Use\n", _usage(spec), "## Speed\n", _speed(folder), "## Limitations\n", _limitations(spec)
+    parts += ["## Use\n", _usage(spec), "## Speed\n", speed_section(folder), "## Limitations\n", _limitations(spec)
               + f"- Measured on {result['eval_examples']} validation examples; small dev sets move by several "
                 "points between seeds.\n"]
     return "\n".join(parts)

@@ -1,0 +1,203 @@
+"""Speed next to the model: measure an exported model against its dense self on the machine at hand, write
+``speed.json`` into the model folder and the figures into its model card.
+
+    python -m cap_ds.run.speed out/cap/final                      # CPU, fp32 and bf16, batch 1 and 32, seq 128
+    python -m cap_ds.run.speed out/cap/final --device cuda --dtypes bf16
+
+"Its dense self" is the same architecture run with dense kernels: for an unstructured export, the exported weights
+as they are (zeros inside dense matrices) against ``cap_ds.sparse.sparsify`` of them (``policy="measure"``: each
+layer's fastest format here); for a CAP-f export (heads and FFN neurons removed), the model of the original,
+unpruned sizes against the cleaned one as it is. Every pair is timed in interleaved rounds under the same load,
+the median of the rounds reported; the logits of the served path are compared with the dense path's (same
+weights) in fp32. The export's ``files.json`` is rewritten to cover the new files, after the folder verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cap_ds.run.model_card import CARD_FILE, SPEED_FILE, speed_section
+from cap_ds.runtime.atomic import write_json
+from cap_ds.runtime.errors import UserError
+from cap_ds.runtime.manifest import verify_folder, write_folder_manifest
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_export(folder: Path) -> torch.nn.Module:
+    """The exported model (a cleaned CAP-f model too), in eval mode on the CPU."""
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    import cap_ds.compression  # noqa: F401  (registers the cleaned model classes)
+
+    config = AutoConfig.from_pretrained(folder)
+    qa = any(a.endswith("ForQuestionAnswering") for a in (config.architectures or []))
+    auto = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
+    return auto.from_pretrained(folder).eval()
+
+
+def dense_self(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """(the dense model to compare with, what it is). A cleaned model's dense self has the original sizes (its
+    weights are random: time does not depend on their values)."""
+    from cap_ds.compression.pruned_modeling import AUTO_CLASSES
+
+    config = model.config
+    if type(config) in AUTO_CLASSES:
+        from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+        values = {k: v for k, v in config.to_dict().items()
+                  if k not in ("layer_heads", "layer_intermediate_sizes", "auto_map", "architectures", "model_type")}
+        base_type = config.model_type.replace("cap_pruned_", "")
+        dense_config = AutoConfig.for_model(base_type, **values)
+        qa = "QuestionAnswering" in type(model).__name__
+        auto = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
+        torch.manual_seed(0)
+        return auto.from_config(dense_config).eval(), "the unpruned architecture (random weights)"
+    return model, "the same weights with dense kernels"
+
+
+def _inputs(model: torch.nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(batch * 1000 + seq)
+    ids = torch.randint(1000, min(model.config.vocab_size, 20000), (batch, seq), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
+
+
+def _time_pair(fns: dict[str, Any], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median ms per call of each fn over ``rounds`` interleaved rounds (after two warm-up calls each)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(), fn()
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    from cap_ds.data.models import output_logits
+
+    with torch.inference_mode():
+        return output_logits(model(**inputs)).float()
+
+
+def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: list[int], seq: int,
+            rounds: int) -> dict[str, Any]:
+    """speed.json's content for the export in ``folder``."""
+    from cap_ds.sparse import sparsify
+
+    exported = load_export(folder)
+    dense, dense_what = dense_self(exported)
+    if dense is exported and not any(float((m.weight == 0).float().mean()) > 0.3 for m in exported.modules()
+                                     if isinstance(m, torch.nn.Linear)):
+        raise UserError(f"{folder}: no pruned layer (fewer than 30 % zeros everywhere) and no removed heads or "
+                        "neurons: a dense model has no dense self to be faster than")
+    rows = []
+    for name in dtypes:
+        dtype = DTYPES[name]
+        base = copy.deepcopy(dense).to(device, dtype)
+        served = copy.deepcopy(exported).to(device, dtype)
+        if dense is exported:  # unstructured: the layers' fastest formats for this device and dtype
+            served = sparsify(served, policy="measure", batch_tokens=max(batches) * seq)
+        formats = dict(getattr(getattr(served, "sparsify_summary", None), "counts", {}) or {})
+        for batch in batches:
+            x = _inputs(exported, batch, seq, device)
+            ms = _time_pair({"dense": lambda m=base, x=x: m(**x), "model": lambda m=served, x=x: m(**x)}, rounds,
+                            device)
+            row = {"dtype": name, "batch": batch, "seq_length": seq, "dense_ms": round(ms["dense"], 3),
+                   "model_ms": round(ms["model"], 3), "speedup": round(ms["dense"] / ms["model"], 3)}
+            if formats:
+                row["formats"] = formats
+            if dense is exported and name == "fp32":
+                row["max_abs_logit_diff"] = float((_logits(served, x) - _logits(base, x)).abs().max())
+            rows.append(row)
+    return {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "dense": dense_what, "rounds": rounds, "statistic": "median of interleaved rounds",
+            "date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def write_speed(folder: Path, speed: dict[str, Any]) -> None:
+    """speed.json, the card's Speed section and the manifest (which must verify first: a damaged export is
+    not blessed with a new manifest)."""
+    problems = verify_folder(folder) if (folder / "files.json").exists() else []
+    problems = [p for p in problems if SPEED_FILE not in p]  # an earlier measurement is replaced
+    if problems:
+        raise UserError(f"{folder}: the export does not verify ({problems[0]}); not writing speed.json into it")
+    write_json(folder / SPEED_FILE, speed)
+    card = folder / CARD_FILE
+    if card.is_file():
+        text = card.read_text(encoding="utf-8")
+        head, sep, rest = text.partition("## Speed\n")
+        if sep:
+            tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+            card.write_text(head + sep + "\n" + speed_section(folder) + tail, encoding="utf-8")
+    if (folder / "files.json").exists():
+        write_folder_manifest(folder)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", help="an exported model folder (a run's final/)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    ap.add_argument("--batches", default="1,32", help="comma list of batch sizes")
+    ap.add_argument("--seq_length", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (the median is kept)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = ap.parse_args(argv)
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        ap.error(f"{folder}: not an exported model folder (no config.json)")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        ap.error(f"--dtypes {args.dtypes!r}: allowed: {', '.join(DTYPES)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--batches {args.batches!r}: a comma list of integers")
+    if not batches or min(batches) < 1 or args.seq_length < 2 or args.rounds < 1:
+        ap.error("--batches, --seq_length and --rounds must be positive (seq_length >= 2)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        speed = measure(folder, device=torch.device(args.device), dtypes=dtypes, batches=batches,
+                        seq=args.seq_length, rounds=args.rounds)
+        write_speed(folder, speed)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for row in speed["rows"]:
+        print(json.dumps(row))
+    print(f"wrote {folder / SPEED_FILE}" + (" and the card's Speed section" if (folder / CARD_FILE).is_file() else ""))
+    return speed
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""``python -m cap_ds.run.speed``: speed.json beside an export (unstructured and CAP-f cleaned), the card's Speed
+section rewritten, the manifest still verifying; a dense model refused in one line. Structure only, never timing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cap_ds.run import speed
+from cap_ds.runtime.manifest import verify_folder, write_folder_manifest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+FAST = ["--dtypes", "fp32", "--batches", "1,2", "--seq_length", "16", "--rounds", "2"]
+CARD = "---\nlibrary_name: transformers\n---\n# m\n\n## Speed\n\nNot measured.\n\n## Limitations\n\n- none\n"
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=1200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def export(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    (folder / "README.md").write_text(CARD)
+    write_folder_manifest(folder)
+    return folder
+
+
+def test_unstructured_export_gets_speed_json_card_and_manifest(tmp_path):
+    from bench_inference import magnitude_prune_
+
+    model = tiny_bert()
+    magnitude_prune_(model, 0.9)
+    folder = export(model, tmp_path / "final")
+    result = speed.main([str(folder), *FAST])
+    saved = json.loads((folder / "speed.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [(r["dtype"], r["batch"]) for r in saved["rows"]] == [("fp32", 1), ("fp32", 2)]
+    for row in saved["rows"]:
+        assert row["dense_ms"] > 0 and row["model_ms"] > 0 and row["speedup"] == pytest.approx(
+            row["dense_ms"] / row["model_ms"], rel=0.01)
+        assert row["max_abs_logit_diff"] < 1e-4 and sum(row["formats"].values()) == 12
+    card = (folder / "README.md").read_text()
+    assert "python -m cap_ds.run.speed" in card and "| fp32 | 1 x 16 |" in card and "Not measured" not in card
+    assert card.endswith("## Limitations\n\n- none\n")
+    assert verify_folder(folder) == []  # the manifest covers speed.json and the new card
+    speed.main([str(folder), *FAST])  # measuring again replaces the figures
+    assert verify_folder(folder) == []
+
+
+def test_capf_export_is_timed_against_the_unpruned_architecture(tmp_path):
+    from bench_inference import capf_clean
+
+    _, clean = capf_clean(tiny_bert(), kept=0.5)
+    folder = export(clean, tmp_path / "final")
+    saved = speed.main([str(folder), *FAST])
+    assert saved["dense"].startswith("the unpruned architecture") and len(saved["rows"]) == 2
+    dense, _ = speed.dense_self(speed.load_export(folder))
+    assert dense.config.num_attention_heads == 4 and sum(p.numel() for p in dense.parameters()) > \
+        sum(p.numel() for p in clean.parameters())
+
+
+def test_dense_model_and_damaged_export_are_refused(tmp_path, capsys):
+    folder = export(tiny_bert(), tmp_path / "dense")
+    with pytest.raises(SystemExit) as exit_:
+        speed.main([str(folder), *FAST])
+    assert exit_.value.code == 2 and "a dense model has no dense self" in capsys.readouterr().err
+    from bench_inference import magnitude_prune_
+
+    model = tiny_bert()
+    magnitude_prune_(model, 0.9)
+    folder = export(model, tmp_path / "damaged")
+    (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
+    with pytest.raises(SystemExit):
+        speed.main([str(folder), *FAST])
+    assert "does not verify" in capsys.readouterr().err and not (folder / "speed.json").exists()
