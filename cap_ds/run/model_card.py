@@ -121,11 +121,15 @@ def speed_section(folder: Path) -> str:
         return ("Not measured for this model: no `speed.json` beside it. `python -m cap_ds.run.speed <this folder>` "
                 "measures it against its dense self on the machine that will serve it and writes the figures here.\n")
     speed = json.loads(path.read_text())
+    def ort(r: dict) -> str:
+        return f"{r['onnxruntime_ms']:.2f}" if "onnxruntime_ms" in r else "-"
+
     rows = "".join(f"| {r['dtype']} | {r['batch']} x {r['seq_length']} | {r['dense_ms']:.2f} | {r['model_ms']:.2f} | "
-                   f"**{r['speedup']:.2f}x** |\n" for r in speed.get("rows", []))
+                   f"**{r['speedup']:.2f}x** | {ort(r)} |\n" for r in speed.get("rows", []))
     return (f"Measured by `python -m cap_ds.run.speed` on {speed.get('device')} ({speed.get('date')}, torch "
             f"{speed.get('torch')}, {speed.get('statistic')}); dense: {speed.get('dense')}.\n\n"
-            "| dtype | batch x tokens | dense ms | this model ms | speed-up |\n|---|---|---|---|---|\n" + rows
+            "| dtype | batch x tokens | dense ms | this model ms | speed-up | ONNX Runtime ms |\n"
+            "|---|---|---|---|---|---|\n" + rows
             + "\nThe raw figures (and each layer's format) are in `speed.json`.\n")
 
 

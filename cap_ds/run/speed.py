@@ -73,6 +73,13 @@ def _inputs(model: torch.nn.Module, batch: int, seq: int, device: torch.device) 
     return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
 
 
+def _onnx_inputs(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from cap_ds.run.onnx_export import sample_inputs
+
+    names = sample_inputs(model, 1, 2).keys()  # the graph's inputs, in order
+    return {k: x.get(k, torch.zeros_like(x["input_ids"])) for k in names}
+
+
 def _time_pair(fns: dict[str, Any], rounds: int, device: torch.device) -> dict[str, float]:
     """Median ms per call of each fn over ``rounds`` interleaved rounds (after two warm-up calls each)."""
     def sync() -> None:
@@ -100,9 +107,26 @@ def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
         return output_logits(model(**inputs)).float()
 
 
+def _onnx_sessions(exported: torch.nn.Module, dense: torch.nn.Module, folder: Path, tmp: Path) -> dict[str, Any]:
+    """ONNX Runtime sessions of the export (its onnx/model.onnx when written) and, for a cleaned model, of its
+    dense self (exported here); an unstructured model is its own dense self under ONNX Runtime."""
+    from cap_ds.run.onnx_export import ONNX_FILE, export_onnx, onnx_session
+
+    path = folder / ONNX_FILE
+    if not path.is_file():
+        path = export_onnx(copy.deepcopy(exported), tmp / "model.onnx")
+    sessions = {"onnxruntime_ms": onnx_session(path, torch.get_num_threads())}
+    if dense is not exported:
+        sessions["dense_onnxruntime_ms"] = onnx_session(export_onnx(copy.deepcopy(dense), tmp / "dense.onnx"),
+                                                        torch.get_num_threads())
+    return sessions
+
+
 def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: list[int], seq: int,
-            rounds: int) -> dict[str, Any]:
-    """speed.json's content for the export in ``folder``."""
+            rounds: int, onnx: bool = False) -> dict[str, Any]:
+    """speed.json's content for the export in ``folder`` (``onnx``: ONNX Runtime times beside the fp32 CPU rows)."""
+    import tempfile
+
     from cap_ds.sparse import sparsify
 
     exported = load_export(folder)
@@ -112,6 +136,8 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
         raise UserError(f"{folder}: no pruned layer (fewer than 30 % zeros everywhere) and no removed heads or "
                         "neurons: a dense model has no dense self to be faster than")
     rows = []
+    tmp = tempfile.TemporaryDirectory()
+    sessions = _onnx_sessions(exported, dense, folder, Path(tmp.name)) if onnx and device.type == "cpu" else {}
     for name in dtypes:
         dtype = DTYPES[name]
         base = copy.deepcopy(dense).to(device, dtype)
@@ -121,15 +147,20 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
         formats = dict(getattr(getattr(served, "sparsify_summary", None), "counts", {}) or {})
         for batch in batches:
             x = _inputs(exported, batch, seq, device)
-            ms = _time_pair({"dense": lambda m=base, x=x: m(**x), "model": lambda m=served, x=x: m(**x)}, rounds,
-                            device)
+            fns = {"dense": lambda m=base, x=x: m(**x), "model": lambda m=served, x=x: m(**x)}
+            if name == "fp32":
+                feed = {k: v.numpy() for k, v in _onnx_inputs(exported, x).items()}
+                fns.update({key: lambda s=sess, f=feed: s.run(None, f) for key, sess in sessions.items()})
+            ms = _time_pair(fns, rounds, device)
             row = {"dtype": name, "batch": batch, "seq_length": seq, "dense_ms": round(ms["dense"], 3),
                    "model_ms": round(ms["model"], 3), "speedup": round(ms["dense"] / ms["model"], 3)}
+            row.update({key: round(ms[key], 3) for key in sessions if key in ms})
             if formats:
                 row["formats"] = formats
             if dense is exported and name == "fp32":
                 row["max_abs_logit_diff"] = float((_logits(served, x) - _logits(base, x)).abs().max())
             rows.append(row)
+    tmp.cleanup()
     return {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "dense": dense_what, "rounds": rounds, "statistic": "median of interleaved rounds",
             "date": datetime.date.today().isoformat(), "rows": rows}
@@ -141,13 +172,19 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
 
 
-def write_speed(folder: Path, speed: dict[str, Any]) -> None:
-    """speed.json, the card's Speed section and the manifest (which must verify first: a damaged export is
-    not blessed with a new manifest)."""
+def refresh_manifest(folder: Path):
+    """Check that the export verifies (files added by these tools apart: they are replaced), and return the call
+    that rewrites its manifest once they are written: a damaged export is never blessed with a new manifest."""
     problems = verify_folder(folder) if (folder / "files.json").exists() else []
-    problems = [p for p in problems if SPEED_FILE not in p]  # an earlier measurement is replaced
+    problems = [p for p in problems if SPEED_FILE not in p and "onnx" not in p]
     if problems:
-        raise UserError(f"{folder}: the export does not verify ({problems[0]}); not writing speed.json into it")
+        raise UserError(f"{folder}: the export does not verify ({problems[0]}); not writing into it")
+    return lambda: write_folder_manifest(folder) if (folder / "files.json").exists() else None
+
+
+def write_speed(folder: Path, speed: dict[str, Any]) -> None:
+    """speed.json, the card's Speed section and the manifest."""
+    refresh = refresh_manifest(folder)
     write_json(folder / SPEED_FILE, speed)
     card = folder / CARD_FILE
     if card.is_file():
@@ -156,8 +193,7 @@ def write_speed(folder: Path, speed: dict[str, Any]) -> None:
         if sep:
             tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
             card.write_text(head + sep + "\n" + speed_section(folder) + tail, encoding="utf-8")
-    if (folder / "files.json").exists():
-        write_folder_manifest(folder)
+    refresh()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -169,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seq_length", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (the median is kept)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--onnx", action="store_true",
+                    help="also time the model (and a cleaned model's dense self) under ONNX Runtime (CPU, fp32)")
     args = ap.parse_args(argv)
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
@@ -188,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     try:
         speed = measure(folder, device=torch.device(args.device), dtypes=dtypes, batches=batches,
-                        seq=args.seq_length, rounds=args.rounds)
+                        seq=args.seq_length, rounds=args.rounds, onnx=args.onnx)
         write_speed(folder, speed)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
