@@ -265,7 +265,8 @@ def fake_2to4(monkeypatch):
         return _FakeSemi(dense)
 
     monkeypatch.setattr(semi, "supported", lambda device, dtype, n_out, n_in: True)
-    monkeypatch.setattr(semi, "backends", lambda: ("cusparselt", "cutlass"))
+    monkeypatch.setattr(semi, "unavailable", lambda device, dtype, n_out, n_in: None)
+    monkeypatch.setattr(semi, "backends", lambda device=None: ("cusparselt", "cutlass"))
     monkeypatch.setattr(semi, "convert", convert)
     monkeypatch.setattr(semi, "matmul", lambda compressed, backend, x2, bias: F.linear(x2, compressed.dense, bias))
     return conversions
@@ -398,13 +399,15 @@ def test_gpu_dispatch_bf16_matches_dense(kind, policy):
 def test_gpu_2to4_converted_once_per_backend(monkeypatch, caplog):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("2:4 sparse tensor cores need sm_80+")
+    if not semi.backends(torch.device("cuda")):  # sm90 without cuSPARSELt: sparsify keeps such layers off 2:4
+        pytest.skip(semi.unavailable(torch.device("cuda"), torch.bfloat16, 512, 256))
     conversions: list[str] = []
     real = semi.convert
     monkeypatch.setattr(semi, "convert", lambda dense, backend: conversions.append(backend) or real(dense, backend))
     dense = nn.Linear(256, 512).cuda().to(torch.bfloat16)
     with torch.no_grad():
         dense.weight.copy_(two_four_weight(512, 256).to(torch.bfloat16))
-    for backend in semi.backends():
+    for backend in semi.backends(torch.device("cuda")):
         layer = SparseLinear.from_linear(dense).set_format("2:4", semi_backend=backend)
         for tokens in (1, 77, 4096):  # 1 and 77 need padding to a multiple of 8
             x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
@@ -470,3 +473,22 @@ def test_cache_built_in_inference_mode_serves_a_later_gradient():
     xg = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad(layer(xg).sum(), xg)
     torch.testing.assert_close(gx, dense.weight.detach().sum(0).expand(3, 16))
+
+
+@pytest.mark.parametrize("capability, cusparselt, expected", [
+    ((8, 0), True, ("cusparselt", "cutlass")), ((8, 6), False, ("cutlass",)), ((9, 0), True, ("cusparselt",)),
+    ((9, 0), False, ()), ((7, 5), True, ())])
+def test_2to4_backends_follow_the_compute_capability(monkeypatch, capability, cusparselt, expected):
+    """Hopper (9.x) has no CUTLASS 2:4 kernel in torch: cuSPARSELt or nothing, with the reason in the summary."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
+    cuda = torch.device("cuda")
+    got = semi.backends(cuda)
+    assert got == (expected if capability >= (8, 0) else tuple(b for b in expected if b != "cutlass"))
+    reason = semi.unavailable(cuda, torch.bfloat16, 512, 256)
+    assert (reason is None) == bool(got and capability >= (8, 0))
+    if capability == (9, 0) and not cusparselt:
+        assert "cuSPARSELt" in reason and "9.0" in reason
+    summary = sp.SparsifySummary(policy="measure", device="cuda:0", dtype="bfloat16",
+                                 layers=[{"format": "csr", "no_2to4": reason or "x", "numel": 4, "sparsity": 0.5}])
+    assert "not run as 2:4" in summary.line()

@@ -159,6 +159,10 @@ def sparsify(model: nn.Module, options: SparsifyOptions | None = None, **kwargs:
         dense = layer.dense_weight()
         row: dict[str, Any] = {"name": name, "shape": [layer.out_features, layer.in_features],
                                "numel": dense.numel(), "sparsity": layer.sparsity, "is_2to4": is_2to4(dense)}
+        if row["is_2to4"] and opts.allow_2to4:
+            reason = semi.unavailable(dense.device, dense.dtype, layer.out_features, layer.in_features)
+            if reason is not None:
+                row["no_2to4"] = reason
         small, large, backend = _decide(layer, dense, row, opts, cache, summary)
         row["format"] = small if small == large else f"{small}|{large}"
         summary.layers.append(row)
@@ -167,7 +171,7 @@ def sparsify(model: nn.Module, options: SparsifyOptions | None = None, **kwargs:
         layer.set_format(small, large, small_tokens=opts.small_tokens, semi_backend=backend)
         row["extra_bytes"] = extra_bytes(layer, {small, large})
         if "2:4" in (small, large):
-            row["backend"] = backend or semi.backends()[0]
+            row["backend"] = backend or (semi.backends(dense.device) or ("none: runs on CSR",))[0]
         setattr(parent, child_name, layer)
 
     if cache is not None:

@@ -102,7 +102,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         backend = ""
         if "2:4" in (self.format_small, self.format_large):
-            backend = f", backend={self.semi_backend or semi.backends()[0]}"
+            backend = f", backend={self.semi_backend or (semi.backends(self.values.device) or ('none',))[0]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.format}{backend}, sparsity={self.sparsity:.4f}")
 
@@ -129,7 +129,10 @@ class SparseLinear(nn.Module):
         """torch's compressed 2:4 weight, converted once per weight version and backend; None where unavailable."""
         if not self.allow_2to4:
             return None
-        backend = self.semi_backend or semi.backends()[0]
+        available = semi.backends(self.values.device)
+        if not available:  # no 2:4 backend for this GPU: the CSR path runs
+            return None
+        backend = self.semi_backend or available[0]
         key = (*self._weight_key(), backend)
         if self._semi_cache is not None and self._semi_cache[0] == key:
             return self._semi_cache[1]

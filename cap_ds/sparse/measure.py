@@ -76,7 +76,7 @@ def candidates(layer: SparseLinear, dense: torch.Tensor, x: torch.Tensor, is_2to
     if csr.kernel_applies(x) or x.dtype in csr.TORCH_CSR_DTYPES:
         out["csr"] = lambda: layer.csr_forward(x)
     if is_2to4 and layer.allow_2to4 and semi.supported(x.device, x.dtype, layer.out_features, layer.in_features):
-        for backend in semi.backends():
+        for backend in semi.backends(x.device):
             try:
                 compressed = semi.convert(dense, backend)
                 semi.matmul(compressed, backend, x, bias)

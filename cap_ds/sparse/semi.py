@@ -19,25 +19,56 @@ DTYPES = (torch.float16, torch.bfloat16)
 MIN_ROWS = 8
 
 
-def supported(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> bool:
-    """True where torch's 2:4 GEMM can run: CUDA sm80+, fp16/bf16, both weight dims multiples of 64."""
-    if device.type != "cuda" or dtype not in DTYPES or out_features % 64 or in_features % 64:
-        return False
+def _capability(device: torch.device | None) -> tuple[int, int] | None:
+    if device is None or device.type != "cuda":
+        return None
     try:
-        return torch.cuda.get_device_capability(device) >= (8, 0)
+        return tuple(torch.cuda.get_device_capability(device))
     except (RuntimeError, AssertionError):
+        return None
+
+
+def _has_cusparselt() -> bool:
+    try:
+        return bool(torch.backends.cusparselt.is_available())
+    except AttributeError:
         return False
 
 
-def backends() -> tuple[str, ...]:
-    """The 2:4 backends this torch build has, preferred first (cuSPARSELt is optional at build time)."""
-    found = ["cutlass"]
-    try:
-        if torch.backends.cusparselt.is_available():
-            found.insert(0, "cusparselt")
-    except AttributeError:
-        pass
+def backends(device: torch.device | None = None) -> tuple[str, ...]:
+    """The 2:4 backends this torch build has for ``device``, preferred first. cuSPARSELt (optional at torch build
+    time) runs on sm80 and later; torch's CUTLASS 2:4 kernels exist for compute capability 8.x only (on sm90 they
+    fail with "Supported only on GPUs with compute capability 8.x"). Without a device: every backend built in."""
+    cap = _capability(device)
+    found = []
+    if _has_cusparselt() and (cap is None or cap >= (8, 0)):
+        found.append("cusparselt")
+    if cap is None or (8, 0) <= cap < (9, 0):
+        found.append("cutlass")
     return tuple(found)
+
+
+def unavailable(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> str | None:
+    """Why torch's 2:4 GEMM cannot run this layer here (None: it can): the reason sparsify's summary gives."""
+    if device.type != "cuda":
+        return "2:4 runs on CUDA only"
+    if dtype not in DTYPES:
+        return f"2:4 needs fp16/bf16, not {str(dtype).replace('torch.', '')}"
+    if out_features % 64 or in_features % 64:
+        return f"2:4 needs both weight dims to be multiples of 64, not {out_features}x{in_features}"
+    cap = _capability(device)
+    if cap is None or cap < (8, 0):
+        return "2:4 sparse tensor cores need compute capability 8.0 or later"
+    if not backends(device):
+        return (f"on compute capability {cap[0]}.{cap[1]} only cuSPARSELt runs 2:4 (torch's CUTLASS kernels are for "
+                "8.x), and this torch build has no cuSPARSELt")
+    return None
+
+
+def supported(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> bool:
+    """True where a torch 2:4 GEMM backend can run: CUDA sm80+ with a backend for its compute capability,
+    fp16/bf16, both weight dims multiples of 64."""
+    return unavailable(device, dtype, out_features, in_features) is None
 
 
 def convert(dense: torch.Tensor, backend: str) -> Any:

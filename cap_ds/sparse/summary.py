@@ -49,7 +49,13 @@ class SparsifySummary:
         return (f"sparsify(policy={self.policy}, {self.device}, {self.dtype}): {len(self.layers)} linears considered,"
                 f" formats: {counts}; weight sparsity {self.sparsity:.3f}; {len(self.replaced)} replaced by "
                 f"SparseLinear; measured {self.measured_keys} keys ({self.cached_keys} from cache) in "
-                f"{self.seconds:.2f} s")
+                f"{self.seconds:.2f} s" + self._no_2to4())
+
+    def _no_2to4(self) -> str:
+        """Why 2:4 weights were not run as 2:4 (e.g. no backend for this GPU), once per distinct reason."""
+        reasons = list(dict.fromkeys(row["no_2to4"] for row in self.layers if "no_2to4" in row))
+        n = sum(1 for row in self.layers if "no_2to4" in row)
+        return f"; {n} 2:4 layer(s) not run as 2:4: {'; '.join(reasons)}" if reasons else ""
 
     def __str__(self) -> str:
         return self.line()
