@@ -290,7 +290,7 @@ def layer_paths(lin: nn.Linear, layer, x: torch.Tensor) -> dict:
     w, b = lin.weight.detach(), lin.bias.detach()
     cands = {"dense F.linear": lambda: torch.nn.functional.linear(x, w, b), "csr": lambda: layer.csr_forward(x)}
     if is_2to4(w) and semi.supported(x.device, x.dtype, *w.shape):
-        for backend in semi.backends():
+        for backend in semi.backends(x.device):
             try:
                 packed = semi.convert(w, backend)
             except (RuntimeError, ValueError, NotImplementedError) as err:
