@@ -164,24 +164,9 @@ def timed(fns: dict, reps: int, device: torch.device) -> dict[str, tuple[float, 
     The table reports the fastest round, as ``sparsify`` measures: on this project's loaded CPU the median of
     two identical dense models differed by up to 20 %, the fastest rounds far less. JSON lines carry both.
     """
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    from cap_ds.sparse.measure import interleaved_times
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    with torch.inference_mode():
-        for fn in fns.values():
-            for _ in range(2):
-                fn()
-        for _ in range(reps):
-            for name, fn in fns.items():
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+    return {k: (min(v), statistics.median(v)) for k, v in interleaved_times(fns, reps, device).items()}
 
 
 def table_main(argv: list[str]) -> int:

@@ -21,7 +21,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,23 +80,10 @@ def _onnx_inputs(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict[str
 
 
 def _time_pair(fns: dict[str, Any], rounds: int, device: torch.device) -> dict[str, float]:
-    """Median ms per call of each fn over ``rounds`` interleaved rounds (after two warm-up calls each)."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    """Median ms per call of each fn over ``rounds`` interleaved rounds."""
+    from cap_ds.sparse.measure import interleaved_times
 
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            fn(), fn()
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return {k: 1000 * statistics.median(v) for k, v in interleaved_times(fns, rounds, device).items()}
 
 
 def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

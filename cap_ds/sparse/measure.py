@@ -68,6 +68,29 @@ def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.d
     return {name: min(ts) for name, ts in times.items()}
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device,
+                      warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call of each fn in ``rounds`` interleaved rounds (after ``warmup`` calls each), CUDA
+    synchronised around every call: whole-model timing, where one call is long enough to time alone."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def candidates(layer: SparseLinear, dense: torch.Tensor, x: torch.Tensor, is_2to4: bool
                ) -> dict[str, Callable[[], object]]:
     """The paths that can run this layer on x's device: name -> no-argument call (``2:4/<backend>`` per backend)."""
