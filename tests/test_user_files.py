@@ -147,8 +147,8 @@ def test_test_file_with_and_without_labels(tmp_path, sst2):
     bare = write(sst2["validation"][["review"]].head(9), tmp_path / "test.tsv")
     labelled = write(sst2["validation"].head(9), tmp_path / "test_labelled.jsonl")
     kw = dict(train_file=train, validation_file=dev, label_column_name="sentiment")
-    test = load_user_data(DataFiles(test_file=bare, **kw), max_eval_samples=4).test
-    assert test is not None and test.column_names == ["review", "idx"] and test["idx"] == [0, 1, 2, 3]
+    test = load_user_data(DataFiles(test_file=bare, **kw), max_eval_samples=4).test  # every test row is predicted
+    assert test is not None and test.column_names == ["review", "idx"] and test["idx"] == list(range(9))
     test = load_user_data(DataFiles(test_file=labelled, **kw)).test
     assert test is not None and test.column_names == ["review", "label", "idx"] and len(test) == 9
 

@@ -340,7 +340,7 @@ def load_user_data(files: DataFiles, max_train_samples: int | None = None,
 
     Labels are checked on whole splits (a short debug run fails on the same bad row a full run would, and the
     label set, hence the model head, does not depend on ``max_*_samples``); the first ``max_*_samples`` rows are
-    kept (``max_eval_samples`` also truncates the test split) and ``idx`` is assigned afterwards.
+    kept (the test split is never truncated: every row gets a prediction) and ``idx`` is assigned afterwards.
     """
     _check_args(files, max_train_samples, max_eval_samples)
     label = files.label_column_name or "label"
@@ -372,7 +372,7 @@ def load_user_data(files: DataFiles, max_train_samples: int | None = None,
                 raise DataFileError(f"{split.where}: {value_type} labels (e.g. {_short(values[0])}) in a regression "
                                     f"task (inferred from {train.where}); allowed: numbers")
             values = _encode(split, values, kind, label_ids, train.where)
-        limit = max_train_samples if split.role == "train" else max_eval_samples
+        limit = {"train": max_train_samples, "validation": max_eval_samples}.get(split.role)  # every test row
         built[split.role] = _build(split, text_fields, values, limit, kind)
 
     task = TaskSpec(

@@ -267,6 +267,9 @@ def parse_args(argv: list[str] | None = None) -> Flags:
 def validate(margs: ModelArguments, dargs: DataArguments, rargs: RunArguments, pargs: PruningArguments,
              cargs: CapArguments) -> None:
     validate_data(dargs)
+    if dargs.is_qa and margs.sentence_vector == "pooler":
+        raise ArgumentError("--sentence_vector pooler: a question-answering model has no pooler; use cls (the CAP "
+                            "reference's choice for SQuAD, what auto picks) or mean")
     for args in (margs, dargs, rargs, pargs, cargs):  # NaN passes every comparison below: refuse it here
         for f in fields(args):
             value = getattr(args, f.name)
