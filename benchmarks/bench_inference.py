@@ -21,6 +21,9 @@ semi-structured tensor (the former path), with what ``sparsify(policy="measure")
 
     python benchmarks/bench_inference.py --layers --device cuda --jsonl layers.jsonl
 
+On a CPU in fp32 every row is also timed against the dense model in bf16 (``--bf16_baseline``, auto when the CPU
+has AVX512-BF16 or AMX), the dense path a user would run there: columns ``dense bf16 ms`` and ``vs bf16``.
+
 Without ``--size`` the original check runs (all-MiniLM-L6-v2, 90 % sparse, CPU fp32, batch 8 x seq 128, CSR,
 target >= 2.5x faster with logits within 1e-4):
 
@@ -169,6 +172,15 @@ def timed(fns: dict, reps: int, device: torch.device) -> dict[str, tuple[float, 
     return {k: (min(v), statistics.median(v)) for k, v in interleaved_times(fns, reps, device).items()}
 
 
+def cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX512-BF16 or AMX): a dense bf16 model is then the baseline to beat."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
 def table_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, required=True)
@@ -182,6 +194,9 @@ def table_main(argv: list[str]) -> int:
     parser.add_argument("--model", default=None, help="--size minilm: a model path instead of the offline package")
     parser.add_argument("--cache_path", default=None, help="sparsify's decision cache file")
     parser.add_argument("--jsonl", default=None, help="append one JSON line per row here")
+    parser.add_argument("--bf16_baseline", choices=("auto", "on", "off"), default="auto",
+                        help="CPU fp32: also time the dense model in bf16 (what a user would run on a CPU with bf16 "
+                             "units) and report each row against it; auto: when the CPU has AVX512-BF16 or AMX")
     parser.add_argument("--noise", type=float, default=0.05,
                         help="timing noise allowed when checking that the rule policy is never slower (0.05: 5 %%)")
     args = parser.parse_args(argv)
@@ -202,6 +217,9 @@ def table_main(argv: list[str]) -> int:
 
     dense_cpu = base_model(args.size, args.model)
     dense = copy.deepcopy(dense_cpu).to(device=device, dtype=dtype)
+    bf16 = device.type == "cpu" and dtype == torch.float32 and (
+        args.bf16_baseline == "on" or (args.bf16_baseline == "auto" and cpu_has_bf16()))
+    dense_bf16 = copy.deepcopy(dense_cpu).to(torch.bfloat16) if bf16 else None
     vocab = dense.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, vocab // 2), vocab, (max(batches), args.seq), generator=gen).to(device)
@@ -210,7 +228,8 @@ def table_main(argv: list[str]) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, fastest of {args.reps} interleaved "
           "rounds (medians in --jsonl)")
     header = (f"| {'pruning':<6} | {'policy':<7} | {'batch':>5} | {'formats (layers)':<28} | {'dense ms':>9} | "
-              f"{'sparse ms':>9} | {'speedup':>7} | {'max dlogit':>11} | {'sparsify s':>10} |")
+              f"{'sparse ms':>9} | {'speedup':>7} | {'max dlogit':>11} | {'sparsify s':>10} |"
+              + (f" {'dense bf16 ms':>13} | {'vs bf16':>7} |" if bf16 else ""))
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     rows = []
@@ -232,8 +251,10 @@ def table_main(argv: list[str]) -> int:
                 with torch.inference_mode():
                     diff = (reference(input_ids=x).logits.float() - model(input_ids=x).logits.float()).abs().max()
                 # speed baseline: the unpruned dense model (zeros multiplied; same cost as the pruned dense one)
-                t = timed({"dense": lambda x=x: dense(input_ids=x), "sparse": lambda x=x, m=model: m(input_ids=x)},
-                          args.reps, device)
+                fns = {"dense": lambda x=x: dense(input_ids=x), "sparse": lambda x=x, m=model: m(input_ids=x)}
+                if bf16:
+                    fns["dense_bf16"] = lambda x=x: dense_bf16(input_ids=x)
+                t = timed(fns, args.reps, device)
                 row = {"size": args.size, "kind": kind, "policy": policy, "batch": batch, "seq": args.seq,
                        "formats": summary.counts, "dense_ms": t["dense"][0] * 1e3, "sparse_ms": t["sparse"][0] * 1e3,
                        "speedup": t["dense"][0] / t["sparse"][0], "dense_ms_median": t["dense"][1] * 1e3,
@@ -241,10 +262,15 @@ def table_main(argv: list[str]) -> int:
                        "sparsify_s": summary.seconds, "weight_sparsity": summary.sparsity, "device": device_name,
                        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                        "torch": torch.__version__}
+                extra = ""
+                if bf16:
+                    row.update({"dense_bf16_ms": t["dense_bf16"][0] * 1e3,
+                                "speedup_vs_dense_bf16": t["dense_bf16"][0] / t["sparse"][0]})
+                    extra = f" {row['dense_bf16_ms']:>13.2f} | {row['speedup_vs_dense_bf16']:>6.2f}x |"
                 rows.append(row)
                 print(f"| {kind:<6} | {policy:<7} | {batch:>5} | {formats:<28} | {row['dense_ms']:>9.2f} | "
                       f"{row['sparse_ms']:>9.2f} | {row['speedup']:>6.2f}x | {row['max_logit_diff']:>11.2e} | "
-                      f"{row['sparsify_s']:>10.2f} |", flush=True)
+                      f"{row['sparsify_s']:>10.2f} |" + extra, flush=True)
     if args.jsonl:
         with open(args.jsonl, "a") as f:
             for row in rows:
