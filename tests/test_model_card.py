@@ -58,7 +58,8 @@ def test_teacher_card_from_your_files_has_no_pruning_facts(tmp_path):
 
 
 def test_question_answering_card_and_speed(tmp_path):
-    (tmp_path / "speed.json").write_text(json.dumps({"device": "cpu", "speedup_batch1": 2.5}))
+    (tmp_path / "speed.json").write_text(json.dumps({"device": "cpu", "rows": [
+        {"dtype": "fp32", "batch": 1, "seq_length": 128, "dense_ms": 5.0, "model_ms": 2.0, "speedup": 2.5}]}))
     questions = tmp_path / "q.jsonl"
     questions.write_text("{}\n")  # (not read: the task is given)
     meta, body = card(tmp_path, ["--task_type", "question_answering", "--train_file", str(questions),
@@ -68,7 +69,8 @@ def test_question_answering_card_and_speed(tmp_path):
     assert meta["pipeline_tag"] == "question-answering" and "structured-pruning" in meta["tags"]
     assert {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]} == \
         {"exact_match": 61.0, "f1": 70.5}
-    assert "QuestionAnswerer" in body and '"speedup_batch1": 2.5' in body and "physically removed" in body
+    assert "QuestionAnswerer" in body and "| fp32 | 1 x 128 | 5.00 | 2.00 | **2.50x** | - |" in body
+    assert "physically removed" in body
 
 
 def test_layer_type_sparsity_is_the_mean_per_type():

@@ -73,7 +73,7 @@ def test_classification_from_csv_teacher_prune_export_pipeline(user_files, tmp_p
     run([sys.executable, "cap_ds/train.py", "--mode", "finetune", *data, "--output_dir", str(teacher),
          "--num_train_epochs", "3", "--learning_rate", "3e-4", *SMALL])
     t_metrics = json.loads((teacher / "metrics.json").read_text())
-    assert t_metrics["task"] == "train" and set(t_metrics["eval"]) == {"accuracy", "macro_f1"}
+    assert t_metrics["task"] == user_files.name and set(t_metrics["eval"]) == {"accuracy", "macro_f1"}
     run([sys.executable, "cap_ds/train.py", "--teacher_name_or_path", str(teacher / "final"), *data,
          "--test_file", str(user_files / "test.csv"), "--output_dir", str(student), "--num_train_epochs", "2",
          *CAP_M, *SMALL])

@@ -308,14 +308,22 @@ def _metrics(files: DataFiles, kind: str) -> tuple[str, tuple[str, ...]]:
     return name or "accuracy", extra
 
 
-def _task_name(files: DataFiles) -> str:
+GENERIC_STEMS = ("train", "training", "data", "dataset", "all")
+
+
+def data_name(files: DataFiles) -> str:
+    """The name a user's data goes by in metrics.json and the model card: the hub dataset's name, else the
+    training file's name without its extension, or its folder's name when that is generic (``reviews/train.csv``
+    -> ``reviews``)."""
     if files.dataset_name:
         return Path(files.dataset_name.rstrip("/")).name or files.dataset_name
-    name = Path(str(files.train_file)).name
-    for ext in sorted(ALLOWED_EXTENSIONS, key=len, reverse=True):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)] or name
+    path = Path(str(files.train_file))
+    name = path.name.split(".")[0] or path.name
+    folder = path.resolve().parent.name
+    if name.lower() in GENERIC_STEMS and folder and folder.lower() not in GENERIC_STEMS:
+        return folder
     return name
+
 
 
 def _build(split: _Split, text_fields: tuple[str, ...], labels: list[Any] | None, limit: int | None,
@@ -376,7 +384,7 @@ def load_user_data(files: DataFiles, max_train_samples: int | None = None,
         built[split.role] = _build(split, text_fields, values, limit, kind)
 
     task = TaskSpec(
-        name=_task_name(files), glue_dir="", hub_config=files.dataset_config_name or "", text_fields=text_fields,
+        name=data_name(files), glue_dir="", hub_config=files.dataset_config_name or "", text_fields=text_fields,
         label_names=names, primary_metric=primary, eval_file=Path(files.validation_file or "").name, metrics=extra,
     )
     logger.info("user data %r (%s%s): %s", task.name, kind, f", labels {list(names)}" if names else "",

@@ -14,7 +14,7 @@ from typing import Any
 import datasets
 
 from cap_ds.data.batches import tokenize_dataset
-from cap_ds.data.files import DataFiles, load_user_data
+from cap_ds.data.files import DataFiles, data_name, load_user_data
 from cap_ds.data.glue import count_local_rows, load_glue_split
 from cap_ds.data.qa import QaPredictionSettings, prepare_features
 from cap_ds.data.scoring import QaEvalSet, Scorer
@@ -81,7 +81,7 @@ def inspect_source(source: DataSource) -> tuple[TaskSpec, int | None]:
     if source.is_qa:
         for split in ("train", "validation"):
             _qa_split(source, split)
-        return qa_task(_qa_name(source.files)), None
+        return qa_task(data_name(source.files)), None
     if source.files is not None:
         data = load_user_data(source.files, source.max_train_samples, source.max_eval_samples)
         return data.task, len(data.train)
@@ -91,14 +91,6 @@ def inspect_source(source: DataSource) -> tuple[TaskSpec, int | None]:
     num_train = count_local_rows(task, "train", source.data_dir, source.max_train_samples)
     count_local_rows(task, "validation", source.data_dir, source.max_eval_samples)
     return task, num_train
-
-
-def _qa_name(files: DataFiles) -> str:
-    from pathlib import Path
-
-    if files.dataset_name:
-        return files.dataset_name.rstrip("/").split("/")[-1]
-    return Path(files.train_file or "qa").name.split(".")[0]
 
 
 def load_task_data(source: DataSource, tokenizer: Any) -> TaskData:
@@ -127,7 +119,7 @@ def _load_qa(source: DataSource, tokenizer: Any) -> TaskData:
         raise UserError(f"question answering maps answers through the tokenizer's character offsets, which only "
                         f"a fast tokenizer gives; {type(tokenizer).__name__} is not one (save a tokenizer.json "
                         "with the model)")
-    task = qa_task(_qa_name(source.files))
+    task = qa_task(data_name(source.files))
     train_examples, dev_examples = _qa_split(source, "train"), _qa_split(source, "validation")
     train = prepare_features(train_examples, tokenizer, source.max_seq_length, source.doc_stride)
     dev = prepare_features(dev_examples, tokenizer, source.max_seq_length, source.doc_stride, for_eval=True)
