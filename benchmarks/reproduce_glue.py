@@ -334,6 +334,11 @@ def row(method: str, target: float, seed: int, m: dict) -> dict:
             "eval_examples": m.get("eval_examples"), "task": m.get("task")}
 
 
+def points(rows: list[dict]) -> int:
+    """100 for metrics on 0-1 (accuracy, Pearson, ...), 1 for metrics already in points (SQuAD EM/F1)."""
+    return 1 if any(abs(r["score"]) > 1.0 or (r.get("teacher") or 0) > 1.0 for r in rows) else 100
+
+
 def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
     # baseline of the same criterion, target, seed and sweep folder ("group": set when several sweeps are merged)
     base = {(r.get("group"), r.get("seed"), r["method"], r["target_sparsity"]): r["score"] for r in rows
@@ -345,11 +350,11 @@ def markdown(rows: list[dict], dense: float | None, metric: str) -> str:
         ref = base.get((r.get("group"), r.get("seed"), BASELINES[r["pruning"]], r["target_sparsity"]))
         if ref is None and r.get("baseline_group"):  # a merged sweep without its own KD run (plot_sweeps --baseline)
             ref = base.get((r["baseline_group"], r.get("seed"), BASELINES[r["pruning"]], r["target_sparsity"]))
-        delta = f"{100 * (r['score'] - ref):+.2f}" if ref is not None and r["cap"] != "none" else "-"
+        delta = f"{points(rows) * (r['score'] - ref):+.2f}" if ref is not None and r["cap"] != "none" else "-"
         lines.append(f"| {r['label']} | {r.get('seed', '-')} | {100 * r['target_sparsity']:g} % | "
-                     f"{100 * r['sparsity']:.1f} % | {100 * r['score']:.2f} | {pct} | {delta} | {r.get('steps', '-')} | "
+                     f"{100 * r['sparsity']:.1f} % | {points(rows) * r['score']:.2f} | {pct} | {delta} | {r.get('steps', '-')} | "
                      f"{1e3 * r['step_time_s']:.0f} ms | {r['train_runtime_s'] / 60:.1f} min |")
-    head = f"Dense teacher {metric}: {100 * dense:.2f}\n\n" if dense else ""
+    head = f"Dense teacher {metric}: {points(rows) * dense:.2f}\n\n" if dense else ""
     foot = ""
     n = rows[0].get("eval_examples")
     if metric == "accuracy" and n:
@@ -373,14 +378,14 @@ def seed_table(rows: list[dict], metric: str) -> str:
         if len(scores) < 2:
             continue
         first = info[(method, target, extra)]
-        vals = [100 * v for v in scores.values()]
+        vals = [points(rows) * v for v in scores.values()]
         sd = statistics.stdev(vals)
         cell = f"{statistics.mean(vals):.2f} ± {sd / len(vals) ** 0.5:.2f}"
         paired = "-"
         base = by.get((BASELINES[first["pruning"]], target, extra))
         if first["cap"] != "none" and base:
             common = sorted(set(scores) & set(base))
-            diffs = [100 * (scores[s] - base[s]) for s in common]
+            diffs = [points(rows) * (scores[s] - base[s]) for s in common]
             if len(diffs) >= 2:
                 paired = f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f} " \
                          f"(n={len(diffs)})"
