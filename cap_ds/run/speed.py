@@ -155,7 +155,15 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    try:  # Linux: the CPU's model name ("AMD EPYC ...", "Intel(R) Xeon(R) ...")
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} CPU ({torch.get_num_threads()} threads)"
 
 
 def refresh_manifest(folder: Path):
