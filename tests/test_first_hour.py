@@ -122,7 +122,7 @@ def test_help_is_grouped_by_topic_and_explains_every_flag(capsys):
     output = "output, logging and checkpoints"
     where = {"--target_sparsity": "pruning", "--deepspeed": "DeepSpeed", "--local_rank": "DeepSpeed",
              "--output_dir": output, "--logging_steps": output,
-             "--learning_rate": "training", "--data_dir": "data (GLUE)", "--teacher_name_or_path": "model",
+             "--learning_rate": "training", "--data_dir": "data (GLUE, your files, question answering)", "--teacher_name_or_path": "model",
              "--kd_weight": "CAP contrastive losses and distillation"}
     for flag, title in where.items():
         assert re.search(rf"^  {flag}\b", sections[title], re.M), (flag, title)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from cap_ds.cap import ShardSampler
 from cap_ds.compression import PruningSchedule
+from cap_ds.data.scoring import Scorer
 from cap_ds.data.tasks import get_task
 from cap_ds.runtime.errors import TrainingFailed
 from cap_ds.runtime.monitor import RunLog
@@ -141,7 +142,7 @@ def make_trainer(*, accum: int = 1, epochs: int = 1, total: int | None = None, c
         train=DataLoader(data, batch_size=BATCH, sampler=ShardSampler(N, shuffle=True, seed=1)),
         evaluate=DataLoader(data[:6], batch_size=4, sampler=SequentialSampler(data[:6])))
     trainer = CapTrainer(
-        engine=engine, task=get_task("sst2"), settings=settings, log=RunLog(), scalars=scalars, loaders=loaders,
+        engine=engine, scorer=Scorer(get_task("sst2")), settings=settings, log=RunLog(), scalars=scalars, loaders=loaders,
         loss=TrainingLoss(get_task("sst2")),
         parts=LoopParts(schedule=schedule, callbacks=callbacks, checkpointer=checkpointer, stop=stop))
     return trainer, schedule, scalars, checkpointer
@@ -244,7 +245,7 @@ def test_a_resumed_trainer_continues_where_the_checkpoint_stopped():
     state = first.state_dict()
     trainer, schedule, scalars, _ = make_trainer()
     resumed = CapTrainer(
-        engine=trainer.engine, task=trainer.task, settings=trainer.s, loss=trainer.loss, log=RunLog(),
+        engine=trainer.engine, scorer=trainer.scorer, settings=trainer.s, loss=trainer.loss, log=RunLog(),
         scalars=scalars, loaders=SimpleNamespace(train=trainer.train_loader, evaluate=trainer.eval_loader),
         parts=LoopParts(schedule=schedule))
     resumed.load_state_dict(state)
