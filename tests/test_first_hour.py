@@ -174,7 +174,13 @@ def test_the_deepspeed_command_becomes_cap_ds_launch_for_cap_ds_runs_only(tmp_pa
 
 
 def test_forwarded_signals_wait_for_the_ranks_handler(monkeypatch):
-    assert catches(os.getpid(), signal.SIGINT)  # Python's own KeyboardInterrupt handler
+    # Python's own KeyboardInterrupt handler, set here: a process started in the background of a non-interactive
+    # shell (nohup, `cmd &`) inherits SIGINT ignored and Python then installs none.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert catches(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     child = subprocess.Popen(["sleep", "30"])
     try:
         assert not catches(child.pid, signal.SIGTERM)  # the default action would kill it: not yet
