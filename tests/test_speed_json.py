@@ -82,3 +82,44 @@ def test_dense_model_and_damaged_export_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         speed.main([str(folder), *FAST])
     assert "does not verify" in capsys.readouterr().err and not (folder / "speed.json").exists()
+
+
+def test_each_dtype_states_its_accuracy_and_the_fastest_path_is_named(tmp_path, model_path, capsys):
+    """--validation_file: the accuracy of the dense kernels and of the served path in fp32 and bf16, on the user's
+    labelled rows (names mapped through the model's label2id), in speed.json and the card, beside the fastest."""
+    from bench_inference import magnitude_prune_
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, num_labels=2,
+                     id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    model = BertForSequenceClassification(cfg).eval()
+    magnitude_prune_(model, 0.9)
+    folder = tmp_path / "final"
+    tokenizer.save_pretrained(folder)
+    export(model, folder)
+    texts = [f"review {i}: {'good' if i % 3 else 'bad'} film number {i * 7}" for i in range(40)]
+    names = ["pos" if i % 2 else "neg" for i in range(40)]
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{n}\n" for t, n in zip(texts, names)))
+    saved = speed.main([str(folder), "--dtypes", "fp32,bf16", "--batches", "1", "--seq_length", "16",
+                        "--rounds", "1", "--validation_file", str(tmp_path / "dev.tsv")])
+    with torch.inference_mode():
+        enc = tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+        expected = float((model(**enc).logits.argmax(-1) == torch.tensor([i % 2 for i in range(40)])).float().mean())
+    acc = saved["accuracy"]
+    assert acc["examples"] == 40 and acc["fp32"]["dense"] == pytest.approx(expected)
+    assert acc["fp32"]["model"] == pytest.approx(expected) and 0 <= acc["bf16"]["dense"] <= 1
+    [best] = saved["fastest"]
+    paths = {"fp32 dense kernels", "fp32 this model", "bf16 dense kernels", "bf16 this model"}
+    assert best["batch"] == 1 and best["path"] in paths and best["accuracy"] in (
+        acc["fp32"]["dense"], acc["fp32"]["model"], acc["bf16"]["dense"], acc["bf16"]["model"])
+    card = (folder / "README.md").read_text()
+    assert "Accuracy on `dev.tsv` (40 rows): fp32: dense kernels" in card and "Fastest measured" in card
+    (tmp_path / "bad.tsv").write_text("sentence\tlabel\nfine\tmaybe\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        speed.main([str(folder), *FAST, "--validation_file", str(tmp_path / "bad.tsv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "label 'maybe' is not a class of this model" in err[0]

@@ -157,6 +157,12 @@ def _read_file(flag: str, path: str, label: str) -> datasets.Dataset:
     return ds
 
 
+def read_table(flag: str, path: str, label: str = "label") -> datasets.Dataset:
+    """One data file (any allowed format, ``.gz`` too) as a Dataset, or a one-line :class:`DataFileError` naming
+    ``flag`` and the file: what other tools (``cap_ds.run.speed --validation_file``) read users' files with."""
+    return _read_file(flag, path, label)
+
+
 def _hub_error(files: DataFiles, err: BaseException) -> Exception:
     name = files.dataset_name + (f" (config {files.dataset_config_name})" if files.dataset_config_name else "")
     offline = hub_offline()

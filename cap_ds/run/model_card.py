@@ -129,8 +129,31 @@ def speed_section(folder: Path) -> str:
     return (f"Measured by `python -m cap_ds.run.speed` on {speed.get('device')} ({speed.get('date')}, torch "
             f"{speed.get('torch')}, {speed.get('statistic')}); dense: {speed.get('dense')}.\n\n"
             "| dtype | batch x tokens | dense ms | this model ms | speed-up | ONNX Runtime ms |\n"
-            "|---|---|---|---|---|---|\n" + rows
+            "|---|---|---|---|---|---|\n" + rows + _accuracy_lines(speed) + _fastest_lines(speed)
             + "\nThe raw figures (and each layer's format) are in `speed.json`.\n")
+
+
+def _accuracy_lines(speed: dict[str, Any]) -> str:
+    """What each dtype does to accuracy, where speed.json measured it."""
+    acc = speed.get("accuracy")
+    if not acc:
+        return ""
+    parts = []
+    for dtype in ("fp32", "bf16"):
+        if dtype in acc:
+            dense = f"dense kernels {acc[dtype]['dense']:.4f}, " if "dense" in acc[dtype] else ""
+            parts.append(f"{dtype}: {dense}this model {acc[dtype]['model']:.4f}")
+    return (f"\nAccuracy on `{Path(acc['file']).name}` ({acc['examples']} rows): " + "; ".join(parts) + ".\n")
+
+
+def _fastest_lines(speed: dict[str, Any]) -> str:
+    """The fastest way measured to serve the model on that machine, per batch size."""
+    best = speed.get("fastest") or []
+    if not best:
+        return ""
+    items = [f"batch {b['batch']}: {b['path']} ({b['ms']:.2f} ms"
+             + (f", accuracy {b['accuracy']:.4f})" if "accuracy" in b else ")") for b in best]
+    return "\nFastest measured on that machine: " + "; ".join(items) + ".\n"
 
 
 def _usage(spec) -> str:

@@ -108,11 +108,34 @@ def _onnx_sessions(exported: torch.nn.Module, dense: torch.nn.Module, folder: Pa
     return sessions
 
 
+def fastest(rows: list[dict[str, Any]], accuracy: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per batch size, the fastest way measured to serve this model here (dense or this model's path, in each
+    dtype, or ONNX Runtime), with its accuracy where ``accuracy`` has it: a faster dtype is shown with its cost."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows}):
+        paths: dict[str, tuple[float, float | None]] = {}
+        for r in (r for r in rows if r["batch"] == batch):
+            acc = (accuracy or {}).get(r["dtype"], {})
+            if r.get("dense_is_this_model"):  # unstructured: the same weights with dense kernels
+                paths[f"{r['dtype']} dense kernels"] = (r["dense_ms"], acc.get("dense"))
+            paths[f"{r['dtype']} {r.get('path', 'this model')}"] = (r["model_ms"], acc.get("model"))
+            if "onnxruntime_ms" in r:
+                paths["fp32 ONNX Runtime"] = (r["onnxruntime_ms"], (accuracy or {}).get("fp32", {}).get("model"))
+        name = min(paths, key=lambda k: paths[k][0])
+        entry = {"batch": batch, "path": name, "ms": paths[name][0]}
+        if paths[name][1] is not None:
+            entry["accuracy"] = paths[name][1]
+        out.append(entry)
+    return out
+
+
 def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: list[int], seq: int,
-            rounds: int, onnx: bool = False) -> dict[str, Any]:
-    """speed.json's content for the export in ``folder`` (``onnx``: ONNX Runtime times beside the fp32 CPU rows)."""
+            rounds: int, onnx: bool = False, labelled=None) -> dict[str, Any]:
+    """speed.json's content for the export in ``folder`` (``onnx``: ONNX Runtime times beside the fp32 CPU rows;
+    ``labelled``: :class:`~cap_ds.run.dtype_accuracy.LabelledRows` to state each dtype's accuracy on)."""
     import tempfile
 
+    from cap_ds.run.dtype_accuracy import accuracy as accuracy_of
     from cap_ds.sparse import sparsify
 
     exported = load_export(folder)
@@ -121,7 +144,7 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
                                      if isinstance(m, torch.nn.Linear)):
         raise UserError(f"{folder}: no pruned layer (fewer than 30 % zeros everywhere) and no removed heads or "
                         "neurons: a dense model has no dense self to be faster than")
-    rows = []
+    rows, accuracy = [], {}
     tmp = tempfile.TemporaryDirectory()
     sessions = _onnx_sessions(exported, dense, folder, Path(tmp.name)) if onnx and device.type == "cpu" else {}
     for name in dtypes:
@@ -131,6 +154,10 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
         if dense is exported:  # unstructured: the layers' fastest formats for this device and dtype
             served = sparsify(served, policy="measure", batch_tokens=max(batches) * seq)
         formats = dict(getattr(getattr(served, "sparsify_summary", None), "counts", {}) or {})
+        if labelled is not None:  # a cleaned model's dense self has random weights: no accuracy to state
+            accuracy[name] = {"model": accuracy_of(served, labelled, device)}
+            if dense is exported:
+                accuracy[name]["dense"] = accuracy_of(base, labelled, device)
         for batch in batches:
             x = _inputs(exported, batch, seq, device)
             fns = {"dense": lambda m=base, x=x: m(**x), "model": lambda m=served, x=x: m(**x)}
@@ -139,7 +166,8 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
                 fns.update({key: lambda s=sess, f=feed: s.run(None, f) for key, sess in sessions.items()})
             ms = _time_pair(fns, rounds, device)
             row = {"dtype": name, "batch": batch, "seq_length": seq, "dense_ms": round(ms["dense"], 3),
-                   "model_ms": round(ms["model"], 3), "speedup": round(ms["dense"] / ms["model"], 3)}
+                   "model_ms": round(ms["model"], 3), "speedup": round(ms["dense"] / ms["model"], 3),
+                   "dense_is_this_model": dense is exported}
             row.update({key: round(ms[key], 3) for key in sessions if key in ms})
             if formats:
                 row["formats"] = formats
@@ -147,9 +175,12 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
                 row["max_abs_logit_diff"] = float((_logits(served, x) - _logits(base, x)).abs().max())
             rows.append(row)
     tmp.cleanup()
-    return {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "dense": dense_what, "rounds": rounds, "statistic": "median of interleaved rounds",
-            "date": datetime.date.today().isoformat(), "rows": rows}
+    speed = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "dense": dense_what, "rounds": rounds, "statistic": "median of interleaved rounds",
+             "date": datetime.date.today().isoformat(), "rows": rows, "fastest": fastest(rows, accuracy)}
+    if labelled is not None:
+        speed["accuracy"] = {"file": labelled.path, "examples": len(labelled), **accuracy}
+    return speed
 
 
 def _device_name(device: torch.device) -> str:
@@ -201,6 +232,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--onnx", action="store_true",
                     help="also time the model (and a cleaned model's dense self) under ONNX Runtime (CPU, fp32)")
+    ap.add_argument("--validation_file", default=None,
+                    help="labelled rows (CSV/TSV/JSON Lines/JSON/Parquet) to state each dtype's accuracy on, dense "
+                         "and served (classification models)")
+    ap.add_argument("--text_column_names", default=None, help="--validation_file's text column(s), comma list")
+    ap.add_argument("--label_column_name", default="label", help="--validation_file's label column")
+    ap.add_argument("--max_eval_samples", type=int, default=None, help="the first N rows of --validation_file")
     args = ap.parse_args(argv)
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
@@ -219,14 +256,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        labelled = None
+        if args.validation_file:
+            import datasets
+            from transformers import AutoConfig
+
+            from cap_ds.run.dtype_accuracy import read_labelled
+
+            datasets.disable_progress_bars()  # a CLI: the reading of one small file needs no bar
+
+            labelled = read_labelled(args.validation_file, folder, AutoConfig.from_pretrained(folder),
+                                     text_columns=args.text_column_names, label_column=args.label_column_name,
+                                     max_samples=args.max_eval_samples, max_seq_length=args.seq_length)
         speed = measure(folder, device=torch.device(args.device), dtypes=dtypes, batches=batches,
-                        seq=args.seq_length, rounds=args.rounds, onnx=args.onnx)
+                        seq=args.seq_length, rounds=args.rounds, onnx=args.onnx, labelled=labelled)
         write_speed(folder, speed)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     for row in speed["rows"]:
         print(json.dumps(row))
+    if "accuracy" in speed:
+        print(json.dumps({"accuracy": speed["accuracy"]}))
+    for best in speed["fastest"]:
+        print(f"fastest here at batch {best['batch']}: {best['path']} ({best['ms']:.2f} ms"
+              + (f", accuracy {best['accuracy']:.4f})" if "accuracy" in best else ")"))
     print(f"wrote {folder / SPEED_FILE}" + (" and the card's Speed section" if (folder / CARD_FILE).is_file() else ""))
     return speed
 
