@@ -31,3 +31,18 @@ def test_tiny_inference_benchmark_table_and_jsonl(tmp_path):
             assert sum(r["formats"].values()) == 12  # 6 encoder linears x 2 layers, each given a format
             assert abs(r["weight_sparsity"] - (0.9 if r["kind"] == "90%" else 0.5)) < 0.01
     assert "rule policy never slower than dense here" in proc.stdout
+
+
+def test_cpu_breakdown_splits_each_forward_by_operator_kind():
+    """benchmarks/cpu_breakdown.py: our CSR kernel counts as the sparse model's linears, every model gets a wall
+    time, and the printed bound is the dense forward over the sparse one's time outside its linears."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import cpu_breakdown
+
+    [row] = cpu_breakdown.main(["--tiny", "--rounds", "1", "--batches", "2", "--seq", "16", "--dtypes", "fp32",
+                                "--threads", "1"])
+    dense, sparse = row["ms"]["dense"], row["ms"]["sparse"]
+    assert dense["linears"] > 0 and sparse["linears"] > 0 and dense["wall"] > 0 and sparse["wall"] > 0
+    assert {"attention", "layer_norm", "gelu"} <= set(sparse)
+    split = {"dense": dense, "sparse": {**sparse, "linears": 0.0}}
+    assert "at most" in cpu_breakdown.report("x", split)[-1]
