@@ -173,12 +173,10 @@ def timed(fns: dict, reps: int, device: torch.device) -> dict[str, tuple[float, 
 
 
 def cpu_has_bf16() -> bool:
-    """The CPU computes bf16 natively (AVX512-BF16 or AMX): a dense bf16 model is then the baseline to beat."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+    """The CPU computes bf16 natively (AVX512-BF16 or AMX): see cap_ds.sparse.measure.cpu_has_bf16."""
+    from cap_ds.sparse.measure import cpu_has_bf16 as has_bf16
+
+    return has_bf16()
 
 
 def table_main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 import cap_ds.sparse as sp
 from cap_ds import ops
 from cap_ds.sparse import POLICIES, SparseLinear, measure, rule_format, semi, sparsify
+from cap_ds.sparse.measure import cpu_has_bf16
 
 from .test_sparse import sparse_weight, tiny_bert
 
@@ -40,6 +41,23 @@ def fake_timer(table: dict[str, float] | None = None, by_tokens=None, calls: lis
         t = by_tokens(x.shape[0]) if by_tokens is not None else table
         return {name: t.get(name, t.get(name.split("/")[0], 10.0)) for name in candidates}
     return measure
+
+
+def test_dense_bf16_is_timed_as_a_reference_never_chosen_and_named_in_the_summary(monkeypatch):
+    """An fp32 model on a CPU with bf16 units: dense bf16 is timed beside the fp32 paths, never run (it would change
+    the numbers), and the summary says so when it would have been faster, with the time of both."""
+    monkeypatch.setattr(measure, "cpu_has_bf16", lambda: True)
+    table = {"dense": 3e-3, "csr": 2e-3, "ref:dense_bf16": 1e-3}
+    model = sparsify(tiny_bert(), batch_tokens=37, min_sparsity=0.0, measure_fn=fake_timer(table))
+    summary = model.sparsify_summary
+    assert summary.counts == {"csr": 14}  # the fastest choosable format, not the reference (12 + pooler + head)
+    cmp = summary.bf16_comparison()
+    assert cmp == {"layers": 14, "faster_in_bf16": 14, "chosen_ms": pytest.approx(28.0),
+                   "dense_bf16_ms": pytest.approx(14.0)}
+    assert "dense bf16 would be faster on this CPU (14 of 14 layers; 14.00 vs 28.00 ms" in summary.line()
+    slower = {"dense": 3e-3, "csr": 2e-3, "ref:dense_bf16": 5e-3}
+    assert "bf16" not in sparsify(tiny_bert(), batch_tokens=39, min_sparsity=0.0,
+                                  measure_fn=fake_timer(slower)).sparsify_summary.line()
 
 
 def bert_inputs():
@@ -94,7 +112,9 @@ def test_measure_shares_one_measurement_per_key_and_uses_real_weights_shape():
     calls: list = []
     sparsify(tiny_bert(), batch_tokens=40, measure_fn=fake_timer({"dense": 1e-3, "csr": 2e-3}, calls=calls))
     assert len(calls) == 3  # (64x64, 128x64, 64x128) at 40 tokens; 12 layers
-    assert all(tokens == 40 and names == ["csr", "dense"] for names, tokens in calls)
+    # an fp32 model on a CPU with bf16 units also times the dense bf16 layer, for the summary only
+    expected = ["csr", "dense", *(["ref:dense_bf16"] if cpu_has_bf16() else [])]
+    assert all(tokens == 40 and names == expected for names, tokens in calls)
     calls.clear()
     sparsify(tiny_bert(), batch_tokens=40, measure_fn=fake_timer({"dense": 1e-3}, calls=calls))
     assert not calls  # in-process cache
@@ -323,7 +343,8 @@ def test_measure_can_pick_2to4_and_reports_the_backend(fake_2to4, decisions):
     calls: list = []
     times = {"dense": 1e-3, "csr": 0.9e-3, "2:4/cusparselt": 0.8e-3, "2:4/cutlass": 0.5e-3}
     sparsify(model, batch_tokens=7, measure_fn=fake_timer(times, calls=calls))
-    assert calls[0][0] == ["2:4/cusparselt", "2:4/cutlass", "csr", "dense"] and calls[1][0] == ["csr", "dense"]
+    names = [[n for n in c[0] if not n.startswith("ref:")] for c in calls]  # the bf16 reference: CPU-dependent
+    assert names[0] == ["2:4/cusparselt", "2:4/cutlass", "csr", "dense"] and names[1] == ["csr", "dense"]
     assert model[0].format == "2:4" and model[0].semi_backend == "cutlass"
     assert "format=2:4, backend=cutlass" in repr(model[0]) and model[2].format == "csr"
     assert model.sparsify_summary.counts == {"2:4": 1, "csr": 1}

@@ -26,7 +26,7 @@ from cap_ds.sparse.formats import (
     weight_sparsity,
 )
 from cap_ds.sparse.linear import SparseLinear
-from cap_ds.sparse.measure import DecisionCache, MeasureFn, measured_times, time_candidates
+from cap_ds.sparse.measure import DecisionCache, MeasureFn, choosable, measured_times, time_candidates
 from cap_ds.sparse.policy import Plan, extra_bytes, forced_format, plan_layer, rule_format
 from cap_ds.sparse.summary import SparsifySummary
 
@@ -131,7 +131,8 @@ def _decide(layer: SparseLinear, dense: torch.Tensor, row: dict[str, Any], opts:
     summary.measured_keys += measured
     summary.cached_keys += len(per_class) - measured
     row["times_ms"] = per_class
-    return plan_layer(layer, per_class, opts.max_extra_memory, opts.min_speedup)
+    return plan_layer(layer, {c: choosable(t) for c, t in per_class.items()}, opts.max_extra_memory,
+                      opts.min_speedup)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from cap_ds.runtime.atomic import publish_modes
 from cap_ds.sparse import csr, semi
 from cap_ds.sparse.linear import SparseLinear
+from cap_ds.sparse.summary import BF16_REFERENCE
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,20 @@ MeasureFn = Callable[[dict[str, Callable[[], object]], torch.Tensor], dict[str, 
 
 # This process's decisions: key -> {"times_ms": {candidate: ms}}, shared by every sparsify call.
 _DECISIONS: dict[str, dict[str, Any]] = {}
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX512-BF16 or AMX): a dense bf16 model is then the baseline to beat."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def choosable(times: dict[str, float]) -> dict[str, float]:
+    """The candidates a layer may run (reference timings dropped)."""
+    return {k: v for k, v in times.items() if not k.startswith("ref:")}
 
 
 def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device, reps: int = 15,
@@ -98,6 +113,10 @@ def candidates(layer: SparseLinear, dense: torch.Tensor, x: torch.Tensor, is_2to
     out: dict[str, Callable[[], object]] = {"dense": lambda: F.linear(x, dense, bias)}
     if csr.kernel_applies(x) or x.dtype in csr.TORCH_CSR_DTYPES:
         out["csr"] = lambda: layer.csr_forward(x)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_has_bf16():
+        xb, wb = x.bfloat16(), dense.bfloat16()
+        bb = bias.bfloat16() if bias is not None else None
+        out[BF16_REFERENCE] = lambda: F.linear(xb, wb, bb)
     if is_2to4 and layer.allow_2to4 and semi.supported(x.device, x.dtype, layer.out_features, layer.in_features):
         for backend in semi.backends(x.device):
             try:

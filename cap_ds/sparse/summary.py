@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: A timed path that is never chosen: the layer as dense bf16, what an fp32 model would run if cast to bf16 on a
+#: CPU with bf16 units. Choosing it would change the model's numbers, so the summary only reports it.
+BF16_REFERENCE = "ref:dense_bf16"
+
 
 @dataclass
 class SparsifySummary:
@@ -49,13 +53,46 @@ class SparsifySummary:
         return (f"sparsify(policy={self.policy}, {self.device}, {self.dtype}): {len(self.layers)} linears considered,"
                 f" formats: {counts}; weight sparsity {self.sparsity:.3f}; {len(self.replaced)} replaced by "
                 f"SparseLinear; measured {self.measured_keys} keys ({self.cached_keys} from cache) in "
-                f"{self.seconds:.2f} s" + self._no_2to4())
+                f"{self.seconds:.2f} s" + self._no_2to4() + self._bf16_hint())
 
     def _no_2to4(self) -> str:
         """Why 2:4 weights were not run as 2:4 (e.g. no backend for this GPU), once per distinct reason."""
         reasons = list(dict.fromkeys(row["no_2to4"] for row in self.layers if "no_2to4" in row))
         n = sum(1 for row in self.layers if "no_2to4" in row)
         return f"; {n} 2:4 layer(s) not run as 2:4: {'; '.join(reasons)}" if reasons else ""
+
+    def bf16_comparison(self) -> dict[str, Any] | None:
+        """Where measured (an fp32 model on a CPU with bf16 units): the considered layers' time per forward at the
+        largest measured batch in their chosen formats and as dense bf16, and how many would be faster in bf16."""
+        chosen = reference = 0.0
+        faster = counted = 0
+        for row in self.layers:
+            times = row.get("times_ms") or {}
+            if not times:
+                continue
+            cls = "large" if "large" in times else next(reversed(times))
+            t = times[cls]
+            if BF16_REFERENCE not in t:
+                continue
+            fmt = row["format"].split("|")[-1]
+            own = t.get(fmt, min((v for k, v in t.items() if k.startswith(fmt + "/")), default=t["dense"]))
+            chosen, reference = chosen + own, reference + t[BF16_REFERENCE]
+            faster += t[BF16_REFERENCE] < own
+            counted += 1
+        if not counted:
+            return None
+        return {"layers": counted, "faster_in_bf16": faster, "chosen_ms": chosen, "dense_bf16_ms": reference}
+
+    def _bf16_hint(self) -> str:
+        """Why an fp32 model is left in fp32 although dense bf16 would be faster here (the reason, not a switch)."""
+        cmp = self.bf16_comparison()
+        if cmp is None or cmp["dense_bf16_ms"] >= cmp["chosen_ms"]:
+            return ""
+        return (f"; dense bf16 would be faster on this CPU ({cmp['faster_in_bf16']} of {cmp['layers']} layers; "
+                f"{cmp['dense_bf16_ms']:.2f} vs {cmp['chosen_ms']:.2f} ms per forward at the largest batch "
+                "measured): kept fp32 because bf16 changes the model's numbers; cast the model to bf16 before "
+                "sparsify to serve it so (python -m cap_ds.run.speed --validation_file states what bf16 costs in "
+                "accuracy)")
 
     def __str__(self) -> str:
         return self.line()
