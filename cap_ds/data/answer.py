@@ -20,8 +20,8 @@ import datasets
 import numpy as np
 import torch
 
-from cap_ds.data.models import output_logits
 from cap_ds.data.qa import QaPredictionSettings, postprocess, prepare_features
+from cap_ds.runtime.outputs import output_logits
 
 CONFIG_KEY = "question-answering"
 

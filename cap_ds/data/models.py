@@ -224,15 +224,6 @@ def model_class(question_answering: bool = False):
     return AutoModelForQuestionAnswering if question_answering else AutoModelForSequenceClassification
 
 
-def output_logits(outputs) -> torch.Tensor:
-    """The head's logits as one tensor: ``[B, C]`` for sequence tasks, ``[B, 2, L]`` (start, end) for QA, so
-    KD, the cached teacher logits and evaluation treat both alike."""
-    logits = getattr(outputs, "logits", None)
-    if logits is not None:
-        return logits
-    return torch.stack((outputs.start_logits, outputs.end_logits), dim=1)
-
-
 def load_student(path: str, num_labels: int, label_names: tuple[str, ...] | None, overrides: str | None = None,
                  *, question_answering: bool = False):
     """Pre-trained encoder with a (new) sequence-classification or question-answering head.

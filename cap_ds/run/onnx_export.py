@@ -35,7 +35,7 @@ class _Logits(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        from cap_ds.data.models import output_logits
+        from cap_ds.runtime.outputs import output_logits
 
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         return output_logits(self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs))

@@ -87,7 +87,7 @@ def _time_pair(fns: dict[str, Any], rounds: int, device: torch.device) -> dict[s
 
 
 def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    from cap_ds.data.models import output_logits
+    from cap_ds.runtime.outputs import output_logits
 
     with torch.inference_mode():
         return output_logits(model(**inputs)).float()

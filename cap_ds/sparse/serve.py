@@ -16,20 +16,14 @@ mask 0. Time the dense baseline through the same server: compiled against compil
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
+from cap_ds.runtime.outputs import output_logits
+
 MODES = ("graphs", "compile", "eager")
 PAD_TOKEN = 0
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    logits = getattr(outputs, "logits", None)
-    if logits is not None:
-        return logits
-    return torch.stack((outputs.start_logits, outputs.end_logits), dim=1)
 
 
 class BucketServer:
@@ -88,7 +82,7 @@ class BucketServer:
     def _eager(self, b: int, t: int, names: tuple[str, ...]):
         def run(x: dict[str, torch.Tensor]) -> torch.Tensor:
             with torch.inference_mode():
-                return _logits(self.model(**x))
+                return output_logits(self.model(**x))
         return run
 
     def _compile(self, b: int, t: int, names: tuple[str, ...]):
@@ -97,7 +91,7 @@ class BucketServer:
 
         def run(x: dict[str, torch.Tensor]) -> torch.Tensor:
             with torch.inference_mode():
-                return _logits(compiled(**x)).clone()  # (cudagraph outputs are overwritten by the next replay)
+                return output_logits(compiled(**x)).clone()  # (cudagraph outputs are overwritten by the next replay)
         return run
 
     def _capture(self, b: int, t: int, names: tuple[str, ...]):
@@ -108,11 +102,11 @@ class BucketServer:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(3):  # warm-up outside the graph: lazy inits, autotuning, allocator pools
-                _logits(self.model(**static))
+                output_logits(self.model(**static))
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph):
-            out = _logits(self.model(**static))
+            out = output_logits(self.model(**static))
 
         def run(x: dict[str, torch.Tensor]) -> torch.Tensor:
             for n, buf in static.items():

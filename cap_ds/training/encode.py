@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 
 from cap_ds.cap import MemoryBank, Shard, ShardSampler, encode_dataset
 from cap_ds.data.batches import model_inputs
-from cap_ds.data.models import SentenceVectorHook, output_logits
+from cap_ds.data.models import SentenceVectorHook
 from cap_ds.data.scoring import Scorer
 from cap_ds.runtime.collectives import all_gather_cat
 from cap_ds.runtime.errors import TrainingFailed, UserError
 from cap_ds.runtime.monitor import RunLog
+from cap_ds.runtime.outputs import output_logits
 from cap_ds.runtime.rng import rng_state, set_rng_state
 from cap_ds.runtime.signals import StopRequested, StopSignals
 from cap_ds.runtime.transfer import to_device

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from cap_ds.cap import CapObjective, Shard, kd_loss
 from cap_ds.data.batches import model_inputs
-from cap_ds.data.models import SentenceVectorHook, output_logits
+from cap_ds.data.models import SentenceVectorHook
 from cap_ds.data.tasks import TaskSpec
+from cap_ds.runtime.outputs import output_logits
 from cap_ds.runtime.transfer import host_to_device
 
 
