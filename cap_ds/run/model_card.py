@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cap_ds.data.tasks import TaskSpec
 
 CARD_FILE = "README.md"
 SPEED_FILE = "speed.json"
@@ -54,31 +57,54 @@ def _dataset(spec) -> tuple[list[str], dict[str, Any]]:
                 "split": "validation"}
 
 
-def _front_matter(spec, result: dict[str, Any]) -> dict[str, Any]:
-    task, prune = spec.task, spec.prune
+@dataclass(frozen=True)
+class CardFacts:
+    """What a card says, whichever entry point made the model (``cap_ds/train.py``: :func:`facts_from_spec`; the
+    Trainer integration builds its own). ``result`` holds ``eval`` (metrics), ``eval_examples``, ``sparsity``
+    (when pruned), ``teacher_eval`` and ``kd_weight`` where known; ``recipe``: the Recipe table's rows."""
+
+    title: str
+    task: TaskSpec
+    result: dict[str, Any]
+    recipe: list[tuple[str, Any]]
+    mode: str = "prune"
+    pruning_method: str | None = None  # None: a dense (fine-tuned) model
+    target_sparsity: float | None = None
+    structured: bool = False
+    modules: tuple[str, ...] = ()
+    base_model: str | None = None
+    datasets: tuple[str, ...] = ()
+    dataset_entry: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None  # the shell line that made the model
+
+    @property
+    def prune(self) -> bool:
+        return self.pruning_method is not None
+
+
+def _front_matter(facts: CardFacts) -> dict[str, Any]:
+    task, result = facts.task, facts.result
     pipeline_tag = "question-answering" if task.is_qa else "text-classification"
     tags = ["cap_ds"]
-    if prune:
-        method = spec.pruning.pruning_method
-        tags += ["pruning", "sparse", f"{method.replace('_', '-')}-pruning"]
-        tags += ["structured-pruning"] if spec.structured else ["unstructured-pruning"]
-        tags += ["contrastive-pruning"] if spec.modules else []
+    if facts.prune:
+        tags += ["pruning", "sparse", f"{facts.pruning_method.replace('_', '-')}-pruning"]
+        tags += ["structured-pruning"] if facts.structured else ["unstructured-pruning"]
+        tags += ["contrastive-pruning"] if facts.modules else []
     tags += ["knowledge-distillation"] if result.get("kd_weight") else []
-    datasets, dataset = _dataset(spec)
     metrics = [{"type": k, "value": float(v), "name": k.replace("_", " ")} for k, v in result["eval"].items()]
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": pipeline_tag, "tags": tags}
-    base = _base_model(spec.model_path)
-    if base:
-        meta["base_model"] = base
-    if datasets:
-        meta["datasets"] = datasets
+    if facts.base_model:
+        meta["base_model"] = facts.base_model
+    if facts.datasets:
+        meta["datasets"] = list(facts.datasets)
     meta["metrics"] = list(result["eval"])
-    meta["model-index"] = [{"name": "-".join(re.findall(r"[A-Za-z0-9_.]+", spec.title())), "results": [{
-        "task": {"type": pipeline_tag, "name": pipeline_tag.replace("-", " ")}, "dataset": dataset,
+    meta["model-index"] = [{"name": "-".join(re.findall(r"[A-Za-z0-9_.]+", facts.title)), "results": [{
+        "task": {"type": pipeline_tag, "name": pipeline_tag.replace("-", " ")}, "dataset": facts.dataset_entry,
         "metrics": metrics}]}]
-    meta["cap_ds"] = {"mode": spec.training.mode, "task": task.name, "task_type": task.kind,
-                      **({"pruning_method": spec.pruning.pruning_method, "target_sparsity": spec.pruning.target_sparsity,
-                          "sparsity": float(result["sparsity"]), "cap_modules": spec.modules} if prune else {})}
+    meta["cap_ds"] = {"mode": facts.mode, "task": task.name, "task_type": task.kind,
+                      **({"pruning_method": facts.pruning_method, "target_sparsity": facts.target_sparsity,
+                          "sparsity": float(result["sparsity"]), "cap_modules": list(facts.modules)}
+                         if facts.prune else {})}
     return meta
 
 
@@ -90,7 +116,7 @@ def _fmt(metrics: dict[str, float] | None) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items()) or "n/a"
 
 
-def _recipe(spec, result: dict[str, Any]) -> str:
+def _recipe(spec, result: dict[str, Any]) -> list[tuple[str, Any]]:
     t, cap = spec.training, spec.cap
     rows: list[tuple[str, Any]] = [("mode", t.mode), ("task", f"{spec.task.name} ({spec.task.kind})"),
                                    ("student", f"`{spec.model_path}`")]
@@ -111,7 +137,7 @@ def _recipe(spec, result: dict[str, Any]) -> str:
                        f"{t.per_device_train_batch_size} per rank x {t.gradient_accumulation_steps} accumulation"),
              ("optimizer", f"{result['optimizer']}, learning rate {t.learning_rate}"),
              ("max sequence length", spec.data.max_seq_length), ("seed", t.seed)]
-    return _table(rows)
+    return rows
 
 
 def speed_section(folder: Path) -> str:
@@ -156,19 +182,19 @@ def _fastest_lines(speed: dict[str, Any]) -> str:
     return "\nFastest measured on that machine: " + "; ".join(items) + ".\n"
 
 
-def _usage(spec) -> str:
-    if spec.task.is_qa:  # transformers 5 has no question-answering pipeline
+def _usage(facts: CardFacts) -> str:
+    if facts.task.is_qa:  # transformers 5 has no question-answering pipeline
         return ("```python\nfrom cap_ds.data.answer import QuestionAnswerer\nqa = QuestionAnswerer.from_pretrained"
                 "(\"<this folder>\")\nqa(\"Which team won?\", \"The Denver Broncos won Super Bowl 50.\")\n```\n")
-    pre = "import cap_ds  # registers the cleaned model classes\n" if spec.prune and spec.structured else ""
+    pre = "import cap_ds  # registers the cleaned model classes\n" if facts.prune and facts.structured else ""
     return (f"```python\n{pre}from transformers import pipeline\nclassifier = pipeline(\"text-classification\", "
             "model=\"<this folder>\")\n```\n")
 
 
-def _limitations(spec) -> str:
-    if not spec.prune:
+def _limitations(facts: CardFacts) -> str:
+    if not facts.prune:
         return "- A dense model: fine-tuned, not pruned.\n"
-    if spec.structured:
+    if facts.structured:
         return ("- Heads and FFN neurons are physically removed: the model is smaller and faster on any hardware, "
                 "but loads only after `import cap_ds` (or with `trust_remote_code=True`).\n")
     return ("- Unstructured sparsity: the zeros sit inside dense weight matrices. The files are as large as the "
@@ -177,29 +203,46 @@ def _limitations(spec) -> str:
             "(docs/sparse_inference.md); on GPUs unstructured 90 % is not faster (docs/inference.md).\n")
 
 
+def facts_from_spec(spec, result: dict[str, Any], command: list[str] | None = None) -> CardFacts:
+    """The card's facts for a ``cap_ds/train.py`` run (``result``: its metrics.json content)."""
+    datasets, dataset = _dataset(spec)
+    return CardFacts(
+        title=spec.title(), task=spec.task, result=result, recipe=_recipe(spec, result), mode=spec.training.mode,
+        pruning_method=spec.pruning.pruning_method if spec.prune else None,
+        target_sparsity=spec.pruning.target_sparsity if spec.prune else None, structured=spec.structured,
+        modules=tuple(spec.modules), base_model=_base_model(spec.model_path), datasets=tuple(datasets),
+        dataset_entry=dataset, command=f"python cap_ds/train.py {shlex.join(command)}" if command else None)
+
+
 def model_card(spec, result: dict[str, Any], folder: Path, command: list[str] | None = None,
                sparsity: dict[str, Any] | None = None) -> str:
-    """The card's text for the export in ``folder`` (``result``: the run's metrics.json content)."""
-    meta = yaml.safe_dump(_front_matter(spec, result), sort_keys=False, allow_unicode=True)
-    title = spec.title()
-    what = (f"{spec.task.kind.replace('_', ' ')} model for `{spec.task.name}`, "
-            + (f"pruned to {result['sparsity']:.1%} sparsity with cap_ds ({spec.pruning.pruning_method}"
-               + (f" + CAP {'/'.join(spec.modules)}" if spec.modules else "") + ")" if spec.prune
+    """The card's text for the export of a ``cap_ds/train.py`` run in ``folder``."""
+    return card_text(facts_from_spec(spec, result, command), folder, sparsity)
+
+
+def card_text(facts: CardFacts, folder: Path, sparsity: dict[str, Any] | None = None) -> str:
+    """The card's text for the export in ``folder`` (``sparsity``: ``compression.sparsity_report``'s, for the
+    per-layer-type table and the heat-map)."""
+    result = facts.result
+    meta = yaml.safe_dump(_front_matter(facts), sort_keys=False, allow_unicode=True)
+    what = (f"{facts.task.kind.replace('_', ' ')} model for `{facts.task.name}`, "
+            + (f"pruned to {result['sparsity']:.1%} sparsity with cap_ds ({facts.pruning_method}"
+               + (f" + CAP {'/'.join(facts.modules)}" if facts.modules else "") + ")" if facts.prune
                else "fine-tuned with cap_ds (the dense teacher)"))
-    parts = [f"---\n{meta}---\n", f"# {title}\n", f"A {what}. cap_ds implements CAP (ContrAstive Pruning, Xu et "
-             f"al., AAAI 2022, arXiv 2112.07198) with DeepSpeed.\n",
+    parts = [f"---\n{meta}---\n", f"# {facts.title}\n", f"A {what}. cap_ds implements CAP (ContrAstive Pruning, Xu "
+             f"et al., AAAI 2022, arXiv 2112.07198) with DeepSpeed.\n",
              "## Results\n", f"Evaluated on {result['eval_examples']} examples of the validation data: "
              f"**{_fmt(result['eval'])}**" + (f"; the teacher: {_fmt(result.get('teacher_eval'))}" if
                                                result.get("teacher_eval") else "") + ".\n",
-             "## Recipe\n", _recipe(spec, result)]
+             "## Recipe\n", _table(facts.recipe)]
     if sparsity is not None:
         by_type = layer_type_sparsity(sparsity["per_module"])
         parts += ["\nSparsity by layer type (all encoder layers):\n\n"
                   + _table([(k, f"{v:.2%}") for k, v in sorted(by_type.items())]),
                   "\n![Sparsity per layer and module](sparsity_heatmap.png)\n"]
-    if command:
-        parts += ["## How it was made\n", f"```bash\npython cap_ds/train.py {shlex.join(command)}\n```\n"]
-    parts += ["## Use\n", _usage(spec), "## Speed\n", speed_section(folder), "## Limitations\n", _limitations(spec)
+    if facts.command:
+        parts += ["## How it was made\n", f"```bash\n{facts.command}\n```\n"]
+    parts += ["## Use\n", _usage(facts), "## Speed\n", speed_section(folder), "## Limitations\n", _limitations(facts)
               + f"- Measured on {result['eval_examples']} validation examples; small dev sets move by several "
                 "points between seeds.\n"]
     return "\n".join(parts)
