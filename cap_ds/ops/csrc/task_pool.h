@@ -1,4 +1,5 @@
-// A small work-claiming thread pool for the CPU sparse kernels.
+// A small work-claiming thread pool for the CPU sparse kernels, used when CAP_DS_CPU_THREADING=taskpool (the
+// default is ATen's OpenMP team, faster on a machine the model has to itself: see spmm_cpu.cpp).
 //
 // Why not at::parallel_for (OpenMP): its region ends in a barrier that waits for every team thread, including
 // one the OS has not scheduled yet. On a shared machine that wait is a scheduler time slice (milliseconds),
