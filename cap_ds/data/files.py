@@ -131,8 +131,10 @@ def _format(flag: str, path: str) -> tuple[str, dict[str, Any]]:
     raise DataFileError(f"{flag} {path}: unknown file extension; allowed: {', '.join(ALLOWED_EXTENSIONS)}")
 
 
-def _read_file(flag: str, path: str, label: str) -> datasets.Dataset:
-    """One file as a Dataset; empty text stays "" (not NaN) while an empty label cell is a missing label."""
+def read_table(flag: str, path: str, label: str = "label") -> datasets.Dataset:
+    """One file (any allowed format, ``.gz`` too) as a Dataset, or a one-line :class:`DataFileError` naming ``flag``
+    and the file (``cap_ds.run.speed --validation_file`` reads with it too); empty text stays "" (not NaN) while an
+    empty label cell is a missing label."""
     builder, options = _format(flag, path)
     if not os.path.isfile(path):
         raise DataFileError(f"{flag} {path}: no such file")
@@ -155,12 +157,6 @@ def _read_file(flag: str, path: str, label: str) -> datasets.Dataset:
     if len(ds) == 0:
         raise DataFileError(f"{flag} {path}: no rows in the file")
     return ds
-
-
-def read_table(flag: str, path: str, label: str = "label") -> datasets.Dataset:
-    """One data file (any allowed format, ``.gz`` too) as a Dataset, or a one-line :class:`DataFileError` naming
-    ``flag`` and the file: what other tools (``cap_ds.run.speed --validation_file``) read users' files with."""
-    return _read_file(flag, path, label)
 
 
 def _hub_error(files: DataFiles, err: BaseException) -> Exception:
@@ -192,21 +188,26 @@ def _read_splits(files: DataFiles, label: str) -> list[_Split]:
         return out
     roles = (("train", "--train_file", files.train_file), ("validation", "--validation_file", files.validation_file),
              ("test", "--test_file", files.test_file))
-    return [_Split(role, f"{flag} {path}", _read_file(flag, path, label)) for role, flag, path in roles if path]
+    return [_Split(role, f"{flag} {path}", read_table(flag, path, label)) for role, flag, path in roles if path]
 
 
 # --------------------------------------------------------------------------------------------------------
 # Columns and labels
 # --------------------------------------------------------------------------------------------------------
+def guess_text_columns(columns: list[str], label: str) -> tuple[str, ...] | None:
+    """The text column(s) of a table when none are named: sentence1 + sentence2, else the first of
+    ``TEXT_GUESSES`` present (never the label); None when there is none."""
+    if "sentence1" in columns and "sentence2" in columns:
+        return ("sentence1", "sentence2")
+    return next(((c,) for c in TEXT_GUESSES if c in columns and c != label), None)
+
+
 def _text_columns(files: DataFiles, splits: list[_Split], label: str) -> tuple[str, ...]:
     train = splits[0]
     names = files.text_column_names
     if names is None:
         cols = train.ds.column_names
-        if "sentence1" in cols and "sentence2" in cols:
-            names = ("sentence1", "sentence2")
-        else:
-            names = next(((c,) for c in TEXT_GUESSES if c in cols and c != label), None)
+        names = guess_text_columns(cols, label)
         if names is None:
             raise DataFileError(f"{train.where}: no text column found (looked for sentence1+sentence2, "
                                 f"{', '.join(TEXT_GUESSES)}); its columns: {_listing(cols)}; pass --text_column_names")

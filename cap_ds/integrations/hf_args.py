@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from cap_ds.cap.loss import REDUCTIONS
-from cap_ds.cap.objective import MODULES
 from cap_ds.compression.layers import MASK_INITS
 from cap_ds.compression.methods import get_method, method_names
 from cap_ds.data.models import SENTENCE_VECTORS
@@ -119,15 +118,8 @@ class CapArguments:
 
     @property
     def modules(self) -> list[str]:
-        """The CAP modules asked for, in order, without repeats."""
-        value = (self.cap or "").strip().lower()
-        if value in ("", "none"):
-            return []
-        mods = [m.strip() for m in value.split(",") if m.strip()]
-        bad = [m for m in mods if m not in MODULES]
-        if bad:
-            raise ValueError(f"--cap: unknown module(s) {bad}; allowed: any of {', '.join(MODULES)} or none")
-        return list(dict.fromkeys(mods))
+        """The CAP modules asked for, in order, without repeats (``cap_ds/train.py``'s reading of ``--cap``)."""
+        return _RunCap(cap=self.cap or "").modules
 
     def loss_weights(self, has_teacher: bool) -> tuple[float, float]:
         """(CE, KD) weights, as cap_ds/train.py decides them."""

@@ -9,7 +9,6 @@ callback owns only what cap_ds/train.py's loop adds (``training/trainer.py``), t
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from transformers import TrainerCallback
 from cap_ds.cap import CapObjective, MemoryBank
 from cap_ds.compression import PruningSchedule, sparsity_report
 from cap_ds.data.models import SentenceVectorHook
+from cap_ds.runtime.atomic import atomic_file
 from cap_ds.runtime.collectives import rank, summed, world_size
 from cap_ds.training.encode import Encoder, Snapshots, fill_prc, fill_teacher_outputs
 from cap_ds.training.losses import TrainingLoss, read_terms
@@ -66,6 +66,15 @@ def state_path(folder: str | Path) -> Path:
     return Path(folder) / STATE_FILE.format(rank=rank())
 
 
+def checked_state_path(folder: str | Path) -> Path:
+    """This rank's state file in a checkpoint to resume from, or a one-line error saying why there is none."""
+    path = state_path(folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint {folder}: no {path.name} (CAP's banks and schedule); the "
+                                "checkpoint was not written by CapHfTrainer, or with another number of processes")
+    return path
+
+
 def save_state(run: CapRun, folder: str | Path) -> None:
     """This rank's banks, extra-negative RNG, cached teacher logits and schedule position into ``folder``."""
     state = {"world": world_size(), "snapshot_epoch": run.snapshot_epoch,
@@ -74,17 +83,12 @@ def save_state(run: CapRun, folder: str | Path) -> None:
              "schedule": run.schedule.state_dict() if run.schedule is not None else None}
     path = state_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(run: CapRun, folder: str | Path) -> None:
     """Restore what :func:`save_state` wrote (tensors only: ``weights_only=True``)."""
-    path = state_path(folder)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint {folder}: no {path.name} (CAP's banks and schedule); the "
-                                "checkpoint was not written by CapHfTrainer, or with another number of processes")
+    path = checked_state_path(folder)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["world"] != world_size():
         raise ValueError(f"resume_from_checkpoint {folder}: written by {state['world']} processes, resumed with "

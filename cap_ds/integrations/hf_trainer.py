@@ -30,9 +30,9 @@ from cap_ds.compression.zero import model_is_zero3
 from cap_ds.data.models import SentenceVectorHook, check_fic_width, check_teacher, load_teacher
 from cap_ds.data.tasks import TaskSpec
 from cap_ds.integrations.hf_args import CapArguments, outside_zero_init, resolve_monitor_paths
-from cap_ds.integrations.hf_callback import CapCallback, CapRun, save_state, state_path
+from cap_ds.integrations.hf_callback import CapCallback, CapRun, checked_state_path, save_state
 from cap_ds.run.export import export_pretrained
-from cap_ds.run.model_card import CardFacts, card_text
+from cap_ds.run.model_card import CardFacts, card_text, contrastive_rows
 from cap_ds.runtime.collectives import rank
 from cap_ds.runtime.monitor import RunLog
 from cap_ds.runtime.signals import StopSignals
@@ -117,8 +117,7 @@ class CapHfTrainer(Trainer):
         """Optimizer steps as the Trainer will count them, and the pruning ramp's offsets within them."""
         args = self.args
         batches = len(self.get_train_dataloader())
-        per_epoch = max(batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps
-                                                                           > 0), 1)
+        per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
         total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
         warmup = args.get_warmup_steps(total)
         offset, offset_end, note = fit_warmup_offsets(total, warmup, self.cap_args.initial_warmup,
@@ -179,9 +178,8 @@ class CapHfTrainer(Trainer):
             self.teacher = None
             self.cap_callback = CapCallback(self.cap_run)
             self.add_callback(self.cap_callback)
-        if resume_from_checkpoint and not state_path(resume_from_checkpoint).is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint {resume_from_checkpoint}: no {state_path('.').name} "
-                                    "(CAP's banks and schedule); not a CapHfTrainer checkpoint of this many processes")
+        if resume_from_checkpoint:
+            checked_state_path(resume_from_checkpoint)  # before the Trainer loads anything
         self.cap_run.resume_dir = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
@@ -281,10 +279,7 @@ class CapHfTrainer(Trainer):
                   ("pruning method", cap.pruning_method), ("target sparsity", f"{cap.target_sparsity:.1%}"),
                   ("measured sparsity", f"{report['sparsity']:.2%} of encoder linear weights"),
                   ("CAP modules", ", ".join(cap.modules) or "none (plain pruning)")]
-        if cap.modules:
-            recipe += [("contrastive", f"temperature {cap.contrastive_temperature}, unsupervised weight "
-                                       f"{cap.cap_unsup_weight}, supervised weight {cap.cap_sup_weight}, sentence "
-                                       f"vector {cap.sentence_vector}")]
+        recipe += contrastive_rows(cap, cap.modules, cap.sentence_vector)
         recipe += [("teacher", f"`{cap.teacher_name_or_path}`" if cap.teacher_name_or_path else "none"),
                    ("loss weights", f"CE {loss.ce_weight}, KD {loss.kd_weight} (T {cap.kd_temperature})"),
                    ("steps", f"{self.state.global_step} ({self.state.epoch or 0:g} epochs), {world} process(es), batch "

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cap_ds.data.files import TEXT_GUESSES, read_table
+from cap_ds.data.files import guess_text_columns, read_table
 from cap_ds.runtime.errors import UserError
 
 FLAG = "--validation_file"
@@ -39,11 +39,9 @@ def _text_columns(names: list[str], label: str, given: str | None) -> list[str]:
         if not cols or len(cols) > 2 or missing:
             raise UserError(f"--text_column_names {given!r}: one or two of the file's columns {names}")
         return cols
-    guess = [c for c in TEXT_GUESSES if c in names]
-    if guess:
-        return guess[:1]
-    if {"sentence1", "sentence2"} <= set(names):
-        return ["sentence1", "sentence2"]
+    guess = guess_text_columns(names, label)
+    if guess is not None:
+        return list(guess)
     raise UserError(f"{FLAG}: no text column found among {names}; name it with --text_column_names")
 
 

@@ -116,6 +116,14 @@ def _fmt(metrics: dict[str, float] | None) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items()) or "n/a"
 
 
+def contrastive_rows(cap, modules: list[str] | tuple[str, ...], sentence_vector: str) -> list[tuple[str, Any]]:
+    """The Recipe row of the contrastive settings (``cap``: either entry point's CAP arguments), if CAP is on."""
+    if not modules:
+        return []
+    return [("contrastive", f"temperature {cap.contrastive_temperature}, unsupervised weight {cap.cap_unsup_weight}, "
+                            f"supervised weight {cap.cap_sup_weight}, sentence vector {sentence_vector}")]
+
+
 def _recipe(spec, result: dict[str, Any]) -> list[tuple[str, Any]]:
     t, cap = spec.training, spec.cap
     rows: list[tuple[str, Any]] = [("mode", t.mode), ("task", f"{spec.task.name} ({spec.task.kind})"),
@@ -126,10 +134,7 @@ def _recipe(spec, result: dict[str, Any]) -> list[tuple[str, Any]]:
                  ("measured sparsity", f"{result['sparsity']:.2%} of encoder linear weights"
                   + (" (heads and FFN neurons removed)" if spec.structured else ""))]
         rows += [("CAP modules", ", ".join(spec.modules) or "none (plain pruning)")]
-        if spec.modules:
-            rows += [("contrastive", f"temperature {cap.contrastive_temperature}, unsupervised weight "
-                                     f"{cap.cap_unsup_weight}, supervised weight {cap.cap_sup_weight}, sentence vector "
-                                     f"{spec.model.sentence_vector}")]
+        rows += contrastive_rows(cap, spec.modules, spec.model.sentence_vector)
         rows += [("teacher", f"`{spec.model.teacher_name_or_path}` ({_fmt(result.get('teacher_eval'))})"
                   if spec.teacher_path else "none")]
     rows += [("loss weights", f"CE {result['ce_weight']}, KD {result['kd_weight']} (T {cap.kd_temperature})"),
