@@ -195,10 +195,8 @@ def run(spec: RunSpec, pre: Preflight, stop: StopSignals, rank: int, show_progre
     cap = spec.cap
     banks = make_banks(modules, len(train_ds), student.config.hidden_size, cap.bank_dtype, shard, cap.max_snapshots)
     hook = SentenceVectorHook(engine.module, spec.model.sentence_vector) if modules else None
-    objective = CapObjective(
-        banks, torch.tensor(train_ds["labels"], dtype=torch.long) if task.kind == "classification" else None,
-        temperature=cap.contrastive_temperature, extra_negatives=cap.extra_negatives,
-        unsup_weight=cap.cap_unsup_weight, sup_weight=cap.cap_sup_weight, reduction=cap.cap_reduction,
+    objective = CapObjective.from_settings(
+        banks, torch.tensor(train_ds["labels"], dtype=torch.long) if task.kind == "classification" else None, cap,
         seed=flags.seed + rank) if modules else None
     encoder = Encoder(loaders.encode, len(train_ds), shard, engine.device, stop, show_progress and is_rank0, is_rank0)
     live = teacher is not None and cap.teacher_mode == "live" and kd_weight > 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from transformers import DataCollatorWithPadding, HfArgumentParser, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from cap_ds.data.batches import tokenize_dataset
 from cap_ds.data.glue import load_glue_split
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> tuple[CapHfTrainer, dict[str, float]]
         margs, dargs, targs, cargs = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # a bad value: one line, no traceback
         sys.exit(f"error: {err}")
+    set_seed(targs.seed)  # before any model is built: the new classifier head's init follows --seed (run_glue.py)
     task = get_task(dargs.task_name)
     path = margs.model_name_or_path or default_model_path()
     tokenizer = load_tokenizer(path)

@@ -86,6 +86,25 @@ def test_train_dataset_gets_its_bank_index():
         dataset_with_index(rows.add_column("idx", [5, 6, 7]))
 
 
+def test_bank_labels_follow_idx_not_row_order():
+    import datasets
+
+    from cap_ds.integrations.hf_trainer import bank_labels
+
+    shuffled = datasets.Dataset.from_dict({"label": [1, 0, 2], "idx": [2, 0, 1]})  # a shuffle that kept idx
+    assert bank_labels(shuffled).tolist() == [0, 2, 1]
+
+
+def test_logged_terms_are_means_over_the_steps_that_had_them():
+    from cap_ds.integrations.hf_callback import CapCallback
+
+    callback = CapCallback(run=type("Run", (), {"schedule": None})())
+    callback.record({"loss": torch.tensor(9.0), "ce": torch.tensor(1.0)})  # before the first snapshot: no SnC
+    callback.record({"ce": torch.tensor(3.0), "snc": torch.tensor(0.5)})
+    assert callback.scalars(torch.nn.Linear(1, 1)) == {"ce": 2.0, "snc": 0.5}
+    assert callback.scalars(torch.nn.Linear(1, 1)) == {}
+
+
 def test_deepspeed_config_writes_monitors_under_the_run(tmp_path):
     from cap_ds.integrations import deepspeed_config
 

@@ -40,6 +40,16 @@ class CapObjective:
         self.generator = torch.Generator().manual_seed(seed)
         self._pool_floor: int | None = None  # the smallest pool of extra-negative rows over ranks
 
+    @classmethod
+    def from_settings(cls, banks: dict[str, MemoryBank], dataset_labels: torch.Tensor | None, settings: Any,
+                      seed: int) -> CapObjective:
+        """Built from the CAP flags as every entry point names them (``contrastive_temperature``,
+        ``extra_negatives``, ``cap_unsup_weight``, ``cap_sup_weight``, ``cap_reduction``): cap_ds/train.py's
+        run spec and the Trainer integration's ``CapArguments`` build the same objective from one place."""
+        return cls(banks, dataset_labels, temperature=settings.contrastive_temperature,
+                   extra_negatives=settings.extra_negatives, unsup_weight=settings.cap_unsup_weight,
+                   sup_weight=settings.cap_sup_weight, reduction=settings.cap_reduction, seed=seed)
+
     def sample_extra(self, bank: MemoryBank) -> torch.Tensor:
         """This rank's extra examples (global indices from its own shard, on the host). Every rank draws the same
         count (capped by the smallest rank's pool: a collective, once), so the keys gather without a size

@@ -107,7 +107,7 @@ class CapCallback(TrainerCallback):
     def __init__(self, run: CapRun) -> None:
         self.run = run
         self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}  # per term: SnC is absent before its first snapshot
 
     # ---- before the first step: banks filled (PrC, FiC + teacher logits) or restored from the checkpoint
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -164,17 +164,20 @@ class CapCallback(TrainerCallback):
                 continue
             value = value.reshape(()).float()
             self._sums[name] = self._sums[name] + value if name in self._sums else value
-        self._count += 1
+            self._counts[name] = self._counts.get(name, 0) + 1
 
     def scalars(self, model: nn.Module) -> dict[str, float]:
-        """Mean of each term since the last log (over micro-batches and processes), sparsity and the schedule's
-        values. A collective: every process calls it (``Trainer.log`` runs on all of them)."""
+        """Mean of each term since the last log over the micro-batches that had it (a term absent in some, SnC
+        before its first snapshot, is not diluted by them) and over processes, sparsity and the schedule's values.
+        A collective: every process calls it (``Trainer.log`` runs on all of them; every process sees the same
+        terms, the banks being whole on each)."""
         out: dict[str, float] = {}
-        if self._count:
+        if self._sums:
             names = sorted(self._sums)
-            means = summed(torch.stack([self._sums[n] for n in names])) / (self._count * world_size())
+            counts = torch.tensor([self._counts[n] * world_size() for n in names], dtype=torch.float32)
+            means = summed(torch.stack([self._sums[n] for n in names])) / counts.to(self._sums[names[0]].device)
             out.update(read_terms(dict(zip(names, means))))
-        self._sums, self._count = {}, 0
+        self._sums, self._counts = {}, {}
         if self.run.schedule is not None:
             out["sparsity"] = sparsity_report(model)["sparsity"]
             out.update(self.run.schedule.scalars())

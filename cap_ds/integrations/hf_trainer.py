@@ -72,6 +72,15 @@ def dataset_with_index(dataset: Any) -> Any:
     return dataset
 
 
+def bank_labels(dataset: Any) -> torch.Tensor:
+    """Each bank row's class (row ``idx`` holds the example whose ``idx`` it is, wherever that example sits in the
+    dataset): the supervised contrastive terms pick their positives by it."""
+    column = "labels" if "labels" in dataset.column_names else "label"
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    labels[torch.tensor(dataset["idx"], dtype=torch.long)] = torch.tensor(dataset[column], dtype=torch.long)
+    return labels
+
+
 class _NoTokenizer:
     """Stands in for a missing ``processing_class`` in the export: nothing to save."""
 
@@ -143,11 +152,8 @@ class CapHfTrainer(Trainer):
         modules, shard = cap.modules, Shard(n)  # whole banks on every process (see the module docstring)
         banks = make_banks(modules, n, model.config.hidden_size, cap.bank_dtype, shard, cap.max_snapshots)
         hook = SentenceVectorHook(model, cap.sentence_vector) if modules else None
-        label_column = "labels" if "labels" in self.train_dataset.column_names else "label"
-        objective = CapObjective(
-            banks, torch.tensor(self.train_dataset[label_column], dtype=torch.long) if task.kind == "classification"
-            else None, temperature=cap.contrastive_temperature, extra_negatives=cap.extra_negatives,
-            unsup_weight=cap.cap_unsup_weight, sup_weight=cap.cap_sup_weight, reduction=cap.cap_reduction,
+        objective = CapObjective.from_settings(
+            banks, bank_labels(self.train_dataset) if task.kind == "classification" else None, cap,
             seed=self.args.seed + rank()) if modules else None
         ce_weight, kd_weight = cap.loss_weights(self.teacher is not None)
         loss = TrainingLoss(task, ce_weight, kd_weight, cap.kd_temperature, shard, None, None, objective, hook,

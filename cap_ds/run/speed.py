@@ -160,11 +160,13 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
                 accuracy[name]["dense"] = accuracy_of(base, labelled, device)
         for batch in batches:
             x = _inputs(exported, batch, seq, device)
-            fns = {"dense": lambda m=base, x=x: m(**x), "model": lambda m=served, x=x: m(**x)}
-            if name == "fp32":
+            ms = _time_pair({"dense": lambda m=base, x=x: m(**x), "model": lambda m=served, x=x: m(**x)}, rounds,
+                            device)
+            if name == "fp32" and sessions:  # timed apart: ONNX Runtime's threads keep spinning after each run
+                # and slowed the next torch call ~3x at batch 1 when interleaved with it (2-core CPUs)
                 feed = {k: v.numpy() for k, v in _onnx_inputs(exported, x).items()}
-                fns.update({key: lambda s=sess, f=feed: s.run(None, f) for key, sess in sessions.items()})
-            ms = _time_pair(fns, rounds, device)
+                ms.update(_time_pair({key: lambda s=sess, f=feed: s.run(None, f) for key, sess in sessions.items()},
+                                     rounds, device))
             row = {"dtype": name, "batch": batch, "seq_length": seq, "dense_ms": round(ms["dense"], 3),
                    "model_ms": round(ms["model"], 3), "speedup": round(ms["dense"] / ms["model"], 3),
                    "dense_is_this_model": dense is exported}
