@@ -55,13 +55,17 @@ SIZES = ("tiny", "base", "minilm")
 
 
 def setup_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
-    """The device, the dtype the benchmark runs in there (bf16 on CUDA, fp32 on CPU) and its name; sets threads."""
+    """The device, the dtype the benchmark runs in there (``--dtype``; auto: bf16 on CUDA, fp32 on CPU) and its
+    name; sets threads."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    choice = getattr(args, "dtype", "auto")
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "fp32"
+    dtype = torch.bfloat16 if choice == "bf16" else torch.float32
     return device, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
@@ -192,6 +196,8 @@ def table_main(argv: list[str]) -> int:
     parser.add_argument("--model", default=None, help="--size minilm: a model path instead of the offline package")
     parser.add_argument("--cache_path", default=None, help="sparsify's decision cache file")
     parser.add_argument("--jsonl", default=None, help="append one JSON line per row here")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="every model (dense baseline included) in this dtype; auto: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--bf16_baseline", choices=("auto", "on", "off"), default="auto",
                         help="CPU fp32: also time the dense model in bf16 (what a user would run on a CPU with bf16 "
                              "units) and report each row against it; auto: when the CPU has AVX512-BF16 or AMX")
