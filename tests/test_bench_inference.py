@@ -33,6 +33,22 @@ def test_tiny_inference_benchmark_table_and_jsonl(tmp_path):
     assert "rule policy never slower than dense here" in proc.stdout
 
 
+def test_bf16_run_times_every_model_in_bf16(tmp_path):
+    """--dtype bf16 on a CPU: the dense baseline is bf16 too (what CAP-f cleaned must beat on an AMX CPU)."""
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_inference.py"), "--size", "tiny", "--device", "cpu",
+           "--threads", "1", "--reps", "1", "--kinds", "cap-f,90%", "--batches", "1", "--dtype", "bf16",
+           "--jsonl", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kind"], r["dtype"]) for r in rows] == [("cap-f", "bfloat16"), ("90%", "bfloat16")]
+    for r in rows:
+        assert "dense_bf16_ms" not in r  # the baseline already is dense bf16
+        assert r["max_logit_diff"] <= 0.05, r  # bf16 rounding, not a different model
+
+
 def test_cpu_breakdown_splits_each_forward_by_operator_kind():
     """benchmarks/cpu_breakdown.py: our CSR kernel counts as the sparse model's linears, every model gets a wall
     time, and the printed bound is the dense forward over the sparse one's time outside its linears."""
