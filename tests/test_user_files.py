@@ -258,3 +258,25 @@ def test_bad_max_samples(tmp_path, sst2, value):
     with pytest.raises(DataFileError, match="--max_eval_samples"):
         load_user_data(DataFiles(train_file=train, validation_file=dev, label_column_name="sentiment"),
                        max_eval_samples=value)
+
+
+def test_preflight_and_run_read_the_files_once_unless_they_change(tmp_path, sst2, monkeypatch):
+    """inspect_source (the preflight) and load_task_data (the run) share one read in a process; a file written in
+    between is read again."""
+    from transformers import AutoTokenizer
+
+    from cap_ds.data import sources
+    from cap_ds.data.models import default_model_path
+
+    reads = []
+    monkeypatch.setattr(sources, "load_user_data", lambda *a: reads.append(a) or load_user_data(*a))
+    monkeypatch.setattr(sources, "_LAST_READ", {})
+    train, dev = pair(tmp_path, sst2)
+    source = sources.DataSource(files=DataFiles(train_file=train, validation_file=dev,
+                                                label_column_name="sentiment"), max_seq_length=32)
+    task, rows = sources.inspect_source(source)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    assert len(sources.load_task_data(source, tokenizer).train) == rows == ROWS and len(reads) == 1
+    write(sst2["train"].head(ROWS - 1), Path(train))
+    os.utime(train, ns=(1, 1))  # a different modification time, whatever the clock's resolution
+    assert len(sources.load_task_data(source, tokenizer).train) == ROWS - 1 and len(reads) == 2

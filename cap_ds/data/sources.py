@@ -8,13 +8,14 @@ the model reads, the dev scorer and the test rows to predict."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 
 from cap_ds.data.batches import tokenize_dataset
-from cap_ds.data.files import DataFiles, data_name, load_user_data
+from cap_ds.data.files import DataFiles, UserData, data_name, load_user_data
 from cap_ds.data.glue import count_local_rows, load_glue_split
 from cap_ds.data.qa import QaPredictionSettings, prepare_features
 from cap_ds.data.scoring import QaEvalSet, Scorer
@@ -75,6 +76,32 @@ def _qa_split(source: DataSource, split: str) -> datasets.Dataset:
                          flag="--train_file" if split == "train" else "--validation_file")
 
 
+# The last user data this process read, keyed by the flags and each local file's size and modification time:
+# the preflight check and the run read a user's files once, and a file changed in between is read again.
+_LAST_READ: dict[tuple, UserData] = {}
+
+
+def _file_stamps(files: DataFiles) -> tuple:
+    stamps = []
+    for path in (files.train_file, files.validation_file, files.test_file):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None  # load_user_data names the missing file
+        stamps.append(None if st is None else (path, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
+
+def _user_data(source: DataSource) -> UserData:
+    """``load_user_data`` for ``source``, read once per process while the files are unchanged."""
+    key = (source.files, source.max_train_samples, source.max_eval_samples, _file_stamps(source.files))
+    if key not in _LAST_READ:
+        data = load_user_data(source.files, source.max_train_samples, source.max_eval_samples)
+        _LAST_READ.clear()
+        _LAST_READ[key] = data
+    return _LAST_READ[key]
+
+
 def inspect_source(source: DataSource) -> tuple[TaskSpec, int | None]:
     """The task and the training-set size (None: known once loaded, e.g. hub GLUE data or QA windows), after
     reading and checking what can be read now; bad data is a one-line UserError."""
@@ -83,7 +110,7 @@ def inspect_source(source: DataSource) -> tuple[TaskSpec, int | None]:
             _qa_split(source, split)
         return qa_task(data_name(source.files)), None
     if source.files is not None:
-        data = load_user_data(source.files, source.max_train_samples, source.max_eval_samples)
+        data = _user_data(source)
         return data.task, len(data.train)
     task = get_task(source.task_name or "sst2")
     if source.data_dir is None:
@@ -98,7 +125,7 @@ def load_task_data(source: DataSource, tokenizer: Any) -> TaskData:
     if source.is_qa:
         return _load_qa(source, tokenizer)
     if source.files is not None:
-        data = load_user_data(source.files, source.max_train_samples, source.max_eval_samples)
+        data = _user_data(source)
         task, splits = data.task, {"train": data.train, "validation": data.validation, "test": data.test}
     else:
         task = get_task(source.task_name or "sst2")
