@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
+from timing import add_host_memory_flag, apply_host_memory, interleaved  # noqa: E402  (benchmarks/ is on sys.path)
 from torch import nn  # noqa: E402
 
 KINDS = ("90%", "2:4", "cap-f")
@@ -56,7 +56,7 @@ SIZES = ("tiny", "base", "minilm")
 
 def setup_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
     """The device, the dtype the benchmark runs in there (``--dtype``; auto: bf16 on CUDA, fp32 on CPU) and its
-    name; sets threads."""
+    name; sets threads and, on the CPU, ``--host_memory``."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.threads:
@@ -66,7 +66,10 @@ def setup_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
     if choice == "auto":
         choice = "bf16" if device.type == "cuda" else "fp32"
     dtype = torch.bfloat16 if choice == "bf16" else torch.float32
-    return device, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if device.type == "cuda":
+        return device, dtype, torch.cuda.get_device_name(device)
+    args.host_memory_mode = apply_host_memory(args)  # for the header and the JSON rows
+    return device, dtype, "CPU"
 
 
 @torch.no_grad()
@@ -201,6 +204,7 @@ def table_main(argv: list[str]) -> int:
     parser.add_argument("--bf16_baseline", choices=("auto", "on", "off"), default="auto",
                         help="CPU fp32: also time the dense model in bf16 (what a user would run on a CPU with bf16 "
                              "units) and report each row against it; auto: when the CPU has AVX512-BF16 or AMX")
+    add_host_memory_flag(parser)
     parser.add_argument("--noise", type=float, default=0.05,
                         help="timing noise allowed when checking that the rule policy is never slower (0.05: 5 %%)")
     args = parser.parse_args(argv)
@@ -228,7 +232,8 @@ def table_main(argv: list[str]) -> int:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, vocab // 2), vocab, (max(batches), args.seq), generator=gen).to(device)
     print(f"model {args.size} ({type(dense).__name__}, {dense.config.num_hidden_layers} layers, hidden "
-          f"{dense.config.hidden_size}), {device_name}, {str(dtype).replace('torch.', '')}, seq {args.seq}, "
+          f"{dense.config.hidden_size}), {device_name}"
+          + (f" (host memory {args.host_memory_mode})" if device.type == "cpu" else "") + f", {str(dtype).replace('torch.', '')}, seq {args.seq}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, fastest of {args.reps} interleaved "
           "rounds (medians in --jsonl)")
     header = (f"| {'pruning':<6} | {'policy':<7} | {'batch':>5} | {'formats (layers)':<28} | {'dense ms':>9} | "
@@ -264,6 +269,7 @@ def table_main(argv: list[str]) -> int:
                        "speedup": t["dense"][0] / t["sparse"][0], "dense_ms_median": t["dense"][1] * 1e3,
                        "sparse_ms_median": t["sparse"][1] * 1e3, "max_logit_diff": float(diff),
                        "sparsify_s": summary.seconds, "weight_sparsity": summary.sparsity, "device": device_name,
+                       "host_memory": getattr(args, "host_memory_mode", None),
                        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                        "torch": torch.__version__}
                 extra = ""
@@ -326,6 +332,7 @@ def layers_main(argv: list[str]) -> int:
                         help="(in, out) pairs: roberta-large = the FFN 1024->4096 and 4096->1024")
     parser.add_argument("--tokens", default="128,4096")
     parser.add_argument("--patterns", default="2:4,0.9", help="2:4 and/or unstructured sparsities, e.g. 2:4,0.9")
+    add_host_memory_flag(parser)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--jsonl", default=None)
@@ -367,7 +374,8 @@ def layers_main(argv: list[str]) -> int:
                 for name, t in times.items():
                     row = {"in": n_in, "out": n_out, "weight": pattern, "tokens": tokens, "path": name, "ms": t * 1e3,
                            "speedup": times["dense F.linear"] / t, "max_diff": diffs[name], "sparsify": sparsify_keeps,
-                           "device": device_name, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__}
+                           "device": device_name, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+                           "host_memory": getattr(args, "host_memory_mode", None)}
                     rows.append(row)
                     print(f"| {f'{n_in}->{n_out}':<10} | {pattern:<6} | {tokens:>6} | {name:<28} | {t * 1e3:>8.3f} | "
                           f"{row['speedup']:>6.2f}x | {row['max_diff']:>8.1e} | {sparsify_keeps:<14} |", flush=True)
@@ -388,8 +396,10 @@ def legacy_main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--policy", default="csr", help="sparsify policy (csr: the kernel this target was set for)")
+    add_host_memory_flag(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"host memory: {apply_host_memory(args)}")
 
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging

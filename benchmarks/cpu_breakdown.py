@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from timing import add_host_memory_flag, apply_host_memory  # noqa: E402
 
 #: operator kind -> profiler op names (self time); anything else is "other"
 KINDS = {
@@ -123,9 +124,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--policy", default="csr", help="sparsify policy for the sparse model (csr: our kernel "
                     "in every layer, the path this explains)")
     ap.add_argument("--jsonl", default=None, help="append one JSON line per (dtype, batch) here")
+    add_host_memory_flag(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    host_memory = apply_host_memory(args)
     from transformers.utils import logging as hf_logging
 
     from cap_ds.run.speed import load_export
@@ -144,10 +147,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       "attention_mask": torch.ones(batch, args.seq, dtype=torch.long)}
             split = breakdown({"dense": dense, "sparse": sparse}, inputs, args.rounds)
             label = (f"{dtype_name}, batch {batch} x seq {args.seq}, {torch.get_num_threads()} threads, sparsify "
-                     f"policy {args.policy}")
+                     f"policy {args.policy}, host memory {host_memory}")
             print("\n".join(report(label, split)), flush=True)
             row = {"dtype": dtype_name, "batch": batch, "seq": args.seq, "threads": torch.get_num_threads(),
-                   "policy": args.policy, "ms": {m: {k: round(v, 3) for k, v in s.items()} for m, s in split.items()}}
+                   "policy": args.policy, "host_memory": host_memory, "ms": {m: {k: round(v, 3) for k, v in s.items()} for m, s in split.items()}}
             rows.append(row)
             if args.jsonl:
                 with open(args.jsonl, "a") as f:

@@ -22,7 +22,7 @@ def test_tiny_inference_benchmark_table_and_jsonl(tmp_path):
     assert {(r["kind"], r["policy"], r["batch"]) for r in rows} == {
         (k, p, b) for k in ("90%", "2:4", "cap-f") for p in ("measure", "rule") for b in (1, 32)}
     for r in rows:
-        assert r["device"] == "CPU" and r["dtype"] == "float32" and r["seq"] == 128
+        assert r["device"] == "CPU" and r["host_memory"] == "retained" and r["dtype"] == "float32" and r["seq"] == 128
         assert r["max_logit_diff"] <= 1e-4, r  # fp32: sparsified (or cleaned) model == its dense reference
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] > 0
         if r["kind"] == "cap-f":

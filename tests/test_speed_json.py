@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cap_ds.run import speed
+from cap_ds.runtime.host_memory import restore_default_memory
 from cap_ds.runtime.manifest import verify_folder, write_folder_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -40,9 +41,13 @@ def test_unstructured_export_gets_speed_json_card_and_manifest(tmp_path):
     model = tiny_bert()
     magnitude_prune_(model, 0.9)
     folder = export(model, tmp_path / "final")
-    result = speed.main([str(folder), *FAST])
+    try:
+        result = speed.main([str(folder), *FAST])  # --host_memory retain, the default
+    finally:
+        restore_default_memory()  # process-wide: give this test process glibc's behaviour back
     saved = json.loads((folder / "speed.json").read_text())
     assert saved == json.loads(json.dumps(result))
+    assert saved["host_memory"] == "retained"
     assert [(r["dtype"], r["batch"]) for r in saved["rows"]] == [("fp32", 1), ("fp32", 2)]
     for row in saved["rows"]:
         assert row["dense_ms"] > 0 and row["model_ms"] > 0 and row["speedup"] == pytest.approx(
@@ -50,10 +55,13 @@ def test_unstructured_export_gets_speed_json_card_and_manifest(tmp_path):
         assert row["max_abs_logit_diff"] < 1e-4 and sum(row["formats"].values()) == 12
     card = (folder / "README.md").read_text()
     assert "python -m cap_ds.run.speed" in card and "| fp32 | 1 x 16 |" in card and "Not measured" not in card
+    assert "retain_freed_memory()" in card
     assert card.endswith("## Limitations\n\n- none\n")
     assert verify_folder(folder) == []  # the manifest covers speed.json and the new card
-    speed.main([str(folder), *FAST])  # measuring again replaces the figures
+    speed.main([str(folder), *FAST, "--host_memory", "default"])  # measuring again replaces the figures
     assert verify_folder(folder) == []
+    assert json.loads((folder / "speed.json").read_text())["host_memory"] == "default"
+    assert "retain_freed_memory()" not in (folder / "README.md").read_text()
 
 
 def test_capf_export_is_timed_against_the_unpruned_architecture(tmp_path):

@@ -161,7 +161,16 @@ def speed_section(folder: Path) -> str:
             f"{speed.get('torch')}, {speed.get('statistic')}); dense: {speed.get('dense')}.\n\n"
             "| dtype | batch x tokens | dense ms | this model ms | speed-up | ONNX Runtime ms |\n"
             "|---|---|---|---|---|---|\n" + rows + _accuracy_lines(speed) + _fastest_lines(speed)
-            + "\nThe raw figures (and each layer's format) are in `speed.json`.\n")
+            + _host_memory_line(speed) + "\nThe raw figures (and each layer's format) are in `speed.json`.\n")
+
+
+def _host_memory_line(speed: dict[str, Any]) -> str:
+    """How the CPU figures were taken with respect to page faults (cap_ds/runtime/host_memory.py)."""
+    if speed.get("host_memory") != "retained":
+        return ""
+    return ("\nCPU figures taken with freed memory kept in the process (`cap_ds.runtime.host_memory."
+            "retain_freed_memory()`, dense and this model alike): serve it so too, or glibc's page faults add "
+            "the same milliseconds to both and shrink the speed-up.\n")
 
 
 def _accuracy_lines(speed: dict[str, Any]) -> str:

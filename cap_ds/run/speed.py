@@ -8,7 +8,8 @@
 as they are (zeros inside dense matrices) against ``cap_ds.sparse.sparsify`` of them (``policy="measure"``: each
 layer's fastest format here); for a CAP-f export (heads and FFN neurons removed), the model of the original,
 unpruned sizes against the cleaned one as it is. Every pair is timed in interleaved rounds under the same load,
-the median of the rounds reported; the logits of the served path are compared with the dense path's (same
+the median of the rounds reported (on the CPU with freed memory kept in the process, as a server should run:
+``--host_memory``); the logits of the served path are compared with the dense path's (same
 weights) in fp32. The export's ``files.json`` is rewritten to cover the new files, after the folder verified.
 """
 
@@ -29,6 +30,7 @@ import torch
 from cap_ds.run.model_card import CARD_FILE, SPEED_FILE, speed_section
 from cap_ds.runtime.atomic import write_json
 from cap_ds.runtime.errors import UserError
+from cap_ds.runtime.host_memory import host_memory_mode, retain_freed_memory
 from cap_ds.runtime.manifest import verify_folder, write_folder_manifest
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -180,6 +182,8 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
     speed = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
              "dense": dense_what, "rounds": rounds, "statistic": "median of interleaved rounds",
              "date": datetime.date.today().isoformat(), "rows": rows, "fastest": fastest(rows, accuracy)}
+    if device.type == "cpu":
+        speed["host_memory"] = host_memory_mode()
     if labelled is not None:
         speed["accuracy"] = {"file": labelled.path, "examples": len(labelled), **accuracy}
     return speed
@@ -232,6 +236,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seq_length", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (the median is kept)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--host_memory", choices=("retain", "default"), default="retain",
+                    help="CPU: retain (default): freed activations stay in the process for reuse, as a server "
+                         "should run (cap_ds.runtime.host_memory); default: glibc's own behaviour, which "
+                         "page-faults on every large activation")
     ap.add_argument("--onnx", action="store_true",
                     help="also time the model (and a cleaned model's dense self) under ONNX Runtime (CPU, fp32)")
     ap.add_argument("--validation_file", default=None,
@@ -257,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and args.host_memory == "retain":
+        retain_freed_memory()
     try:
         labelled = None
         if args.validation_file:
