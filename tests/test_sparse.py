@@ -72,6 +72,37 @@ def test_sparse_linear_matches_dense_fp32(op, two_threads, tokens, sparsity):
         torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
+TILE_CHECK = r"""
+import torch, torch.nn.functional as F
+from cap_ds.ops import load_kernels
+from cap_ds.sparse import pack_csr
+op = load_kernels()
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+for tokens in (1, 17, 32, 33, 64, 65, 96, 130, 300):
+    for n_out, n_in in ((37, 53), (64, 384), (130, 17)):
+        w = torch.randn(n_out, n_in, generator=g)
+        w[torch.rand(n_out, n_in, generator=g) < 0.9] = 0
+        x, b = torch.randn(tokens, n_in, generator=g), torch.randn(n_out, generator=g)
+        y = op.csr_linear(x, *pack_csr(w), b, n_out)
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("tile", ["32", "64"])
+def test_both_token_tile_widths_match_dense(op, tile):
+    """The kernel's tile width is fixed when it loads (32 tokens where L1 holds >= 48 KiB, else 64): run both, in
+    a subprocess each, across the tile edges and both schedules."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TILE_CHECK], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CAP_DS_CSR_TILE": tile})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("n_out,n_in", [(1, 1), (3, 7), (37, 53), (17, 300), (130, 17)])
 def test_sparse_linear_odd_shapes_empty_rows_and_columns(op, two_threads, n_out, n_in):
     w = sparse_weight(n_out, n_in, 0.7, seed=n_out)
