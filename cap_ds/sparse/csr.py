@@ -69,13 +69,25 @@ def torch_csr_linear(x2: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
         return None
 
 
-def kernel_linear(x2: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """``x2 @ W^T + b`` on the CSR kernel for a ``SparseLinear``-like ``layer`` (``row_ptr``, ``col_idx``,
-    ``values``, ``bias``, ``out_features``, ``cached_dense_weight()``); differentiable in ``x2`` when needed."""
+def kernel_for(x: torch.Tensor):
+    """The loaded op where it has a CSR kernel for ``x``'s device and dtype, else None (one lookup of the op: this
+    runs on every forward of every sparse layer)."""
+    if x.dtype not in KERNEL_DTYPES:
+        return None
+    module = load_kernels()
+    if module is None or (x.device.type != "cpu" and not (x.device.type == "cuda" and module.with_cuda())):
+        return None
+    return module
+
+
+def kernel_linear(x2: torch.Tensor, layer: nn.Module, module=None) -> torch.Tensor:
+    """``x2 @ W^T + b`` on the CSR kernel (``module``: the loaded op, looked up when not given) for a
+    ``SparseLinear``-like ``layer`` (``row_ptr``, ``col_idx``, ``values``, ``bias``, ``out_features``,
+    ``cached_dense_weight()``); differentiable in ``x2`` when needed."""
     if torch.is_grad_enabled() and x2.requires_grad:
         return CSRLinearFunction.apply(x2, layer)
-    return load_kernels().csr_linear(x2, layer.row_ptr, layer.col_idx, layer.values, layer.bias,
-                                     layer.out_features)
+    return (module or load_kernels()).csr_linear(x2, layer.row_ptr, layer.col_idx, layer.values, layer.bias,
+                                                 layer.out_features)
 
 
 class CSRLinearFunction(torch.autograd.Function):

@@ -169,8 +169,9 @@ class SparseLinear(nn.Module):
 
     def csr_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """The CSR path: our kernel where it has this device/dtype, else PyTorch."""
-        if csr.kernel_applies(x2):
-            return csr.kernel_linear(x2, self)
+        module = csr.kernel_for(x2)
+        if module is not None:
+            return csr.kernel_linear(x2, self, module)
         return self.reference_forward(x2)
 
     def semi_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
