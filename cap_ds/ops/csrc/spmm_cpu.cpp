@@ -4,8 +4,9 @@
 // packed into fp32 tiles of T = 32 or 64 tokens (kTile) laid out [K][T] (x^T per tile, transposed 16x16 in
 // registers), so every nonzero (n, k) becomes an axpy  acc[0:T] += W[n,k] * xt[k, 0:T]  over contiguous, aligned
 // memory: two or four 16-wide FMAs, accumulators in registers, one broadcast per nonzero. A tile of x^T
-// (K*T*4 bytes) stays in L1 or L2 while all rows sweep it. Each block of 16 rows is accumulated in a small L1 buffer and written back
-// transposed (16 consecutive outputs per token, 16x16 in registers), with the bias added there.
+// (K*T*4 bytes) stays in L1 or L2 while all rows sweep it. Each block of 16 rows is accumulated in a small L1
+// buffer and written back transposed (16 consecutive outputs per token, 16x16 in registers), with the bias
+// added there. A short input gets narrower tiles (16 or 32 tokens), one per thread.
 // Vectors are GCC vector extensions: zmm with -march supporting AVX-512, ymm pairs on AVX2, NEON on ARM.
 #include <ATen/Parallel.h>
 #include <unistd.h>
@@ -48,7 +49,7 @@ const int64_t kTile = pick_tile();
 constexpr int64_t kRowBlock = 16;  // output features accumulated before the transposed write-back
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-inline int64_t tile_width(int64_t M, int64_t m0) { return std::min(kTile, round_up(M - m0, kLanes)); }
+inline int64_t tile_width(int64_t M, int64_t m0, int64_t T) { return std::min(T, round_up(M - m0, kLanes)); }
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
@@ -103,12 +104,12 @@ inline vf load_x(const scalar_t* src, int64_t sk, int64_t count) {
   return load(tmp);
 }
 
-// Packs tokens mg..mg+15, columns k0..k1 of x (any strides) into the fp32 tile of the kTile tokens from m0 (mg is
+// Packs tokens mg..mg+15, columns k0..k1 of x (any strides) into the fp32 tile of the T tokens from m0 (mg is
 // one of them): tile[k * w + i] = x[m0 + i, k], w = tile width (a multiple of 16, zero padded). 16x16 transposes.
 template <typename scalar_t>
 void pack_group(const scalar_t* x, int64_t M, int64_t sm, int64_t sk, int64_t mg, int64_t k0, int64_t k1,
-                float* tile) {
-  const int64_t m0 = mg / kTile * kTile, w = tile_width(M, m0), i0 = mg - m0;
+                float* tile, int64_t T) {
+  const int64_t m0 = mg / T * T, w = tile_width(M, m0, T), i0 = mg - m0;
   vf r[kLanes];
   for (int64_t kk = k0; kk < k1; kk += kLanes) {
     const int64_t kc = std::min(kLanes, k1 - kk);
@@ -236,9 +237,9 @@ float* scratch(int64_t n) {
 }
 
 template <typename scalar_t>
-void run_tile(const float* xt, int64_t M, int64_t m0, int64_t rb0, int64_t rb1, int64_t N, const int32_t* row_ptr,
-              const int32_t* col, const scalar_t* val, const scalar_t* bias, scalar_t* y) {
-  const int64_t w = tile_width(M, m0), valid = std::min(kTile, M - m0);
+void run_tile(const float* xt, int64_t M, int64_t m0, int64_t T, int64_t rb0, int64_t rb1, int64_t N,
+              const int32_t* row_ptr, const int32_t* col, const scalar_t* val, const scalar_t* bias, scalar_t* y) {
+  const int64_t w = tile_width(M, m0, T), valid = std::min(T, M - m0);
   switch (w / kLanes) {
     case 1: return tile_rows<1>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y);
     case 2: return tile_rows<2>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y);
@@ -288,15 +289,21 @@ void csr_linear_kernel(const at::Tensor& x, const int32_t* row_ptr, const int32_
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t nblocks = (N + kRowBlock - 1) / kRowBlock;
-  const int64_t ntiles = (M + kTile - 1) / kTile;
   const int64_t threads = std::max(1, at::get_num_threads());
+  // Tokens per tile: kTile, or narrower (a multiple of 16) so that each thread gets a tile of a short input
+  // (e.g. one sentence of 32 tokens on 2 threads: two 16-token tiles instead of the row split).
+  int64_t T = kTile;
+  if (threads > 1 && (M + T - 1) / T < threads && M > kLanes) {
+    T = std::max(kLanes, round_up((M + threads - 1) / threads, kLanes));
+  }
+  const int64_t ntiles = (M + T - 1) / T;
 
   if (threads == 1 || ntiles >= threads) {
     run_tasks(ntiles, threads, [&](int64_t t) {
-      float* tile = scratch(K * kTile);
-      const int64_t m0 = t * kTile, m1 = std::min(M, m0 + kTile);
-      for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, tile);
-      run_tile(tile, M, m0, 0, nblocks, N, row_ptr, col, val, bias, py);
+      float* tile = scratch(K * T);
+      const int64_t m0 = t * T, m1 = std::min(M, m0 + T);
+      for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, tile, T);
+      run_tile(tile, M, m0, T, 0, nblocks, N, row_ptr, col, val, bias, py);
     });
     return;
   }
@@ -307,7 +314,7 @@ void csr_linear_kernel(const at::Tensor& x, const int32_t* row_ptr, const int32_
   const int64_t nkb = (K + kb - 1) / kb;
   run_tasks(ngroups * nkb, threads, [&](int64_t it) {
     const int64_t mg = (it / nkb) * kLanes, k0 = (it % nkb) * kb;
-    pack_group(px, M, sm, sk, mg, k0, std::min(K, k0 + kb), xp + mg / kTile * kTile * K);
+    pack_group(px, M, sm, sk, mg, k0, std::min(K, k0 + kb), xp + mg / T * T * K, T);
   });
   const int64_t parts = std::max<int64_t>(1, std::min(4 * threads, nblocks));
   const int64_t nnz = row_ptr[N];
@@ -320,8 +327,8 @@ void csr_linear_kernel(const at::Tensor& x, const int32_t* row_ptr, const int32_
   }
   run_tasks(parts, threads, [&](int64_t t) {
     if (bounds[t] >= bounds[t + 1]) return;
-    for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-      run_tile(xp + m0 * K, M, m0, bounds[t], bounds[t + 1], N, row_ptr, col, val, bias, py);
+    for (int64_t m0 = 0; m0 < M; m0 += T) {
+      run_tile(xp + m0 * K, M, m0, T, bounds[t], bounds[t + 1], N, row_ptr, col, val, bias, py);
     }
   });
 }
