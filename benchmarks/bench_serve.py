@@ -23,6 +23,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_inference import base_model, capf_clean, magnitude_prune_, timed  # noqa: E402
+from timing import add_host_memory_flag, apply_host_memory  # noqa: E402
 
 from cap_ds.sparse import sparsify  # noqa: E402
 from cap_ds.sparse.serve import BucketServer  # noqa: E402
@@ -49,10 +50,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--compile", action="store_true", help="also torch.compile(mode='reduce-overhead') rows")
     ap.add_argument("--jsonl", default=None)
+    add_host_memory_flag(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
+    host_memory = apply_host_memory(args) if device.type == "cpu" else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
     buckets = [(b, args.seq) for b in batches]
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "dtype": str(dtype).replace("torch.", ""), "model": name, "mode": mode, "batch": batch,
                    "seq": args.seq, "ms": round(1000 * median, 3), "ms_fastest": round(1000 * fastest, 3),
                    "speedup_vs_dense_" + base_mode: round(base / median, 3)}
+            if host_memory:
+                row["host_memory"] = host_memory
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.jsonl:
