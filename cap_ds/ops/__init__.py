@@ -20,7 +20,14 @@ May import: ``runtime`` only.
 
 from __future__ import annotations
 
-from cap_ds.ops.loader import kernel_mode, kernels_available, kernels_enabled, kernels_support, load_kernels
+from cap_ds.ops.loader import (
+    kernel_mode,
+    kernels_available,
+    kernels_enabled,
+    kernels_for,
+    kernels_support,
+    load_kernels,
+)
 from cap_ds.ops.masked_linear import (
     kernel_wanted,
     masked_linear,
@@ -28,5 +35,5 @@ from cap_ds.ops.masked_linear import (
     recomputed_masked_linear,
 )
 
-__all__ = ["kernel_mode", "kernel_wanted", "kernels_available", "kernels_enabled", "kernels_support", "load_kernels",
-           "masked_linear", "masked_linear_reference", "recomputed_masked_linear"]
+__all__ = ["kernel_mode", "kernel_wanted", "kernels_available", "kernels_enabled", "kernels_for", "kernels_support",
+           "load_kernels", "masked_linear", "masked_linear_reference", "recomputed_masked_linear"]

@@ -83,10 +83,16 @@ def kernels_available() -> bool:
     return load_kernels() is not None
 
 
-def kernels_support(device: torch.device | str) -> bool:
-    """True when the loaded op has kernels for tensors on ``device`` (CPU always; CUDA if compiled in)."""
+def kernels_for(device: torch.device | str) -> ModuleType | None:
+    """The loaded op when it has kernels for tensors on ``device`` (CPU always; CUDA if compiled in), else None
+    (one lookup of the op: the sparse layers call this on every forward)."""
     module = load_kernels()
     if module is None:
-        return False
-    kind = torch.device(device).type
-    return kind == "cpu" or (kind == "cuda" and bool(module.with_cuda()))
+        return None
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return module if kind == "cpu" or (kind == "cuda" and bool(module.with_cuda())) else None
+
+
+def kernels_support(device: torch.device | str) -> bool:
+    """True when the loaded op has kernels for tensors on ``device`` (CPU always; CUDA if compiled in)."""
+    return kernels_for(device) is not None

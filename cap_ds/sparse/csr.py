@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from cap_ds.ops import kernels_support, load_kernels
+from cap_ds.ops import kernels_for, load_kernels
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: dtypes ``torch.sparse.mm`` multiplies a CSR tensor in (the others fall back to the densified weight)
@@ -51,7 +51,7 @@ def unpack_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tenso
 
 def kernel_applies(x: torch.Tensor) -> bool:
     """True where the loaded op has a CSR kernel for ``x``'s device and dtype (False when kernels are off)."""
-    return x.dtype in KERNEL_DTYPES and kernels_support(x.device)
+    return kernel_for(x) is not None
 
 
 def torch_csr_linear(x2: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
@@ -70,14 +70,8 @@ def torch_csr_linear(x2: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
 
 
 def kernel_for(x: torch.Tensor):
-    """The loaded op where it has a CSR kernel for ``x``'s device and dtype, else None (one lookup of the op: this
-    runs on every forward of every sparse layer)."""
-    if x.dtype not in KERNEL_DTYPES:
-        return None
-    module = load_kernels()
-    if module is None or (x.device.type != "cpu" and not (x.device.type == "cuda" and module.with_cuda())):
-        return None
-    return module
+    """The loaded op where it has a CSR kernel for ``x``'s device and dtype, else None."""
+    return kernels_for(x.device) if x.dtype in KERNEL_DTYPES else None
 
 
 def kernel_linear(x2: torch.Tensor, layer: nn.Module, module=None) -> torch.Tensor:

@@ -119,19 +119,26 @@ void pack_group(const scalar_t* x, int64_t M, int64_t sm, int64_t sk, int64_t mg
   }
 }
 
-// out[0 : NV*16] = sum_p val[p] * xt[idx[p], 0 : NV*16]: one row's accumulators in registers (NV vectors). The
-// rows go two at a time through sparse_row2; this one takes the odd row of a block.
+// a[0 : NV] += sum over p in [p0, p1) of val[p] * xt[idx[p], 0 : NV*16]: one row's accumulators in registers.
 template <int NV, typename scalar_t>
-inline void sparse_row(const float* __restrict__ xt, const int32_t* __restrict__ idx,
-                       const scalar_t* __restrict__ val, int64_t nnz, float* __restrict__ out) {
+inline void accumulate(const float* __restrict__ xt, const int32_t* __restrict__ idx,
+                       const scalar_t* __restrict__ val, int64_t p0, int64_t p1, vf* a) {
   constexpr int64_t w = NV * kLanes;
-  vf a[NV];
-  for (int j = 0; j < NV; ++j) a[j] = vf{};
-  for (int64_t p = 0; p < nnz; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     const float v = static_cast<float>(val[p]);
     const float* x = xt + static_cast<int64_t>(idx[p]) * w;
     for (int j = 0; j < NV; ++j) a[j] += v * load(x + j * kLanes);
   }
+}
+
+// out[0 : NV*16] = sum_p val[p] * xt[idx[p], 0 : NV*16] for one row. The rows go two at a time through
+// sparse_row2; this one takes the odd row of a block.
+template <int NV, typename scalar_t>
+inline void sparse_row(const float* __restrict__ xt, const int32_t* __restrict__ idx,
+                       const scalar_t* __restrict__ val, int64_t nnz, float* __restrict__ out) {
+  vf a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = vf{};
+  accumulate<NV>(xt, idx, val, 0, nnz, a);
   for (int j = 0; j < NV; ++j) store(out + j * kLanes, a[j]);
 }
 
@@ -156,16 +163,8 @@ inline void sparse_row2(const float* __restrict__ xt, const int32_t* __restrict_
       b[j] += vb * load(xb + j * kLanes);
     }
   }
-  for (int64_t p = common; p < n0; ++p) {
-    const float va = static_cast<float>(v0[p]);
-    const float* xa = xt + static_cast<int64_t>(i0[p]) * w;
-    for (int j = 0; j < NV; ++j) a[j] += va * load(xa + j * kLanes);
-  }
-  for (int64_t p = common; p < n1; ++p) {
-    const float vb = static_cast<float>(v1[p]);
-    const float* xb = xt + static_cast<int64_t>(i1[p]) * w;
-    for (int j = 0; j < NV; ++j) b[j] += vb * load(xb + j * kLanes);
-  }
+  accumulate<NV>(xt, i0, v0, common, n0, a);  // the longer row's rest
+  accumulate<NV>(xt, i1, v1, common, n1, b);
   for (int j = 0; j < NV; ++j) {
     store(o0 + j * kLanes, a[j]);
     store(o1 + j * kLanes, b[j]);
@@ -278,7 +277,7 @@ void run_tasks(int64_t ntasks, int64_t threads, const F& fn) {
 
 // Two schedules, both on run_tasks (dynamic claiming). At least one token tile per thread: one task per tile;
 // a task packs its tile into its thread's buffer and multiplies it against all rows (no barrier between packing
-// and compute, the tile hot in that core's L2, memory O(threads * K * 64)). Fewer tiles than threads: x is
+// and compute, the tile hot in that core's L1 or L2, memory O(threads * K * T)). Fewer tiles than threads: x is
 // packed once (it is small), then the rows are split into chunks of equal nonzero counts. (The row split used to
 // take up to 2 tiles per thread: at 128 tokens on 2 threads the tile split measured 1.5-1.9x faster for
 // MiniLM's shapes, AMX Xeon, 2026-12-06: one parallel region instead of two, no barrier.)
