@@ -231,9 +231,9 @@ def table_main(argv: list[str]) -> int:
     vocab = dense.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, vocab // 2), vocab, (max(batches), args.seq), generator=gen).to(device)
+    memory = f" (host memory {args.host_memory_mode})" if device.type == "cpu" else ""
     print(f"model {args.size} ({type(dense).__name__}, {dense.config.num_hidden_layers} layers, hidden "
-          f"{dense.config.hidden_size}), {device_name}"
-          + (f" (host memory {args.host_memory_mode})" if device.type == "cpu" else "") + f", {str(dtype).replace('torch.', '')}, seq {args.seq}, "
+          f"{dense.config.hidden_size}), {device_name}{memory}, {str(dtype).replace('torch.', '')}, seq {args.seq}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, fastest of {args.reps} interleaved "
           "rounds (medians in --jsonl)")
     header = (f"| {'pruning':<6} | {'policy':<7} | {'batch':>5} | {'formats (layers)':<28} | {'dense ms':>9} | "

@@ -111,11 +111,23 @@ def pruned_minilm(sparsity: float, tiny: bool) -> torch.nn.Module:
     return model.eval()
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+    """``--model`` / ``--sparsity`` / ``--tiny``: the model :func:`model_under_test` loads."""
     ap.add_argument("--model", default=None, help="an exported model folder (default: MiniLM pruned by magnitude)")
     ap.add_argument("--sparsity", type=float, default=0.9, help="without --model: the magnitude sparsity")
     ap.add_argument("--tiny", action="store_true", help="without --model: 2 layers (seconds; for the test)")
+
+
+def model_under_test(args: argparse.Namespace) -> torch.nn.Module:
+    """The export named by ``--model``, else MiniLM magnitude-pruned to ``--sparsity`` (``--tiny``: 2 layers)."""
+    from cap_ds.run.speed import load_export
+
+    return load_export(Path(args.model)) if args.model else pruned_minilm(args.sparsity, args.tiny)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_flags(ap)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--seq", type=int, default=128)
@@ -131,11 +143,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     host_memory = apply_host_memory(args)
     from transformers.utils import logging as hf_logging
 
-    from cap_ds.run.speed import load_export
     from cap_ds.sparse import sparsify
 
     hf_logging.set_verbosity_error()
-    base = load_export(Path(args.model)) if args.model else pruned_minilm(args.sparsity, args.tiny)
+    base = model_under_test(args)
     rows = []
     for dtype_name in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -150,7 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      f"policy {args.policy}, host memory {host_memory}")
             print("\n".join(report(label, split)), flush=True)
             row = {"dtype": dtype_name, "batch": batch, "seq": args.seq, "threads": torch.get_num_threads(),
-                   "policy": args.policy, "host_memory": host_memory, "ms": {m: {k: round(v, 3) for k, v in s.items()} for m, s in split.items()}}
+                   "policy": args.policy, "host_memory": host_memory,
+                   "ms": {m: {k: round(v, 3) for k, v in s.items()} for m, s in split.items()}}
             rows.append(row)
             if args.jsonl:
                 with open(args.jsonl, "a") as f:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from cpu_breakdown import add_model_flags, model_under_test  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:
@@ -39,15 +40,7 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    if args.model:
-        from cap_ds.run.speed import load_export
-
-        dense = load_export(Path(args.model))
-    else:
-        from cpu_breakdown import pruned_minilm
-
-        dense = pruned_minilm(args.sparsity, args.tiny)
-    dense = dense.eval()
+    dense = model_under_test(args).eval()
     sparse = sparsify(copy.deepcopy(dense), policy="csr")
     models = {"dense": dense, "sparse": sparse}
     for batch in (int(b) for b in args.batches.split(",")):
@@ -73,9 +66,7 @@ def child(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="an exported model folder (default: MiniLM pruned by magnitude)")
-    ap.add_argument("--sparsity", type=float, default=0.9, help="without --model: the magnitude sparsity")
-    ap.add_argument("--tiny", action="store_true", help="without --model: 2 layers (seconds; for the test)")
+    add_model_flags(ap)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)

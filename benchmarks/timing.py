@@ -31,15 +31,15 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3
 
 def add_host_memory_flag(parser) -> None:
     """``--host_memory``: whether freed activations stay in the process (see cap_ds/runtime/host_memory.py)."""
-    parser.add_argument("--host_memory", choices=("retain", "default"), default="retain",
+    from cap_ds.runtime.host_memory import CHOICES
+
+    parser.add_argument("--host_memory", choices=CHOICES, default="retain",
                         help="CPU: retain (default): glibc keeps freed blocks for reuse, as a serving process "
                              "should (no page faults per forward); default: glibc's own behaviour")
 
 
 def apply_host_memory(args) -> str:
     """Apply ``args.host_memory`` in this process; the mode in effect, for the printed header and JSON rows."""
-    from cap_ds.runtime.host_memory import host_memory_mode, retain_freed_memory
+    from cap_ds.runtime.host_memory import apply_choice
 
-    if getattr(args, "host_memory", "default") == "retain":
-        retain_freed_memory()
-    return host_memory_mode()
+    return apply_choice(args.host_memory)

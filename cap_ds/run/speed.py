@@ -30,7 +30,8 @@ import torch
 from cap_ds.run.model_card import CARD_FILE, SPEED_FILE, speed_section
 from cap_ds.runtime.atomic import write_json
 from cap_ds.runtime.errors import UserError
-from cap_ds.runtime.host_memory import host_memory_mode, retain_freed_memory
+from cap_ds.runtime.host_memory import CHOICES as HOST_MEMORY_CHOICES
+from cap_ds.runtime.host_memory import apply_choice, host_memory_mode
 from cap_ds.runtime.manifest import verify_folder, write_folder_manifest
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seq_length", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (the median is kept)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    ap.add_argument("--host_memory", choices=("retain", "default"), default="retain",
+    ap.add_argument("--host_memory", choices=HOST_MEMORY_CHOICES, default="retain",
                     help="CPU: retain (default): freed activations stay in the process for reuse, as a server "
                          "should run (cap_ds.runtime.host_memory); default: glibc's own behaviour, which "
                          "page-faults on every large activation")
@@ -265,8 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cpu" and args.host_memory == "retain":
-        retain_freed_memory()
+    if args.device == "cpu":
+        apply_choice(args.host_memory)
     try:
         labelled = None
         if args.validation_file:

@@ -70,6 +70,20 @@ def restore_default_memory() -> bool:
     return ok
 
 
+#: the values of the ``--host_memory`` flag of ``cap_ds.run.speed`` and the CPU benchmarks
+CHOICES = ("retain", "default")
+
+
+def apply_choice(choice: str) -> str:
+    """A ``--host_memory`` value applied: ``retain`` calls :func:`retain_freed_memory`, ``default`` leaves the
+    allocator as it is; returns :func:`host_memory_mode` (what the figures were taken under)."""
+    if choice not in CHOICES:
+        raise ValueError(f"host memory {choice!r}: allowed {', '.join(CHOICES)}")
+    if choice == "retain":
+        retain_freed_memory()
+    return host_memory_mode()
+
+
 def host_memory_mode() -> str:
     """``"retained"`` after :func:`retain_freed_memory`, ``"default"`` before (or after the undo), and
     ``"unsupported"`` where the C library is not glibc."""
