@@ -73,8 +73,19 @@ std::vector<std::optional<at::Tensor>> masked_linear_backward(const at::Tensor& 
   return out;
 }
 
+// A residual for the write-back: [tokens, out_features] in x's dtype and device, contiguous.
+std::optional<at::Tensor> residual_for(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                       int64_t out_features) {
+  if (!residual.has_value() || !residual->defined()) return std::nullopt;
+  TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device() &&
+                  residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == out_features,
+              op, ": residual must be [tokens, out_features] in x's dtype and device");
+  return residual->contiguous();
+}
+
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                      const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
+                      const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
+                      const std::optional<at::Tensor>& residual) {
   RECORD_FUNCTION("cap::csr_linear", std::vector<c10::IValue>({x, values}));
   TORCH_CHECK(x.dim() == 2, "csr_linear: x must be 2-D [tokens, in_features]");
   TORCH_CHECK(row_ptr.device() == x.device() && col_idx.device() == x.device() && values.device() == x.device(),
@@ -92,14 +103,53 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::
                 "csr_linear: bias must be [out_features] in x's dtype");
     b = bias->contiguous();
   }
+  const std::optional<at::Tensor> res = residual_for("csr_linear", x, residual, out_features);
   if (x.is_cuda()) {
 #ifdef CAP_WITH_CUDA
-    return csr_linear_cuda(x, row_ptr, col_idx, values, b, out_features);
+    at::Tensor y = csr_linear_cuda(x, row_ptr, col_idx, values, b, out_features);
+    return res.has_value() ? y.add_(*res) : y;
 #else
     TORCH_CHECK(false, "cap_masked_gemm was built without CUDA");
 #endif
   }
-  return csr_linear_cpu(x, row_ptr, col_idx, values, b, out_features);
+  return csr_linear_cpu(x, row_ptr, col_idx, values, b, out_features, res);
+}
+
+// Validated CSR arrays of one weight for x (the checks of csr_linear).
+CsrArrays csr_arrays(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                     const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
+  TORCH_CHECK(row_ptr.device() == x.device() && col_idx.device() == x.device() && values.device() == x.device(),
+              op, ": x and the CSR arrays must be on the same device");
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && col_idx.scalar_type() == at::kInt, op, ": indices must be int32");
+  TORCH_CHECK(row_ptr.is_contiguous() && col_idx.is_contiguous() && values.is_contiguous(),
+              op, ": CSR arrays must be contiguous");
+  TORCH_CHECK(row_ptr.numel() == out_features + 1, op, ": row_ptr must have out_features + 1 entries");
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": x (", x.scalar_type(), ") and weight values (",
+              values.scalar_type(), ") must have the same dtype");
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == out_features,
+                op, ": bias must be [out_features] in x's dtype");
+    b = bias->contiguous();
+  }
+  return CsrArrays{row_ptr, col_idx, values, b, out_features};
+}
+
+at::Tensor csr_ffn(const at::Tensor& x, const at::Tensor& row_ptr1, const at::Tensor& col_idx1,
+                   const at::Tensor& values1, const std::optional<at::Tensor>& bias1, int64_t hidden_features,
+                   int64_t activation, const at::Tensor& row_ptr2, const at::Tensor& col_idx2,
+                   const at::Tensor& values2, const std::optional<at::Tensor>& bias2, int64_t out_features,
+                   int64_t hidden_in, const std::optional<at::Tensor>& residual) {
+  RECORD_FUNCTION("cap::csr_ffn", std::vector<c10::IValue>({x, values1, values2}));
+  TORCH_CHECK(x.dim() == 2, "csr_ffn: x must be 2-D [tokens, in_features]");
+  TORCH_CHECK(x.device().is_cpu(), "csr_ffn: CPU only (on CUDA run the two csr_linear calls)");
+  TORCH_CHECK(hidden_in == hidden_features, "csr_ffn: the second weight takes ", hidden_in,
+              " inputs but the first gives ", hidden_features);
+  TORCH_CHECK(activation >= kActNone && activation <= kActRelu, "csr_ffn: activation code ", activation,
+              " (0 none, 1 gelu, 2 relu)");
+  const std::optional<at::Tensor> res = residual_for("csr_ffn", x, residual, out_features);
+  return csr_ffn_cpu(x, csr_arrays("csr_ffn", x, row_ptr1, col_idx1, values1, bias1, hidden_features), activation,
+                     csr_arrays("csr_ffn", x, row_ptr2, col_idx2, values2, bias2, out_features), res);
 }
 
 bool with_cuda() {
@@ -122,8 +172,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_linear_backward", &cap::masked_linear_backward, "[dx, dW, dM, db] of the masked linear",
         py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("mask"), py::arg("want_x"), py::arg("want_w"),
         py::arg("want_m"), py::arg("want_b"));
-  m.def("csr_linear", &cap::csr_linear, "x @ W^T + b with W in CSR", py::arg("x"), py::arg("row_ptr"),
-        py::arg("col_idx"), py::arg("values"), py::arg("bias") = py::none(), py::arg("out_features"));
+  m.def("csr_linear", &cap::csr_linear, "x @ W^T + b (+ residual) with W in CSR", py::arg("x"), py::arg("row_ptr"),
+        py::arg("col_idx"), py::arg("values"), py::arg("bias") = py::none(), py::arg("out_features"),
+        py::arg("residual") = py::none());
+  m.def("csr_ffn", &cap::csr_ffn, "act(x @ W1^T + b1) @ W2^T + b2, both weights in CSR, fused per token tile (CPU)",
+        py::arg("x"), py::arg("row_ptr1"), py::arg("col_idx1"), py::arg("values1"), py::arg("bias1"),
+        py::arg("hidden_features"), py::arg("activation"), py::arg("row_ptr2"), py::arg("col_idx2"),
+        py::arg("values2"), py::arg("bias2"), py::arg("out_features"), py::arg("hidden_in"),
+        py::arg("residual") = py::none());
   m.def("set_cpu_threading", &cap::set_cpu_threading, "0 (default): CPU sparse kernels on ATen's OpenMP team, 1: on TaskPool",
         py::arg("mode"));
   m.def("with_cuda", &cap::with_cuda, "whether the CUDA kernels were compiled in");

@@ -6,7 +6,9 @@
 // memory: two or four 16-wide FMAs, accumulators in registers, one broadcast per nonzero. A tile of x^T
 // (K*T*4 bytes) stays in L1 or L2 while all rows sweep it. Each block of 16 rows is accumulated in a small L1
 // buffer and written back transposed (16 consecutive outputs per token, 16x16 in registers), with the bias
-// added there. A short input gets narrower tiles (16 or 32 tokens), one per thread.
+// added there (and a residual, when given). A short input gets narrower tiles (16 or 32 tokens), one per thread.
+// csr_ffn chains two products per tile: the first writes its rows straight into a [N][T] tile (the packed layout
+// the second one reads), the activation runs on it there, and only the second product is written back.
 // Vectors are GCC vector extensions: zmm with -march supporting AVX-512, ymm pairs on AVX2, NEON on ARM.
 #include <ATen/Parallel.h>
 #include <unistd.h>
@@ -47,6 +49,16 @@ int64_t pick_tile() {
 }
 const int64_t kTile = pick_tile();
 constexpr int64_t kRowBlock = 16;  // output features accumulated before the transposed write-back
+
+// One CSR weight as the fused FFN's tile loops take it.
+template <typename scalar_t>
+struct CsrWeight {
+  const int32_t* row_ptr;
+  const int32_t* col;
+  const scalar_t* val;
+  const scalar_t* bias;  // nullptr: none
+  int64_t n;             // rows (out features)
+};
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 inline int64_t tile_width(int64_t M, int64_t m0, int64_t T) { return std::min(T, round_up(M - m0, kLanes)); }
@@ -135,9 +147,9 @@ inline void accumulate(const float* __restrict__ xt, const int32_t* __restrict__
 // sparse_row2; this one takes the odd row of a block.
 template <int NV, typename scalar_t>
 inline void sparse_row(const float* __restrict__ xt, const int32_t* __restrict__ idx,
-                       const scalar_t* __restrict__ val, int64_t nnz, float* __restrict__ out) {
+                       const scalar_t* __restrict__ val, int64_t nnz, float* __restrict__ out, float init = 0.f) {
   vf a[NV];
-  for (int j = 0; j < NV; ++j) a[j] = vf{};
+  for (int j = 0; j < NV; ++j) a[j] = vf{} + init;
   accumulate<NV>(xt, idx, val, 0, nnz, a);
   for (int j = 0; j < NV; ++j) store(out + j * kLanes, a[j]);
 }
@@ -149,10 +161,13 @@ inline void sparse_row(const float* __restrict__ xt, const int32_t* __restrict__
 template <int NV, typename scalar_t>
 inline void sparse_row2(const float* __restrict__ xt, const int32_t* __restrict__ i0, const scalar_t* __restrict__ v0,
                         int64_t n0, const int32_t* __restrict__ i1, const scalar_t* __restrict__ v1, int64_t n1,
-                        float* __restrict__ o0, float* __restrict__ o1) {
+                        float* __restrict__ o0, float* __restrict__ o1, float init0 = 0.f, float init1 = 0.f) {
   constexpr int64_t w = NV * kLanes;
   vf a[NV], b[NV];
-  for (int j = 0; j < NV; ++j) a[j] = b[j] = vf{};
+  for (int j = 0; j < NV; ++j) {
+    a[j] = vf{} + init0;
+    b[j] = vf{} + init1;
+  }
   const int64_t common = std::min(n0, n1);
   for (int64_t p = 0; p < common; ++p) {
     const float va = static_cast<float>(v0[p]), vb = static_cast<float>(v1[p]);
@@ -174,7 +189,7 @@ inline void sparse_row2(const float* __restrict__ xt, const int32_t* __restrict_
 template <int NV, typename scalar_t>
 void tile_rows(const float* xt, int64_t m0, int64_t valid, int64_t rb0, int64_t rb1, int64_t N,
                const int32_t* row_ptr, const int32_t* col, const scalar_t* val, const scalar_t* bias,
-               scalar_t* y) {
+               scalar_t* y, const scalar_t* residual) {
   constexpr int64_t w = NV * kLanes;
   alignas(64) float buf[kRowBlock][w];
   for (int64_t rb = rb0; rb < rb1; ++rb) {
@@ -200,7 +215,8 @@ void tile_rows(const float* xt, int64_t m0, int64_t valid, int64_t rb0, int64_t 
       const int64_t ni = std::min(kLanes, valid - i0);
       for (int64_t i = 0; i < ni; ++i) {
         scalar_t* yrow = y + (m0 + i0 + i) * N + n0;
-        const vf out = t[i] + bv;
+        vf out = t[i] + bv;
+        if (residual != nullptr) out += load_x(residual + (m0 + i0 + i) * N + n0, 1, nb);
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (nb == kRowBlock) {
             storeu(yrow, out);
@@ -211,6 +227,15 @@ void tile_rows(const float* xt, int64_t m0, int64_t valid, int64_t rb0, int64_t 
       }
     }
   }
+}
+
+// Tokens per tile: kTile, or narrower (a multiple of 16) so that each thread gets a tile of a short input (e.g. one
+// sentence of 32 tokens on 2 threads: two 16-token tiles instead of the row split).
+int64_t tile_tokens(int64_t M, int64_t threads) {
+  if (threads > 1 && (M + kTile - 1) / kTile < threads && M > kLanes) {
+    return std::max(kLanes, round_up((M + threads - 1) / threads, kLanes));
+  }
+  return kTile;
 }
 
 struct AlignedFree {
@@ -237,13 +262,14 @@ float* scratch(int64_t n) {
 
 template <typename scalar_t>
 void run_tile(const float* xt, int64_t M, int64_t m0, int64_t T, int64_t rb0, int64_t rb1, int64_t N,
-              const int32_t* row_ptr, const int32_t* col, const scalar_t* val, const scalar_t* bias, scalar_t* y) {
+              const int32_t* row_ptr, const int32_t* col, const scalar_t* val, const scalar_t* bias, scalar_t* y,
+              const scalar_t* residual = nullptr) {
   const int64_t w = tile_width(M, m0, T), valid = std::min(T, M - m0);
   switch (w / kLanes) {
-    case 1: return tile_rows<1>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y);
-    case 2: return tile_rows<2>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y);
-    case 3: return tile_rows<3>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y);
-    default: return tile_rows<4>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y);
+    case 1: return tile_rows<1>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y, residual);
+    case 2: return tile_rows<2>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y, residual);
+    case 3: return tile_rows<3>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y, residual);
+    default: return tile_rows<4>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y, residual);
   }
 }
 
@@ -283,26 +309,20 @@ void run_tasks(int64_t ntasks, int64_t threads, const F& fn) {
 // MiniLM's shapes, AMX Xeon, 2026-12-06: one parallel region instead of two, no barrier.)
 template <typename scalar_t>
 void csr_linear_kernel(const at::Tensor& x, const int32_t* row_ptr, const int32_t* col, const scalar_t* val,
-                       const scalar_t* bias, int64_t N, at::Tensor& y) {
+                       const scalar_t* bias, int64_t N, const scalar_t* residual, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t nblocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t threads = std::max(1, at::get_num_threads());
-  // Tokens per tile: kTile, or narrower (a multiple of 16) so that each thread gets a tile of a short input
-  // (e.g. one sentence of 32 tokens on 2 threads: two 16-token tiles instead of the row split).
-  int64_t T = kTile;
-  if (threads > 1 && (M + T - 1) / T < threads && M > kLanes) {
-    T = std::max(kLanes, round_up((M + threads - 1) / threads, kLanes));
-  }
-  const int64_t ntiles = (M + T - 1) / T;
+  const int64_t T = tile_tokens(M, threads), ntiles = (M + T - 1) / T;
 
   if (threads == 1 || ntiles >= threads) {
     run_tasks(ntiles, threads, [&](int64_t t) {
       float* tile = scratch(K * T);
       const int64_t m0 = t * T, m1 = std::min(M, m0 + T);
       for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, tile, T);
-      run_tile(tile, M, m0, T, 0, nblocks, N, row_ptr, col, val, bias, py);
+      run_tile(tile, M, m0, T, 0, nblocks, N, row_ptr, col, val, bias, py, residual);
     });
     return;
   }
@@ -327,8 +347,103 @@ void csr_linear_kernel(const at::Tensor& x, const int32_t* row_ptr, const int32_
   run_tasks(parts, threads, [&](int64_t t) {
     if (bounds[t] >= bounds[t + 1]) return;
     for (int64_t m0 = 0; m0 < M; m0 += T) {
-      run_tile(xp + m0 * K, M, m0, T, bounds[t], bounds[t + 1], N, row_ptr, col, val, bias, py);
+      run_tile(xp + m0 * K, M, m0, T, bounds[t], bounds[t + 1], N, row_ptr, col, val, bias, py, residual);
     }
+  });
+}
+
+// The first product of a fused FFN for one tile: h[n * w + i] = b[n] + sum_k W[n, k] xt[k * w + i] for every row
+// n, i.e. h is already the packed [N][w] tile the second product reads (no write-back, no transposes, no pack).
+template <int NV, typename scalar_t>
+void tile_to_tile(const float* xt, const CsrWeight<scalar_t>& wt, float* h) {
+  constexpr int64_t w = NV * kLanes;
+  const int32_t* rp = wt.row_ptr;
+  auto b = [&](int64_t n) { return wt.bias ? static_cast<float>(wt.bias[n]) : 0.f; };
+  int64_t n = 0;
+  for (; n + 1 < wt.n; n += 2) {
+    sparse_row2<NV>(xt, wt.col + rp[n], wt.val + rp[n], rp[n + 1] - rp[n], wt.col + rp[n + 1], wt.val + rp[n + 1],
+                    rp[n + 2] - rp[n + 1], h + n * w, h + (n + 1) * w, b(n), b(n + 1));
+  }
+  if (n < wt.n) sparse_row<NV>(xt, wt.col + rp[n], wt.val + rp[n], rp[n + 1] - rp[n], h + n * w, b(n));
+}
+
+// exp(a) for a <= 0 (below -87 taken as -87: ~1.6e-38): a = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), a
+// degree-7 Taylor polynomial in r (relative error < 1e-8 before rounding), 2^n put into the exponent bits.
+inline vf exp_nonpositive(vf a) {
+  a = a < -87.f ? vf{} - 87.f : a;
+  const vf magic = vf{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vf n = (a * 1.44269504088896341f + magic) - magic;
+  const vf r = (a - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  vf p = vf{} + 1.f / 5040;
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
+}
+
+// GELU(x) = x/2 (1 + erf(x / sqrt 2)) with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7): for
+// z = |x| / sqrt 2, t = 1 / (1 + p z), 1 - erf(z) = q = t P(t) exp(-z^2); GELU is x - x q / 2 for x >= 0 and
+// x q / 2 below. Within 3.3e-7 of float64 GELU for |x| <= 12 (torch's fp32 GELU: 7e-7). Computed in cache on the
+// fused FFN's tile, instead of a pass of ATen's GELU over the whole [tokens, 4 * hidden] activation in memory.
+inline vf gelu(vf x) {
+  const vf z = (vf)((vi)x & 0x7fffffff) * 0.70710678118654752f;
+  const vf t = 1.f / (1.f + 0.3275911f * z);
+  vf poly = vf{} + 1.061405429f;
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const vf half_xq = 0.5f * x * (t * poly * exp_nonpositive(-(z * z)));
+  return x < 0.f ? half_xq : x - half_xq;
+}
+
+inline vf activation_of(vf x, int64_t activation) {
+  switch (activation) {
+    case kActGelu: return gelu(x);
+    case kActRelu: return x < 0.f ? vf{} : x;
+    default: return x;
+  }
+}
+
+// In place on n floats (any n, any alignment).
+void activate(float* h, int64_t n, int64_t activation) {
+  if (activation == kActNone) return;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) storeu(h + i, activation_of(loadu(h + i), activation));
+  if (i < n) {
+    alignas(64) float tail[kLanes] = {};
+    std::copy(h + i, h + n, tail);
+    store(tail, activation_of(load(tail), activation));
+    std::copy(tail, tail + (n - i), h + i);
+  }
+}
+
+template <typename scalar_t>
+void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t activation,
+                    const CsrWeight<scalar_t>& w2, const scalar_t* residual, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  scalar_t* py = y.data_ptr<scalar_t>();
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t T = tile_tokens(M, threads), ntiles = (M + T - 1) / T;
+  const int64_t nblocks2 = (w2.n + kRowBlock - 1) / kRowBlock;
+  run_tasks(ntiles, threads, [&](int64_t t) {
+    float* xt = scratch((K + w1.n) * T);
+    float* h = xt + K * T;
+    const int64_t m0 = t * T, m1 = std::min(M, m0 + T), w = tile_width(M, m0, T);
+    for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, xt, T);
+    switch (w / kLanes) {
+      case 1: tile_to_tile<1>(xt, w1, h); break;
+      case 2: tile_to_tile<2>(xt, w1, h); break;
+      case 3: tile_to_tile<3>(xt, w1, h); break;
+      default: tile_to_tile<4>(xt, w1, h); break;
+    }
+    activate(h, w1.n * w, activation);
+    run_tile(h, M, m0, T, 0, nblocks2, w2.n, w2.row_ptr, w2.col, w2.val, w2.bias, py, residual);
   });
 }
 
@@ -340,21 +455,47 @@ void set_cpu_threading(int64_t mode) {
 }
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
+                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
+                          const std::optional<at::Tensor>& residual) {
   const int64_t M = x.size(0), N = out_features;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* pb = (bias.has_value() && bias->defined()) ? bias->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     csr_linear_kernel<scalar_t>(x, row_ptr.const_data_ptr<int32_t>(), col_idx.const_data_ptr<int32_t>(),
-                                values.const_data_ptr<scalar_t>(), pb, N, y);
+                                values.const_data_ptr<scalar_t>(), pb, N, pr, y);
   };
   switch (x.scalar_type()) {
     case at::kFloat: run(float{}); break;
     case at::kBFloat16: run(at::BFloat16{}); break;
     case at::kHalf: run(at::Half{}); break;
     default: TORCH_CHECK(false, "csr_linear: CPU kernel supports float32, bfloat16 and float16, not ", x.scalar_type());
+  }
+  return y;
+}
+
+at::Tensor csr_ffn_cpu(const at::Tensor& x, const CsrArrays& first, int64_t activation, const CsrArrays& second,
+                       const std::optional<at::Tensor>& residual) {
+  const int64_t M = x.size(0), N = second.out_features;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    auto weight = [](const CsrArrays& a) {
+      const scalar_t* pb = (a.bias.has_value() && a.bias->defined()) ? a.bias->const_data_ptr<scalar_t>() : nullptr;
+      return CsrWeight<scalar_t>{a.row_ptr.const_data_ptr<int32_t>(), a.col_idx.const_data_ptr<int32_t>(),
+                                 a.values.const_data_ptr<scalar_t>(), pb, a.out_features};
+    };
+    const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+    csr_ffn_kernel<scalar_t>(x, weight(first), activation, weight(second), pr, y);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "csr_ffn: CPU kernel supports float32, bfloat16 and float16, not ", x.scalar_type());
   }
   return y;
 }
