@@ -156,7 +156,9 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
         served = copy.deepcopy(exported).to(device, dtype)
         if dense is exported:  # unstructured: the layers' fastest formats for this device and dtype
             served = sparsify(served, policy="measure", batch_tokens=max(batches) * seq)
-        formats = dict(getattr(getattr(served, "sparsify_summary", None), "counts", {}) or {})
+        summary = getattr(served, "sparsify_summary", None)
+        formats = dict(getattr(summary, "counts", {}) or {})
+        fused = {k: v for k, v in (getattr(summary, "fused", {}) or {}).items() if v}
         if labelled is not None:  # a cleaned model's dense self has random weights: no accuracy to state
             accuracy[name] = {"model": accuracy_of(served, labelled, device)}
             if dense is exported:
@@ -176,6 +178,8 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
             row.update({key: round(ms[key], 3) for key in sessions if key in ms})
             if formats:
                 row["formats"] = formats
+            if fused:  # modules run as one fused kernel call (cap_ds.sparse.fusion)
+                row["fused"] = fused
             if dense is exported and name == "fp32":
                 row["max_abs_logit_diff"] = float((_logits(served, x) - _logits(base, x)).abs().max())
             rows.append(row)

@@ -25,6 +25,7 @@ from cap_ds.sparse.formats import (
     is_2to4,
     weight_sparsity,
 )
+from cap_ds.sparse.fusion import fuse, unfuse
 from cap_ds.sparse.linear import SparseLinear
 from cap_ds.sparse.measure import DecisionCache, MeasureFn, choosable, measured_times, time_candidates
 from cap_ds.sparse.policy import Plan, extra_bytes, forced_format, plan_layer, rule_format
@@ -54,6 +55,10 @@ class SparsifyOptions:
       ``min_speedup`` in both classes.
     measure_fn: your own timer instead of ``time_candidates`` (``(candidates, x) -> seconds per candidate``; x is
       the representative input), e.g. one timing with CUDA events, or a fixed table for reproducible decisions.
+    fuse: True (default): on the CPU, a BERT-style layer whose two FFN linears both became CSR runs them, the GELU
+      between and the residual add in one kernel call, and a CSR ``dense -> LayerNorm(h + input)`` block adds
+      its residual in the kernel (:mod:`cap_ds.sparse.fusion`; same numbers, fewer passes over memory). False:
+      never.
     """
 
     min_sparsity: float = 0.5
@@ -65,6 +70,7 @@ class SparsifyOptions:
     min_speedup: float = 1.05
     max_extra_memory: float = 0.5
     measure_fn: MeasureFn | None = None
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -177,6 +183,10 @@ def sparsify(model: nn.Module, options: SparsifyOptions | None = None, **kwargs:
 
     if cache is not None:
         cache.save()
+    if opts.fuse:
+        summary.fused = fuse(model)
+    else:
+        unfuse(model)
     summary.seconds = time.perf_counter() - t_start
     model.sparsify_summary = summary
     logger.info("%s", summary.line())
@@ -184,7 +194,9 @@ def sparsify(model: nn.Module, options: SparsifyOptions | None = None, **kwargs:
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """The inverse of :func:`sparsify`: every :class:`SparseLinear` back to a dense ``nn.Linear`` (in place)."""
+    """The inverse of :func:`sparsify`: every :class:`SparseLinear` back to a dense ``nn.Linear`` and every fused
+    module back to its own methods (in place)."""
+    unfuse(model)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, SparseLinear):

@@ -22,6 +22,7 @@ class SparsifySummary:
     measured_keys: int = 0
     cached_keys: int = 0
     seconds: float = 0.0
+    fused: dict[str, int] = field(default_factory=dict)  # fused modules by kind (cap_ds.sparse.fusion)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -52,8 +53,13 @@ class SparsifySummary:
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items()) or "none"
         return (f"sparsify(policy={self.policy}, {self.device}, {self.dtype}): {len(self.layers)} linears considered,"
                 f" formats: {counts}; weight sparsity {self.sparsity:.3f}; {len(self.replaced)} replaced by "
-                f"SparseLinear; measured {self.measured_keys} keys ({self.cached_keys} from cache) in "
+                f"SparseLinear" + self._fused() +
+                f"; measured {self.measured_keys} keys ({self.cached_keys} from cache) in "
                 f"{self.seconds:.2f} s" + self._no_2to4() + self._bf16_hint())
+
+    def _fused(self) -> str:
+        done = [f"{n} {kind.replace('_', ' ')}" for kind, n in self.fused.items() if n]
+        return f"; fused: {', '.join(done)}" if done else ""
 
     def _no_2to4(self) -> str:
         """Why 2:4 weights were not run as 2:4 (e.g. no backend for this GPU), once per distinct reason."""

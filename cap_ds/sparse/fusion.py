@@ -1,0 +1,250 @@
+"""Fused layer pieces for CSR models on the CPU: fewer passes over activations that do not fit in cache.
+
+At batch 32 x 128 tokens a BERT layer's activations are 6-25 MB (MiniLM): every separate elementwise step streams
+them through memory again. Two fusions, each into the ``cap_masked_gemm`` CSR kernels:
+
+- **feed-forward** (:class:`FusedFeedForward`): both FFN linears, the GELU or ReLU between them and the residual
+  add in one ``csr_ffn`` call, one token tile at a time. The [tokens, 4 * hidden] intermediate stays in the core's
+  L2, already in the layout the second product reads; unfused it is written, read and written by the
+  activation, and read again.
+- **residual output** (:class:`FusedResidualOutput`): a ``dense -> dropout -> LayerNorm(h + input)`` block (BERT's
+  attention output, and the FFN output where the FFN is not fused) adds the residual in the linear's write-back.
+
+Both replace a method on the module instance (``feed_forward_chunk`` of the layer, ``forward`` of the output
+block) with a plain callable object: the module tree, parameters and state dict do not change, and ``deepcopy``,
+``to()`` and ``unfuse`` see the same model. Before a module is fused, the fused and the original computation run
+on a random probe in eval mode and must agree, so a module that computes something else (another activation, a
+pre-LayerNorm block) stays as it is. A call the kernel cannot run (gradient needed, training mode, not the CPU,
+another format than ``csr`` for this token count, no kernel) takes the original path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cap_ds.sparse import csr
+from cap_ds.sparse.linear import SparseLinear
+
+logger = logging.getLogger(__name__)
+
+#: the kernel's activation codes (cap_ops.h)
+ACT_NONE, ACT_GELU, ACT_RELU = 0, 1, 2
+ACT_NAMES = {ACT_NONE: "none", ACT_GELU: "gelu", ACT_RELU: "relu"}
+#: probe agreement, relative to the largest output. Half types: the fused FFN keeps its intermediate in fp32, the
+#: unfused one rounds it
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+PROBE_TOKENS = 48  # three 16-token tiles: more than one tile, and a partial one, on up to 3 threads
+
+
+def activation_code(act: nn.Module) -> int | None:
+    """The kernel's code for an activation module it computes (erf GELU, ReLU), else None."""
+    try:
+        from transformers.activations import GELUActivation
+    except ImportError:  # transformers is optional for cap_ds.sparse
+        GELUActivation = None  # noqa: N806
+    if GELUActivation is not None and type(act) is GELUActivation:  # F.gelu or its Python erf form: one function
+        return ACT_GELU
+    if type(act) is nn.GELU and act.approximate == "none":
+        return ACT_GELU
+    if type(act) is nn.ReLU:
+        return ACT_RELU
+    return None
+
+
+def _kernel_runs(x: torch.Tensor, op: str, *layers: SparseLinear) -> bool:
+    """The loaded op ``op`` can run these CSR layers on x now (inference, CPU, their dtype and csr format)."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    return (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and all(isinstance(m, SparseLinear) and m.values.dtype == x.dtype and m.format_for(tokens) == "csr"
+                    for m in layers)
+            and hasattr(csr.kernel_for(x), op))
+
+
+class _Fusion:
+    """A fused replacement of one method (``method``) of one module instance; ``original`` is the method it
+    replaced (the class's, or one the instance already had, which :meth:`remove` puts back)."""
+
+    method = ""
+    op = ""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.original: Callable = getattr(module, self.method)  # bound method (deepcopy re-binds it) or callable
+        self.own = self.method in module.__dict__
+
+    def install(self) -> None:
+        setattr(self.module, self.method, self)
+
+    def remove(self) -> None:
+        if self.own:
+            self.module.__dict__[self.method] = self.original
+        else:
+            del self.module.__dict__[self.method]
+
+
+class FusedFeedForward(_Fusion):
+    """A layer's ``feed_forward_chunk`` as one ``csr_ffn`` call where it applies (module docstring)."""
+
+    method, op = "feed_forward_chunk", "csr_ffn"
+
+    def __init__(self, layer: nn.Module, activation: int) -> None:
+        super().__init__(layer)
+        self.layer, self.activation = layer, activation
+
+    def applies(self, x: torch.Tensor) -> bool:
+        first, second = self.layers()
+        return (not self.layer.output.training and _kernel_runs(x, self.op, first, second)
+                and x.shape[-1] == first.in_features and first.out_features == second.in_features)
+
+    def __call__(self, attention_output: torch.Tensor) -> torch.Tensor:
+        if not self.applies(attention_output):
+            return self.original(attention_output)
+        out = self.layer.output  # in eval mode its dropout is the identity (the probe checked it)
+        first, second = self.layers()
+        x2 = attention_output.reshape(-1, first.in_features)
+        y = csr.kernel_for(x2).csr_ffn(x2, first.row_ptr, first.col_idx, first.values, first.bias,
+                                       first.out_features, self.activation, second.row_ptr, second.col_idx,
+                                       second.values, second.bias, second.out_features, second.in_features, x2)
+        return out.LayerNorm(y.reshape(attention_output.shape))
+
+    def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(1, tokens, self.layer.intermediate.dense.in_features, generator=g),)
+
+    def layers(self) -> tuple[SparseLinear, ...]:
+        return self.layer.intermediate.dense, self.layer.output.dense
+
+    def __repr__(self) -> str:
+        first, second = self.layers()
+        return (f"FusedFeedForward({first.in_features} -> {first.out_features} -> {second.out_features}, "
+                f"{ACT_NAMES[self.activation]}, + residual)")
+
+
+class FusedResidualOutput(_Fusion):
+    """A ``dense -> dropout -> LayerNorm(h + input)`` block's ``forward`` with the residual added in the CSR
+    kernel's write-back where it applies (module docstring)."""
+
+    method, op = "forward", "csr_linear"
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        self.block = block
+
+    def applies(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        dense = self.block.dense
+        return (not self.block.training and _kernel_runs(x, self.op, dense) and x.shape[-1] == dense.in_features
+                and residual.shape == (*x.shape[:-1], dense.out_features) and residual.dtype == x.dtype
+                and not (torch.is_grad_enabled() and residual.requires_grad))
+
+    def __call__(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        if not self.applies(hidden_states, input_tensor):
+            return self.original(hidden_states, input_tensor)
+        dense = self.block.dense
+        x2 = hidden_states.reshape(-1, dense.in_features)
+        y = csr.kernel_for(x2).csr_linear(x2, dense.row_ptr, dense.col_idx, dense.values, dense.bias,
+                                          dense.out_features, input_tensor.reshape(-1, dense.out_features))
+        return self.block.LayerNorm(y.reshape(input_tensor.shape))
+
+    def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        dense = self.block.dense
+        return (torch.randn(1, tokens, dense.in_features, generator=g),
+                torch.randn(1, tokens, dense.out_features, generator=g))
+
+    def layers(self) -> tuple[SparseLinear, ...]:
+        return (self.block.dense,)
+
+    def __repr__(self) -> str:
+        return f"FusedResidualOutput({self.block.dense.in_features} -> {self.block.dense.out_features}, + residual)"
+
+
+def _has_modules(module: nn.Module, names: tuple[str, ...]) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+
+
+def _feed_forward(layer: nn.Module) -> FusedFeedForward | None:
+    """A FusedFeedForward for a BERT-style layer whose FFN is two SparseLinear, else None."""
+    if not (callable(getattr(layer, "feed_forward_chunk", None)) and _has_modules(layer, ("intermediate", "output"))
+            and isinstance(getattr(layer.intermediate, "dense", None), SparseLinear)
+            and isinstance(getattr(layer.output, "dense", None), SparseLinear)
+            and _has_modules(layer.output, ("dropout", "LayerNorm"))
+            and isinstance(getattr(layer.intermediate, "intermediate_act_fn", None), nn.Module)):
+        return None
+    code = activation_code(layer.intermediate.intermediate_act_fn)
+    return FusedFeedForward(layer, code) if code is not None else None
+
+
+def _residual_output(block: nn.Module) -> FusedResidualOutput | None:
+    """A FusedResidualOutput for a (dense: SparseLinear, dropout, LayerNorm) block whose forward takes
+    (hidden_states, input_tensor), else None."""
+    if not (isinstance(getattr(block, "dense", None), SparseLinear) and _has_modules(block, ("dropout", "LayerNorm"))):
+        return None
+    try:
+        params = list(inspect.signature(block.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return FusedResidualOutput(block) if len(params) == 2 else None
+
+
+@torch.no_grad()
+def _agrees(fused: _Fusion, module: nn.Module) -> bool:
+    """The fused and the original computation agree on a random probe (eval mode; modes restored after)."""
+    layers = fused.layers()
+    # a token count every layer runs as csr (a measured layer may keep another format for small batches)
+    counts = [n for n in (PROBE_TOKENS, max(m.small_tokens for m in layers) + PROBE_TOKENS)
+              if all(m.format_for(n) == "csr" for m in layers)]
+    if not counts:
+        return False
+    dtype, device = layers[0].values.dtype, layers[0].values.device
+    inputs = [t.to(device, dtype) for t in fused.probe_inputs(counts[0], torch.Generator().manual_seed(0))]
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        if not fused.applies(*inputs):
+            return False
+        got, want = fused(*inputs).float(), fused.original(*inputs).float()
+    except (RuntimeError, TypeError, ValueError, AttributeError) as err:
+        logger.info("%s not fused: %s", type(module).__name__, err)
+        return False
+    finally:
+        for m, training in modes:
+            m.train(training)
+    scale = float(want.abs().max()) + 1e-6
+    return bool(float((got - want).abs().max()) <= PROBE_TOLERANCE.get(dtype, 1e-4) * scale)
+
+
+def fuse(model: nn.Module) -> dict[str, int]:
+    """Fuse every module of ``model`` that fits and agrees on the probe; returns counts by kind
+    (``{"feed_forward": 6, "residual_output": 12}``). Re-fusing first undoes earlier fusions."""
+    unfuse(model)
+    counts = {"feed_forward": 0, "residual_output": 0}
+    if not any(hasattr(csr.kernel_for(m.values), "csr_ffn") for m in model.modules() if isinstance(m, SparseLinear)):
+        return counts
+    for kind, make in (("feed_forward", _feed_forward), ("residual_output", _residual_output)):
+        for module in list(model.modules()):
+            fused = make(module)
+            if fused is None:
+                continue
+            if _agrees(fused, module):
+                fused.install()
+                counts[kind] += 1
+            else:
+                logger.info("%s not fused: the probe disagreed or the kernel does not apply", type(module).__name__)
+    return counts
+
+
+def fused_modules(model: nn.Module) -> list[tuple[str, _Fusion]]:
+    """(module name, fusion) for every fused method of ``model``'s modules."""
+    return [(name, value) for name, module in model.named_modules() for value in list(module.__dict__.values())
+            if isinstance(value, _Fusion) and value.module is module]
+
+
+def unfuse(model: nn.Module) -> int:
+    """Undo :func:`fuse` (each module's own methods again); returns how many were undone."""
+    done = fused_modules(model)
+    for _, fused in done:
+        fused.remove()
+    return len(done)

@@ -1,0 +1,276 @@
+"""cap_ds.sparse.fusion and its kernels: csr_ffn (two CSR products, the activation between and a residual, one
+token tile at a time) and csr_linear's residual; in a model, the same logits as the unfused model, the same
+module tree and state dict, and the original path wherever the kernel cannot run."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cap_ds.ops import load_kernels, loader
+from cap_ds.sparse import SparseLinear, densify, pack_csr, sparsify
+from cap_ds.sparse.fusion import (
+    ACT_GELU,
+    ACT_NONE,
+    ACT_RELU,
+    FusedFeedForward,
+    FusedResidualOutput,
+    fused_modules,
+)
+
+ACTS = {ACT_NONE: lambda h: h, ACT_GELU: F.gelu, ACT_RELU: F.relu}
+
+
+@pytest.fixture(scope="module")
+def op():
+    module = load_kernels()
+    if module is None:
+        pytest.skip(f"cap_masked_gemm not built here ({loader._state['error']!r})")
+    return module
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def sparse_weight(n_out: int, n_in: int, sparsity: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+    w[torch.rand(n_out, n_in, generator=g) < sparsity] = 0
+    return w
+
+
+def ffn_call(op, x, w1, b1, act, w2, b2, residual=None):
+    return op.csr_ffn(x, *pack_csr(w1), b1, w1.shape[0], act, *pack_csr(w2), b2, w2.shape[0], w2.shape[1],
+                      residual)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 17, 45, 130])
+@pytest.mark.parametrize("act", [ACT_NONE, ACT_GELU, ACT_RELU])
+def test_csr_ffn_matches_dense(op, two_threads, tokens, act):
+    w1, w2 = sparse_weight(70, 24, 0.8, 1), sparse_weight(19, 70, 0.8, 2)  # odd sizes: partial row blocks
+    b1, b2 = torch.randn(70), torch.randn(19)
+    x, res = torch.randn(tokens, 24) * 3, torch.randn(tokens, 19)
+    want = F.linear(ACTS[act](F.linear(x, w1, b1)), w2, b2)
+    torch.testing.assert_close(ffn_call(op, x, w1, b1, act, w2, b2), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ffn_call(op, x, w1, None, act, w2, None, res),
+                               F.linear(ACTS[act](F.linear(x, w1)), w2) + res, rtol=1e-5, atol=1e-5)
+    xt = torch.randn(24, tokens).t()  # a non-contiguous input packs like a contiguous one
+    torch.testing.assert_close(ffn_call(op, xt, w1, b1, act, w2, b2),
+                               F.linear(ACTS[act](F.linear(xt, w1, b1)), w2, b2), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_gelu_against_exact_gelu(op):
+    """The kernel's own erf GELU (identity weights around it) against float64 GELU over the useful range: within
+    4e-7 (torch's own fp32 GELU is within 7e-7 here), exact at the extremes."""
+    x = torch.cat([torch.linspace(-12, 12, 4801), torch.tensor([-1e4, -80.0, -1e-30, 0.0, 1e-30, 80.0, 1e4])])
+    eye = torch.eye(1)
+    got = op.csr_ffn(x[:, None], *pack_csr(eye), None, 1, ACT_GELU, *pack_csr(eye), None, 1, 1, None)[:, 0]
+    exact = F.gelu(x.double())
+    assert float((got.double() - exact).abs().max()) < 4e-7
+    torch.testing.assert_close(got[-7:], exact[-7:].float(), rtol=1e-6, atol=1e-30)
+
+
+def test_csr_ffn_both_tile_widths(op):
+    code = """
+import torch, torch.nn.functional as F
+from cap_ds.ops import load_kernels
+from cap_ds.sparse import pack_csr
+torch.set_num_threads(2)
+op, g = load_kernels(), torch.Generator().manual_seed(0)
+w1 = torch.randn(96, 40, generator=g) * (torch.rand(96, 40, generator=g) > 0.9)
+w2 = torch.randn(40, 96, generator=g) * (torch.rand(40, 96, generator=g) > 0.9)
+for m in (1, 31, 33, 64, 200):
+    x = torch.randn(m, 40, generator=g)
+    y = op.csr_ffn(x, *pack_csr(w1), None, 96, 1, *pack_csr(w2), None, 40, 96, x)
+    torch.testing.assert_close(y, F.linear(F.gelu(F.linear(x, w1)), w2) + x, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+    for tile in ("32", "64"):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "CAP_DS_CSR_TILE": tile})
+        assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_csr_ffn_low_precision(op, two_threads, dtype):
+    w1, w2 = sparse_weight(64, 32, 0.9, 3), sparse_weight(32, 64, 0.9, 4)
+    x, res = torch.randn(40, 32), torch.randn(40, 32)
+    got = ffn_call(op, x.to(dtype), w1.to(dtype), None, ACT_GELU, w2.to(dtype), None, res.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), F.linear(F.gelu(F.linear(x, w1)), w2) + res, rtol=3e-2, atol=3e-2)
+
+
+def test_csr_linear_residual(op, two_threads):
+    w, b = sparse_weight(48, 20, 0.9, 5), torch.randn(48)
+    for tokens in (3, 40, 257):  # the row-split schedule and the tile one
+        x, res = torch.randn(tokens, 20), torch.randn(tokens, 48)
+        torch.testing.assert_close(op.csr_linear(x, *pack_csr(w), b, 48, res), F.linear(x, w, b) + res,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(op.csr_linear(x, *pack_csr(w), b, 48, res.t().contiguous().t()),
+                                   F.linear(x, w, b) + res, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_raise_one_clear_error(op):
+    w1, w2 = pack_csr(sparse_weight(8, 4, 0.5, 6)), pack_csr(sparse_weight(4, 8, 0.5, 7))
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="second weight takes 9 inputs but the first gives 8"):
+        op.csr_ffn(x, *w1, None, 8, ACT_GELU, *w2, None, 4, 9, None)
+    with pytest.raises(RuntimeError, match="activation code 7"):
+        op.csr_ffn(x, *w1, None, 8, 7, *w2, None, 4, 8, None)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        op.csr_ffn(x, *w1, None, 8, ACT_GELU, *w2, None, 4, 8, torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="residual must be"):
+        op.csr_linear(x, *w1, None, 8, torch.randn(3, 8, dtype=torch.float64))
+
+
+# ---- in a model
+
+def tiny_bert(act: str = "gelu", layers: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, num_labels=3, hidden_act=act)
+    model = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and ".encoder." in f".{name}":
+                module.weight.mul_((torch.rand_like(module.weight) > 0.9).float())
+    return model
+
+
+def inputs(batch: int = 3, seq: int = 21):
+    ids = torch.randint(0, 120, (batch, seq), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[min(1, batch - 1), seq - 6:] = 0
+    return {"input_ids": ids, "attention_mask": attn}
+
+
+def logits(model, **kw):
+    with torch.inference_mode():
+        return model(**kw).logits
+
+
+def test_sparsify_fuses_bert_and_keeps_its_numbers(op, two_threads):
+    dense = tiny_bert()
+    unfused = sparsify(copy.deepcopy(dense), policy="csr", fuse=False)
+    fused = sparsify(copy.deepcopy(dense), policy="csr")
+    assert unfused.sparsify_summary.fused == {} and not fused_modules(unfused)
+    # per layer: the FFN, and both dense -> LayerNorm(h + input) blocks (the FFN's one used when it runs unfused)
+    assert fused.sparsify_summary.fused == {"feed_forward": 2, "residual_output": 4}
+    assert "fused: 2 feed forward, 4 residual output" in fused.sparsify_summary.line()
+    kinds = {name: type(f) for name, f in fused_modules(fused)}
+    assert kinds["bert.encoder.layer.0"] is FusedFeedForward
+    assert kinds["bert.encoder.layer.1.attention.output"] is FusedResidualOutput
+    for batch, seq in ((1, 1), (1, 7), (3, 21), (2, 64)):
+        x = inputs(batch, seq)
+        torch.testing.assert_close(logits(fused, **x), logits(dense, **x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits(fused, **x), logits(unfused, **x), rtol=0, atol=1e-5)
+    # the module tree and the state dict are the sparsified model's own
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in unfused.named_modules()]
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+
+
+def test_fused_model_calls_the_kernel(op, monkeypatch):
+    """The speed comes from csr_ffn actually running: count the kernel calls of one forward."""
+    model = sparsify(tiny_bert(), policy="csr")
+    calls = []
+    import cap_ds.sparse.csr as csr_mod
+
+    real = csr_mod.kernel_for
+
+    class Counting:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            fn = getattr(self.module, name)
+            return lambda *a: calls.append(name) or fn(*a)
+
+    monkeypatch.setattr(csr_mod, "kernel_for", lambda x: None if real(x) is None else Counting(real(x)))
+    logits(model, **inputs())
+    assert calls.count("csr_ffn") == 2  # one per layer, instead of two csr_linear and a GELU
+    assert calls.count("csr_linear") == 2 * 4  # q, k, v and the attention output (with its residual)
+
+
+def test_copy_densify_and_refuse(op):
+    dense = tiny_bert()
+    fused = sparsify(copy.deepcopy(dense), policy="csr")
+    twin = copy.deepcopy(fused)
+    (layer,) = [f for n, f in fused_modules(twin) if n == "bert.encoder.layer.0"]
+    assert layer.layer is twin.bert.encoder.layer[0]  # the copy's fusions point into the copy
+    x = inputs()
+    torch.testing.assert_close(logits(twin, **x), logits(fused, **x), rtol=0, atol=0)
+    densify(fused)
+    assert not fused_modules(fused) and not any(isinstance(m, SparseLinear) for m in fused.modules())
+    torch.testing.assert_close(logits(fused, **x), logits(dense, **x), rtol=0, atol=1e-5)
+    again = sparsify(twin, policy="csr")  # sparsify twice: the fusions are rebuilt, not stacked
+    assert again.sparsify_summary.fused["feed_forward"] == 2 and len(fused_modules(again)) == 6
+
+
+def test_gradients_and_training_take_the_original_path(op):
+    dense, fused = tiny_bert(), sparsify(tiny_bert(), policy="csr")
+    emb = dense.bert.embeddings(input_ids=inputs()["input_ids"]).detach()
+    for model in (dense, fused):
+        x = emb.clone().requires_grad_(True)
+        model.bert.encoder(x).last_hidden_state.sum().backward()
+        model.grad = x.grad
+    torch.testing.assert_close(fused.grad, dense.grad, rtol=1e-4, atol=1e-5)
+    layer = fused.bert.encoder.layer[0]
+    x = torch.randn(1, 5, 64)
+    layer.train()
+    assert not layer.feed_forward_chunk.applies(x) and not layer.attention.output.forward.applies(x, x)
+    layer.eval()
+    with torch.inference_mode():
+        assert layer.feed_forward_chunk.applies(x)
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_activations_fused(op, act):
+    dense = tiny_bert(act)
+    fused = sparsify(copy.deepcopy(dense), policy="csr")
+    assert fused.sparsify_summary.fused["feed_forward"] == 2
+    torch.testing.assert_close(logits(fused, **inputs()), logits(dense, **inputs()), rtol=0, atol=1e-5)
+
+
+def test_what_it_cannot_compute_stays_unfused(op):
+    # tanh-approximated GELU: not the kernel's activation
+    fused = sparsify(tiny_bert("gelu_new"), policy="csr")
+    assert fused.sparsify_summary.fused == {"feed_forward": 0, "residual_output": 4}
+    # an output block that is not LayerNorm(h + input): the probe disagrees, the block keeps its forward
+    model = tiny_bert()
+    for layer in model.bert.encoder.layer:
+        block = layer.attention.output
+        block.forward = (lambda b: lambda h, x: b.LayerNorm(b.dense(h)) + x)(block)
+    ref = logits(model, **inputs())
+    fused = sparsify(model, policy="csr")
+    assert fused.sparsify_summary.fused == {"feed_forward": 2, "residual_output": 2}
+    torch.testing.assert_close(logits(fused, **inputs()), ref, rtol=0, atol=1e-5)
+    # a layer kept dense is not fused
+    dense_ffn = sparsify(tiny_bert(), policy="csr", min_sparsity=0.95)
+    assert dense_ffn.sparsify_summary.fused == {"feed_forward": 0, "residual_output": 0}
+
+
+def test_bf16_model(op, two_threads):
+    dense = tiny_bert().to(torch.bfloat16)
+    unfused = sparsify(copy.deepcopy(dense), policy="csr", fuse=False)
+    fused = sparsify(copy.deepcopy(dense), policy="csr")
+    assert fused.sparsify_summary.fused["feed_forward"] == 2
+    x = inputs()
+    out = logits(fused, **x)
+    assert out.dtype == torch.bfloat16
+    # the fused FFN keeps its intermediate in fp32 (unfused: rounded to bf16): as close to fp32 as unfused is
+    ref = logits(tiny_bert(), **x)
+    assert (out.float() - ref).abs().max() <= 2 * (logits(unfused, **x).float() - ref).abs().max() + 1e-2
