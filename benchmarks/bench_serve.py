@@ -23,7 +23,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_inference import base_model, capf_clean, magnitude_prune_, timed  # noqa: E402
-from timing import add_host_memory_flag, apply_host_memory  # noqa: E402
+from timing import add_host_memory_flag, apply_host_memory, int_list  # noqa: E402
 
 from cap_ds.sparse import sparsify  # noqa: E402
 from cap_ds.sparse.serve import BucketServer  # noqa: E402
@@ -52,12 +52,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--jsonl", default=None)
     add_host_memory_flag(ap)
     args = ap.parse_args(argv)
+    batches = int_list(ap, "--batches", args.batches)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
     host_memory = apply_host_memory(args) if device.type == "cpu" else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batches = [int(b) for b in args.batches.split(",")]
     buckets = [(b, args.seq) for b in batches]
     served = models(args.size, device, dtype, max(batches) * args.seq)
     base_mode = "graphs" if device.type == "cuda" else "eager"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from timing import add_host_memory_flag, apply_host_memory  # noqa: E402
+from timing import add_host_memory_flag, apply_host_memory, int_list  # noqa: E402
 
 #: operator kind -> profiler op names (self time); anything else is "other"
 KINDS = {
@@ -41,8 +41,10 @@ KINDS = {
     "adds": ("aten::add", "aten::add_"),
     "copies": ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy"),
     "embeddings": ("aten::embedding", "aten::index_select"),
+    "fused_ffn": ("cap::csr_ffn",),  # --fuse: both FFN linears, the GELU and the residual add in one call
 }
 KIND_OF = {op: kind for kind, ops in KINDS.items() for op in ops}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def split_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -135,9 +137,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--policy", default="csr", help="sparsify policy for the sparse model (csr: our kernel "
                     "in every layer, the path this explains)")
+    ap.add_argument("--fuse", action="store_true", help="sparsify with fusion (what a served model runs: the "
+                    "FFN's products, GELU and residual add in one kernel call, its own row 'fused_ffn'); default "
+                    "off, so that every operator kind has its own row")
     ap.add_argument("--jsonl", default=None, help="append one JSON line per (dtype, batch) here")
     add_host_memory_flag(ap)
     args = ap.parse_args(argv)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        ap.error(f"--dtypes {args.dtypes!r}: a comma list of {', '.join(DTYPES)}")
+    batches = int_list(ap, "--batches", args.batches)
     if args.threads:
         torch.set_num_threads(args.threads)
     host_memory = apply_host_memory(args)
@@ -148,20 +157,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     hf_logging.set_verbosity_error()
     base = model_under_test(args)
     rows = []
-    for dtype_name in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
         dense = copy.deepcopy(base).to(dtype)
-        sparse = sparsify(copy.deepcopy(base).to(dtype), policy=args.policy, batch_tokens=args.seq)
-        for batch in (int(b) for b in args.batches.split(",")):
+        sparse = sparsify(copy.deepcopy(base).to(dtype), policy=args.policy, batch_tokens=args.seq, fuse=args.fuse)
+        for batch in batches:
             g = torch.Generator().manual_seed(batch)
             inputs = {"input_ids": torch.randint(1000, 20000, (batch, args.seq), generator=g),
                       "attention_mask": torch.ones(batch, args.seq, dtype=torch.long)}
             split = breakdown({"dense": dense, "sparse": sparse}, inputs, args.rounds)
             label = (f"{dtype_name}, batch {batch} x seq {args.seq}, {torch.get_num_threads()} threads, sparsify "
-                     f"policy {args.policy}, host memory {host_memory}")
+                     f"policy {args.policy}{', fused' if args.fuse else ''}, host memory {host_memory}")
             print("\n".join(report(label, split)), flush=True)
             row = {"dtype": dtype_name, "batch": batch, "seq": args.seq, "threads": torch.get_num_threads(),
-                   "policy": args.policy, "host_memory": host_memory,
+                   "policy": args.policy, "fuse": args.fuse, "host_memory": host_memory,
                    "ms": {m: {k: round(v, 3) for k, v in s.items()} for m, s in split.items()}}
             rows.append(row)
             if args.jsonl:

@@ -26,6 +26,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from cpu_breakdown import add_model_flags, model_under_test  # noqa: E402
+from timing import int_list  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:
@@ -43,7 +44,7 @@ def child(args: argparse.Namespace) -> None:
     dense = model_under_test(args).eval()
     sparse = sparsify(copy.deepcopy(dense), policy="csr")
     models = {"dense": dense, "sparse": sparse}
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batch_list:
         ids = torch.randint(1000, 20000, (batch, args.seq), generator=torch.Generator().manual_seed(batch))
         times: dict[str, list[float]] = {k: [] for k in models}
         faults = dict.fromkeys(models, 0)
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--jsonl", default=None, help="append the per-mode medians as JSON lines here")
     ap.add_argument("--child", choices=("default", "retain"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.batch_list = int_list(ap, "--batches", args.batches)
     if args.child:
         child(args)
         return []
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{args.processes} process(es) per mode, {args.rounds} interleaved rounds each")
     print("| host memory | batch | dense ms | sparse ms | speed-up | faults/forward dense | sparse |")
     print("|---|---|---|---|---|---|---|")
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batch_list:
         for mode in ("default", "retained"):
             rows = [r for r in runs if r["mode"] == mode and r["batch"] == batch]
             med = {k: statistics.median(r[k] for r in rows) for k in ("dense_ms", "sparse_ms", "speedup")}

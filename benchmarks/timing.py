@@ -43,3 +43,14 @@ def apply_host_memory(args) -> str:
     from cap_ds.runtime.host_memory import apply_choice
 
     return apply_choice(args.host_memory)
+
+
+def int_list(parser, flag: str, value: str) -> list[int]:
+    """A comma list of positive integers (``--batches 1,32``), or the parser's one-line error naming ``flag``."""
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        parser.error(f"{flag} {value!r}: a comma list of positive integers")
+    return out

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -62,3 +64,31 @@ def test_cpu_breakdown_splits_each_forward_by_operator_kind():
     assert {"attention", "layer_norm", "gelu"} <= set(sparse)
     split = {"dense": dense, "sparse": {**sparse, "linears": 0.0}}
     assert "at most" in cpu_breakdown.report("x", split)[-1]
+
+
+def test_cpu_breakdown_fused_and_bad_flags(capsys):
+    """--fuse puts the FFN's single kernel call in its own row (no separate GELU); a bad --dtypes or --batches is
+    one parser error naming the flag."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import cpu_breakdown
+
+    [row] = cpu_breakdown.main(["--tiny", "--rounds", "1", "--batches", "2", "--seq", "16", "--dtypes", "fp32",
+                                "--threads", "1", "--fuse"])
+    sparse = row["ms"]["sparse"]
+    assert row["fuse"] and sparse["fused_ffn"] > 0 and "gelu" not in sparse
+    for flags, named in ((["--dtypes", "float32"], "--dtypes 'float32'"), (["--batches", "1,x"], "--batches '1,x'")):
+        with pytest.raises(SystemExit):
+            cpu_breakdown.main(["--tiny", *flags])
+        assert named in capsys.readouterr().err
+
+
+def test_cpu_fusion_compares_fused_and_unfused_in_one_run():
+    """benchmarks/cpu_fusion.py: dense, unfused and fused timed together; what was fused is reported and both
+    sparse models give the dense logits."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import cpu_fusion
+
+    [row] = cpu_fusion.main(["--tiny", "--rounds", "1", "--batches", "2", "--seq", "16", "--threads", "2"])
+    assert row["fused"] == {"feed_forward": 2, "residual_output": 4}
+    assert set(row["ms"]) == {"dense", "unfused", "fused"} and min(row["ms"].values()) > 0
+    assert max(row["max_abs_logit_diff"].values()) < 1e-4
