@@ -35,6 +35,29 @@ def cuda_kernels():
     return ops
 
 
+@pytest.fixture(scope="module")
+def op():
+    """The built cap_masked_gemm op (the sparse kernels' tests; test_ops.py has its own, forcing the kernels on)."""
+    from cap_ds import ops
+    from cap_ds.ops import loader
+
+    module = ops.load_kernels()
+    if module is None:
+        pytest.skip(f"cap_masked_gemm not built here ({loader._state['error']!r})")
+    return module
+
+
+@pytest.fixture
+def two_threads():
+    """Both CPU schedules (token tiles per thread / rows split by nonzeros) need >1 thread to be exercised."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture
 def kernel_switch(monkeypatch):
     """Set the one kernel switch for this test: ``kernel_switch("on" | "auto" | "off")``; it starts unset (auto,

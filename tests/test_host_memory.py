@@ -60,6 +60,8 @@ def test_benchmark_shows_the_faults_of_an_encoder_forward_gone(tmp_path):
     assert set(rows) == {"default", "retained"}
     for kind in ("dense", "sparse"):
         default, retained = (rows[m]["faults_per_forward"][kind] for m in ("default", "retained"))
-        assert default > 5000  # 32 x 128 x 1536 fp32 = 25 MB (6,144 pages) per FFN activation; 12-26 k measured
+        # dense: 32 x 128 x 1536 fp32 = 25 MB (6,144 pages) per FFN activation, 12-26 k measured; the sparse model
+        # runs each FFN fused (no such activation), its [tokens, 384] activations still fault: ~4 k measured
+        assert default > (5000 if kind == "dense" else 1500)
         assert retained < 0.1 * default  # 0-400 measured (the heap may still settle)
     assert "| retained | 32 |" in done.stdout

@@ -9,26 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cap_ds.ops as ops
-from cap_ds.ops import loader
 from cap_ds.sparse import SparseLinear, densify, pack_csr, sparsify, weight_sparsity
-
-
-@pytest.fixture(scope="module")
-def op():
-    module = ops.load_kernels()
-    if module is None:
-        pytest.skip(f"cap_masked_gemm not built here ({loader._state['error']!r})")
-    return module
-
-
-@pytest.fixture
-def two_threads():
-    """Both CPU schedules (token tiles per thread / rows split by nonzeros) need >1 thread to be exercised."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
 
 
 def sparse_weight(n_out: int, n_in: int, sparsity: float, dtype=torch.float32, seed: int = 0) -> torch.Tensor:

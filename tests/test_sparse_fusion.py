@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cap_ds.ops import load_kernels, loader
 from cap_ds.sparse import SparseLinear, densify, pack_csr, sparsify
 from cap_ds.sparse.fusion import (
     ACT_GELU,
@@ -26,22 +25,6 @@ from cap_ds.sparse.fusion import (
 )
 
 ACTS = {ACT_NONE: lambda h: h, ACT_GELU: F.gelu, ACT_RELU: F.relu}
-
-
-@pytest.fixture(scope="module")
-def op():
-    module = load_kernels()
-    if module is None:
-        pytest.skip(f"cap_masked_gemm not built here ({loader._state['error']!r})")
-    return module
-
-
-@pytest.fixture
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
 
 
 def sparse_weight(n_out: int, n_in: int, sparsity: float, seed: int) -> torch.Tensor:

@@ -132,3 +132,14 @@ def test_each_dtype_states_its_accuracy_and_the_fastest_path_is_named(tmp_path, 
         speed.main([str(folder), *FAST, "--validation_file", str(tmp_path / "bad.tsv")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "label 'maybe' is not a class of this model" in err[0]
+
+
+def test_card_says_when_the_rows_ran_fused(tmp_path):
+    from cap_ds.run.model_card import speed_section
+
+    row = {"dtype": "fp32", "batch": 1, "seq_length": 128, "dense_ms": 10.0, "model_ms": 5.0, "speedup": 2.0}
+    for fused, said in (({"feed_forward": 6, "residual_output": 12}, True), (None, False)):
+        rows = [{**row, **({"fused": fused} if fused else {})}]
+        (tmp_path / "speed.json").write_text(json.dumps({"device": "cpu", "rows": rows}))
+        text = speed_section(tmp_path)
+        assert ("(6 feed forward, 12 residual output): serve it through `sparsify()`" in text) == said

@@ -161,7 +161,18 @@ def speed_section(folder: Path) -> str:
             f"{speed.get('torch')}, {speed.get('statistic')}); dense: {speed.get('dense')}.\n\n"
             "| dtype | batch x tokens | dense ms | this model ms | speed-up | ONNX Runtime ms |\n"
             "|---|---|---|---|---|---|\n" + rows + _accuracy_lines(speed) + _fastest_lines(speed)
-            + _host_memory_line(speed) + "\nThe raw figures (and each layer's format) are in `speed.json`.\n")
+            + _host_memory_line(speed) + _fused_line(speed)
+            + "\nThe raw figures (and each layer's format) are in `speed.json`.\n")
+
+
+def _fused_line(speed: dict[str, Any]) -> str:
+    """That the sparse rows ran with sparsify()'s fused kernels (cap_ds/sparse/fusion.py), where they did."""
+    fused = next((r["fused"] for r in speed.get("rows", []) if r.get("fused")), None)
+    if not fused:
+        return ""
+    what = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in fused.items())
+    return (f"\nThis model's rows ran through `cap_ds.sparse.sparsify()`, which on the CPU fuses each layer's sparse "
+            f"FFN and residual adds into single kernel calls ({what}): serve it through `sparsify()` to get them.\n")
 
 
 def _host_memory_line(speed: dict[str, Any]) -> str:

@@ -99,7 +99,8 @@ class FusedFeedForward(_Fusion):
     def applies(self, x: torch.Tensor) -> bool:
         first, second = self.layers()
         return (not self.layer.output.training and _kernel_runs(x, self.op, first, second)
-                and x.shape[-1] == first.in_features and first.out_features == second.in_features)
+                and x.shape[-1] == first.in_features == second.out_features
+                and first.out_features == second.in_features)  # x is also the residual
 
     def __call__(self, attention_output: torch.Tensor) -> torch.Tensor:
         if not self.applies(attention_output):

@@ -447,6 +447,17 @@ void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t 
   });
 }
 
+// run(scalar_t{}) for the kernels' dtypes (float, bfloat16, half), else one error naming the op.
+template <typename F>
+void for_each_dtype(const char* op, at::ScalarType dtype, const F& run) {
+  switch (dtype) {
+    case at::kFloat: return run(float{});
+    case at::kBFloat16: return run(at::BFloat16{});
+    case at::kHalf: return run(at::Half{});
+    default: TORCH_CHECK(false, op, ": CPU kernel supports float32, bfloat16 and float16, not ", dtype);
+  }
+}
+
 }  // namespace
 
 void set_cpu_threading(int64_t mode) {
@@ -460,19 +471,13 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const 
   const int64_t M = x.size(0), N = out_features;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  auto run = [&](auto tag) {
+  for_each_dtype("csr_linear", x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* pb = (bias.has_value() && bias->defined()) ? bias->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     csr_linear_kernel<scalar_t>(x, row_ptr.const_data_ptr<int32_t>(), col_idx.const_data_ptr<int32_t>(),
                                 values.const_data_ptr<scalar_t>(), pb, N, pr, y);
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    case at::kHalf: run(at::Half{}); break;
-    default: TORCH_CHECK(false, "csr_linear: CPU kernel supports float32, bfloat16 and float16, not ", x.scalar_type());
-  }
+  });
   return y;
 }
 
@@ -481,7 +486,7 @@ at::Tensor csr_ffn_cpu(const at::Tensor& x, const CsrArrays& first, int64_t acti
   const int64_t M = x.size(0), N = second.out_features;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  auto run = [&](auto tag) {
+  for_each_dtype("csr_ffn", x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     auto weight = [](const CsrArrays& a) {
       const scalar_t* pb = (a.bias.has_value() && a.bias->defined()) ? a.bias->const_data_ptr<scalar_t>() : nullptr;
@@ -490,13 +495,7 @@ at::Tensor csr_ffn_cpu(const at::Tensor& x, const CsrArrays& first, int64_t acti
     };
     const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     csr_ffn_kernel<scalar_t>(x, weight(first), activation, weight(second), pr, y);
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    case at::kHalf: run(at::Half{}); break;
-    default: TORCH_CHECK(false, "csr_ffn: CPU kernel supports float32, bfloat16 and float16, not ", x.scalar_type());
-  }
+  });
   return y;
 }
 
