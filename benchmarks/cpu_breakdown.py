@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from timing import add_host_memory_flag, apply_host_memory, int_list  # noqa: E402
+from timing import add_host_memory_flag, append_jsonl, apply_host_memory, int_list  # noqa: E402
 
 #: operator kind -> profiler op names (self time); anything else is "other"
 KINDS = {
@@ -173,9 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "policy": args.policy, "fuse": args.fuse, "host_memory": host_memory,
                    "ms": {m: {k: round(v, 3) for k, v in s.items()} for m, s in split.items()}}
             rows.append(row)
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            append_jsonl(args.jsonl, row)
     return rows
 
 

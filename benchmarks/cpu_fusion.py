@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from cpu_breakdown import add_model_flags, model_under_test  # noqa: E402
-from timing import add_host_memory_flag, apply_host_memory, int_list, interleaved  # noqa: E402
+from timing import add_host_memory_flag, append_jsonl, apply_host_memory, int_list, interleaved  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -74,9 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {batch} | {ms['dense']:.2f} | {ms['unfused']:.2f} | {ms['fused']:.2f} | "
               f"{row['speedup']['unfused']:.2f}x | {row['speedup']['fused']:.2f}x | {row['fused_vs_unfused']:.2f}x |",
               flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(args.jsonl, row)
     return rows
 
 

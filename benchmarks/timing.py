@@ -54,3 +54,12 @@ def int_list(parser, flag: str, value: str) -> list[int]:
     if not out or min(out) < 1:
         parser.error(f"{flag} {value!r}: a comma list of positive integers")
     return out
+
+
+def append_jsonl(path: str | None, row: dict) -> None:
+    """Append ``row`` as one JSON line to ``path`` (``--jsonl``); nothing when no path was given."""
+    if path:
+        import json
+
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
