@@ -58,10 +58,11 @@ def test_benchmark_shows_the_faults_of_an_encoder_forward_gone(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"default", "retained"}
+    # dense: 32 x 128 x 1536 fp32 = 25 MB (6,144 pages) per FFN activation, 12-26 k measured. The sparse model runs
+    # each FFN fused (no such activation); its 6 MB activations fault or not as glibc's adaptive mmap threshold
+    # happens to stand (750-4,200 measured), so only the retained mode is checked for it
+    dense_default = rows["default"]["faults_per_forward"]["dense"]
+    assert dense_default > 5000
     for kind in ("dense", "sparse"):
-        default, retained = (rows[m]["faults_per_forward"][kind] for m in ("default", "retained"))
-        # dense: 32 x 128 x 1536 fp32 = 25 MB (6,144 pages) per FFN activation, 12-26 k measured; the sparse model
-        # runs each FFN fused (no such activation), its [tokens, 384] activations still fault: ~4 k measured
-        assert default > (5000 if kind == "dense" else 1500)
-        assert retained < 0.1 * default  # 0-400 measured (the heap may still settle)
+        assert rows["retained"]["faults_per_forward"][kind] < 0.1 * dense_default  # 0-400 measured
     assert "| retained | 32 |" in done.stdout
