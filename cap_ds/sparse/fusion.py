@@ -56,13 +56,17 @@ def activation_code(act: nn.Module) -> int | None:
     return None
 
 
-def _kernel_runs(x: torch.Tensor, op: str, *layers: SparseLinear) -> bool:
-    """The loaded op ``op`` can run these CSR layers on x now (inference, CPU, their dtype and csr format)."""
+def _kernel(x: torch.Tensor, op: str, layers: tuple[nn.Module, ...]):
+    """The loaded op module when its ``op`` can run these CSR layers on x now (inference, CPU, their dtype and the
+    csr format for this many tokens), else None. One op lookup per call: this runs on every forward."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return None
     tokens = x.numel() // max(1, x.shape[-1])
-    return (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-            and all(isinstance(m, SparseLinear) and m.values.dtype == x.dtype and m.format_for(tokens) == "csr"
-                    for m in layers)
-            and hasattr(csr.kernel_for(x), op))
+    for m in layers:
+        if not isinstance(m, SparseLinear) or m.values.dtype != x.dtype or m.format_for(tokens) != "csr":
+            return None
+    module = csr.kernel_for(x)
+    return module if hasattr(module, op) else None
 
 
 class _Fusion:
@@ -96,21 +100,27 @@ class FusedFeedForward(_Fusion):
         super().__init__(layer)
         self.layer, self.activation = layer, activation
 
+    def kernel(self, x: torch.Tensor):
+        """The op module this call runs on, or None (the original path)."""
+        first, second = layers = self.layers()
+        if (self.layer.output.training or x.shape[-1] != first.in_features  # x is also the residual:
+                or second.out_features != first.in_features or first.out_features != second.in_features):
+            return None
+        return _kernel(x, self.op, layers)
+
     def applies(self, x: torch.Tensor) -> bool:
-        first, second = self.layers()
-        return (not self.layer.output.training and _kernel_runs(x, self.op, first, second)
-                and x.shape[-1] == first.in_features == second.out_features
-                and first.out_features == second.in_features)  # x is also the residual
+        return self.kernel(x) is not None
 
     def __call__(self, attention_output: torch.Tensor) -> torch.Tensor:
-        if not self.applies(attention_output):
+        module = self.kernel(attention_output)
+        if module is None:
             return self.original(attention_output)
         out = self.layer.output  # in eval mode its dropout is the identity (the probe checked it)
         first, second = self.layers()
         x2 = attention_output.reshape(-1, first.in_features)
-        y = csr.kernel_for(x2).csr_ffn(x2, first.row_ptr, first.col_idx, first.values, first.bias,
-                                       first.out_features, self.activation, second.row_ptr, second.col_idx,
-                                       second.values, second.bias, second.out_features, second.in_features, x2)
+        y = module.csr_ffn(x2, first.row_ptr, first.col_idx, first.values, first.bias, first.out_features,
+                           self.activation, second.row_ptr, second.col_idx, second.values, second.bias,
+                           second.out_features, second.in_features, x2)
         return out.LayerNorm(y.reshape(attention_output.shape))
 
     def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -135,19 +145,27 @@ class FusedResidualOutput(_Fusion):
         super().__init__(block)
         self.block = block
 
+    def kernel(self, x: torch.Tensor, residual: torch.Tensor):
+        """The op module this call runs on, or None (the original path)."""
+        block = self.block
+        dense = block.dense
+        if (block.training or x.shape[-1] != dense.in_features or residual.dtype != x.dtype
+                or residual.shape != (*x.shape[:-1], dense.out_features)
+                or (torch.is_grad_enabled() and residual.requires_grad)):
+            return None
+        return _kernel(x, self.op, (dense,))
+
     def applies(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        dense = self.block.dense
-        return (not self.block.training and _kernel_runs(x, self.op, dense) and x.shape[-1] == dense.in_features
-                and residual.shape == (*x.shape[:-1], dense.out_features) and residual.dtype == x.dtype
-                and not (torch.is_grad_enabled() and residual.requires_grad))
+        return self.kernel(x, residual) is not None
 
     def __call__(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        if not self.applies(hidden_states, input_tensor):
+        module = self.kernel(hidden_states, input_tensor)
+        if module is None:
             return self.original(hidden_states, input_tensor)
         dense = self.block.dense
         x2 = hidden_states.reshape(-1, dense.in_features)
-        y = csr.kernel_for(x2).csr_linear(x2, dense.row_ptr, dense.col_idx, dense.values, dense.bias,
-                                          dense.out_features, input_tensor.reshape(-1, dense.out_features))
+        y = module.csr_linear(x2, dense.row_ptr, dense.col_idx, dense.values, dense.bias, dense.out_features,
+                              input_tensor.reshape(-1, dense.out_features))
         return self.block.LayerNorm(y.reshape(input_tensor.shape))
 
     def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
