@@ -240,8 +240,9 @@ def fuse(model: nn.Module) -> dict[str, int]:
     (``{"feed_forward": 6, "residual_output": 12}``). Re-fusing first undoes earlier fusions."""
     unfuse(model)
     counts = {"feed_forward": 0, "residual_output": 0}
-    if not any(hasattr(csr.kernel_for(m.values), "csr_ffn") for m in model.modules() if isinstance(m, SparseLinear)):
-        return counts
+    if not any(m.values.device.type == "cpu" and hasattr(csr.kernel_for(m.values), "csr_ffn")
+               for m in model.modules() if isinstance(m, SparseLinear)):
+        return counts  # the fused kernels are CPU kernels
     for kind, make in (("feed_forward", _feed_forward), ("residual_output", _residual_output)):
         for module in list(model.modules()):
             fused = make(module)
