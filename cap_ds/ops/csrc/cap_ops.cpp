@@ -83,39 +83,7 @@ std::optional<at::Tensor> residual_for(const char* op, const at::Tensor& x, cons
   return residual->contiguous();
 }
 
-at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                      const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
-                      const std::optional<at::Tensor>& residual) {
-  RECORD_FUNCTION("cap::csr_linear", std::vector<c10::IValue>({x, values}));
-  TORCH_CHECK(x.dim() == 2, "csr_linear: x must be 2-D [tokens, in_features]");
-  TORCH_CHECK(row_ptr.device() == x.device() && col_idx.device() == x.device() && values.device() == x.device(),
-              "csr_linear: x and the CSR arrays must be on the same device");
-  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && col_idx.scalar_type() == at::kInt,
-              "csr_linear: indices must be int32");
-  TORCH_CHECK(row_ptr.is_contiguous() && col_idx.is_contiguous() && values.is_contiguous(),
-              "csr_linear: CSR arrays must be contiguous");
-  TORCH_CHECK(row_ptr.numel() == out_features + 1, "csr_linear: row_ptr must have out_features + 1 entries");
-  TORCH_CHECK(values.scalar_type() == x.scalar_type(), "csr_linear: x (", x.scalar_type(),
-              ") and weight values (", values.scalar_type(), ") must have the same dtype");
-  std::optional<at::Tensor> b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == out_features,
-                "csr_linear: bias must be [out_features] in x's dtype");
-    b = bias->contiguous();
-  }
-  const std::optional<at::Tensor> res = residual_for("csr_linear", x, residual, out_features);
-  if (x.is_cuda()) {
-#ifdef CAP_WITH_CUDA
-    at::Tensor y = csr_linear_cuda(x, row_ptr, col_idx, values, b, out_features);
-    return res.has_value() ? y.add_(*res) : y;
-#else
-    TORCH_CHECK(false, "cap_masked_gemm was built without CUDA");
-#endif
-  }
-  return csr_linear_cpu(x, row_ptr, col_idx, values, b, out_features, res);
-}
-
-// Validated CSR arrays of one weight for x (the checks of csr_linear).
+// One weight's CSR arrays, checked against x (errors name `op`); the bias made contiguous.
 CsrArrays csr_arrays(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                      const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
   TORCH_CHECK(row_ptr.device() == x.device() && col_idx.device() == x.device() && values.device() == x.device(),
@@ -133,6 +101,24 @@ CsrArrays csr_arrays(const char* op, const at::Tensor& x, const at::Tensor& row_
     b = bias->contiguous();
   }
   return CsrArrays{row_ptr, col_idx, values, b, out_features};
+}
+
+at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                      const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
+                      const std::optional<at::Tensor>& residual) {
+  RECORD_FUNCTION("cap::csr_linear", std::vector<c10::IValue>({x, values}));
+  TORCH_CHECK(x.dim() == 2, "csr_linear: x must be 2-D [tokens, in_features]");
+  const CsrArrays weight = csr_arrays("csr_linear", x, row_ptr, col_idx, values, bias, out_features);
+  const std::optional<at::Tensor> res = residual_for("csr_linear", x, residual, out_features);
+  if (x.is_cuda()) {
+#ifdef CAP_WITH_CUDA
+    at::Tensor y = csr_linear_cuda(x, row_ptr, col_idx, values, weight.bias, out_features);
+    return res.has_value() ? y.add_(*res) : y;
+#else
+    TORCH_CHECK(false, "cap_masked_gemm was built without CUDA");
+#endif
+  }
+  return csr_linear_cpu(x, weight, res);
 }
 
 at::Tensor csr_ffn(const at::Tensor& x, const at::Tensor& row_ptr1, const at::Tensor& col_idx1,

@@ -17,16 +17,14 @@ void masked_mul_cpu(const at::Tensor& w, const at::Tensor& m, at::Tensor& out);
 // g holds g^T x on entry; afterwards g = g*m (dW) when want_w, and dm_out = g_in * w when want_m.
 void masked_grads_cpu(at::Tensor& g, const at::Tensor& w, const at::Tensor& m, at::Tensor& dm_out, bool want_w,
                       bool want_m);
-// residual: nullopt or contiguous [tokens, out_features], added in the write-back.
-at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
-                          const std::optional<at::Tensor>& residual);
 // A CSR weight as the ops take it (int32 row_ptr [out + 1] and col_idx [nnz], values [nnz], optional bias [out]).
 struct CsrArrays {
   at::Tensor row_ptr, col_idx, values;
   std::optional<at::Tensor> bias;
   int64_t out_features;
 };
+// y = x @ W^T + b (+ residual: nullopt or contiguous [tokens, out_features], added in the write-back).
+at::Tensor csr_linear_cpu(const at::Tensor& x, const CsrArrays& weight, const std::optional<at::Tensor>& residual);
 // The activation between a fused FFN's two products: none, exact (erf) GELU, ReLU.
 constexpr int64_t kActNone = 0, kActGelu = 1, kActRelu = 2;
 // y = act(x @ W1^T + b1) @ W2^T + b2 (+ residual, contiguous [tokens, out]) with both weights in CSR, one token

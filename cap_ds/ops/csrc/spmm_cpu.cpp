@@ -50,7 +50,7 @@ int64_t pick_tile() {
 const int64_t kTile = pick_tile();
 constexpr int64_t kRowBlock = 16;  // output features accumulated before the transposed write-back
 
-// One CSR weight as the fused FFN's tile loops take it.
+// One CSR weight as the kernels' loops take it.
 template <typename scalar_t>
 struct CsrWeight {
   const int32_t* row_ptr;
@@ -59,6 +59,17 @@ struct CsrWeight {
   const scalar_t* bias;  // nullptr: none
   int64_t n;             // rows (out features)
 };
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
+template <typename scalar_t>
+CsrWeight<scalar_t> weight_of(const CsrArrays& a) {
+  return {a.row_ptr.const_data_ptr<int32_t>(), a.col_idx.const_data_ptr<int32_t>(),
+          a.values.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(a.bias), a.out_features};
+}
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 inline int64_t tile_width(int64_t M, int64_t m0, int64_t T) { return std::min(T, round_up(M - m0, kLanes)); }
@@ -308,8 +319,10 @@ void run_tasks(int64_t ntasks, int64_t threads, const F& fn) {
 // take up to 2 tiles per thread: at 128 tokens on 2 threads the tile split measured 1.5-1.9x faster for
 // MiniLM's shapes, AMX Xeon, 2026-12-06: one parallel region instead of two, no barrier.)
 template <typename scalar_t>
-void csr_linear_kernel(const at::Tensor& x, const int32_t* row_ptr, const int32_t* col, const scalar_t* val,
-                       const scalar_t* bias, int64_t N, const scalar_t* residual, at::Tensor& y) {
+void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const scalar_t* residual, at::Tensor& y) {
+  const int32_t *row_ptr = wt.row_ptr, *col = wt.col;
+  const scalar_t *val = wt.val, *bias = wt.bias;
+  const int64_t N = wt.n;
   const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   scalar_t* py = y.data_ptr<scalar_t>();
@@ -409,17 +422,10 @@ inline vf activation_of(vf x, int64_t activation) {
   }
 }
 
-// In place on n floats (any n, any alignment).
+// In place on a tile: n a multiple of 16 (rows x tile width), h 64-byte aligned (the scratch buffer).
 void activate(float* h, int64_t n, int64_t activation) {
   if (activation == kActNone) return;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) storeu(h + i, activation_of(loadu(h + i), activation));
-  if (i < n) {
-    alignas(64) float tail[kLanes] = {};
-    std::copy(h + i, h + n, tail);
-    store(tail, activation_of(load(tail), activation));
-    std::copy(tail, tail + (n - i), h + i);
-  }
+  for (int64_t i = 0; i < n; i += kLanes) store(h + i, activation_of(load(h + i), activation));
 }
 
 template <typename scalar_t>
@@ -465,18 +471,13 @@ void set_cpu_threading(int64_t mode) {
   g_threading.store(static_cast<int>(mode));
 }
 
-at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
-                          const std::optional<at::Tensor>& residual) {
-  const int64_t M = x.size(0), N = out_features;
+at::Tensor csr_linear_cpu(const at::Tensor& x, const CsrArrays& weight, const std::optional<at::Tensor>& residual) {
+  const int64_t M = x.size(0), N = weight.out_features;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   for_each_dtype("csr_linear", x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* pb = (bias.has_value() && bias->defined()) ? bias->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    csr_linear_kernel<scalar_t>(x, row_ptr.const_data_ptr<int32_t>(), col_idx.const_data_ptr<int32_t>(),
-                                values.const_data_ptr<scalar_t>(), pb, N, pr, y);
+    csr_linear_kernel<scalar_t>(x, weight_of<scalar_t>(weight), data_or_null<scalar_t>(residual), y);
   });
   return y;
 }
@@ -488,13 +489,8 @@ at::Tensor csr_ffn_cpu(const at::Tensor& x, const CsrArrays& first, int64_t acti
   if (M == 0 || N == 0) return y;
   for_each_dtype("csr_ffn", x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    auto weight = [](const CsrArrays& a) {
-      const scalar_t* pb = (a.bias.has_value() && a.bias->defined()) ? a.bias->const_data_ptr<scalar_t>() : nullptr;
-      return CsrWeight<scalar_t>{a.row_ptr.const_data_ptr<int32_t>(), a.col_idx.const_data_ptr<int32_t>(),
-                                 a.values.const_data_ptr<scalar_t>(), pb, a.out_features};
-    };
-    const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    csr_ffn_kernel<scalar_t>(x, weight(first), activation, weight(second), pr, y);
+    csr_ffn_kernel<scalar_t>(x, weight_of<scalar_t>(first), activation, weight_of<scalar_t>(second),
+                             data_or_null<scalar_t>(residual), y);
   });
   return y;
 }
