@@ -112,6 +112,13 @@ def pruned_minilm(sparsity: float, tiny: bool) -> torch.nn.Module:
     return model.eval()
 
 
+def encoder_inputs(batch: int, seq: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """A reproducible full-length batch (ids seeded by the batch size, no padding)."""
+    g = torch.Generator().manual_seed(batch)
+    return {"input_ids": torch.randint(1000, min(20000, vocab_size), (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
 def add_model_flags(ap: argparse.ArgumentParser) -> None:
     """``--model`` / ``--sparsity`` / ``--tiny``: the model :func:`model_under_test` loads."""
     ap.add_argument("--model", default=None, help="an exported model folder (default: MiniLM pruned by magnitude)")
@@ -161,9 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dense = copy.deepcopy(base).to(dtype)
         sparse = sparsify(copy.deepcopy(base).to(dtype), policy=args.policy, batch_tokens=args.seq, fuse=args.fuse)
         for batch in batches:
-            g = torch.Generator().manual_seed(batch)
-            inputs = {"input_ids": torch.randint(1000, 20000, (batch, args.seq), generator=g),
-                      "attention_mask": torch.ones(batch, args.seq, dtype=torch.long)}
+            inputs = encoder_inputs(batch, args.seq, base.config.vocab_size)
             split = breakdown({"dense": dense, "sparse": sparse}, inputs, args.rounds)
             label = (f"{dtype_name}, batch {batch} x seq {args.seq}, {torch.get_num_threads()} threads, sparsify "
                      f"policy {args.policy}{', fused' if args.fuse else ''}, host memory {host_memory}")

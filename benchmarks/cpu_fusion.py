@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from cpu_breakdown import add_model_flags, model_under_test  # noqa: E402
+from cpu_breakdown import add_model_flags, encoder_inputs, model_under_test  # noqa: E402
 from timing import add_host_memory_flag, append_jsonl, apply_host_memory, int_list, interleaved  # noqa: E402
 
 
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---|---|---|---|---|---|")
     rows = []
     for batch in batches:
-        g = torch.Generator().manual_seed(batch)
-        x = {"input_ids": torch.randint(1000, min(20000, dense.config.vocab_size), (batch, args.seq), generator=g),
-             "attention_mask": torch.ones(batch, args.seq, dtype=torch.long)}
+        x = encoder_inputs(batch, args.seq, dense.config.vocab_size)
         with torch.inference_mode():
             logits = {k: m(**x).logits.float() for k, m in models.items()}
         ms = {k: v * 1e3 for k, v in interleaved({k: (lambda m=m, x=x: m(**x)) for k, m in models.items()}, args.rounds,
