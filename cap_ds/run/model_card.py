@@ -167,10 +167,11 @@ def speed_section(folder: Path) -> str:
 
 def _fused_line(speed: dict[str, Any]) -> str:
     """That the sparse rows ran with sparsify()'s fused kernels (cap_ds/sparse/fusion.py), where they did."""
-    fused = next((r["fused"] for r in speed.get("rows", []) if r.get("fused")), None)
-    if not fused:
+    from cap_ds.sparse.fusion import describe
+
+    what = next((describe(r["fused"]) for r in speed.get("rows", []) if r.get("fused")), "")
+    if not what:
         return ""
-    what = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in fused.items())
     return (f"\nThis model's rows ran through `cap_ds.sparse.sparsify()`, which on the CPU fuses each layer's sparse "
             f"FFN and residual adds into single kernel calls ({what}): serve it through `sparsify()` to get them.\n")
 

@@ -256,6 +256,11 @@ def fuse(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def describe(counts: dict[str, int]) -> str:
+    """``{"feed_forward": 6, "residual_output": 12}`` as ``6 feed forward, 12 residual output`` (zeros left out)."""
+    return ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items() if n)
+
+
 def fused_modules(model: nn.Module) -> list[tuple[str, _Fusion]]:
     """(module name, fusion) for every fused method of ``model``'s modules."""
     return [(name, value) for name, module in model.named_modules() for value in list(module.__dict__.values())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cap_ds.sparse.fusion import describe
+
 #: A timed path that is never chosen: the layer as dense bf16, what an fp32 model would run if cast to bf16 on a
 #: CPU with bf16 units. Choosing it would change the model's numbers, so the summary only reports it.
 BF16_REFERENCE = "ref:dense_bf16"
@@ -58,8 +60,8 @@ class SparsifySummary:
                 f"{self.seconds:.2f} s" + self._no_2to4() + self._bf16_hint())
 
     def _fused(self) -> str:
-        done = [f"{n} {kind.replace('_', ' ')}" for kind, n in self.fused.items() if n]
-        return f"; fused: {', '.join(done)}" if done else ""
+        done = describe(self.fused)
+        return f"; fused: {done}" if done else ""
 
     def _no_2to4(self) -> str:
         """Why 2:4 weights were not run as 2:4 (e.g. no backend for this GPU), once per distinct reason."""
