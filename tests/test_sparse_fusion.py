@@ -1,5 +1,5 @@
-"""cap_ds.sparse.fusion and its kernels: csr_ffn (two CSR products, the activation between and a residual, one
-token tile at a time) and csr_linear's residual; in a model, the same logits as the unfused model, the same
+"""cap_ds.sparse.fusion and its kernels: csr_ffn (two CSR products, the activation between, a residual and a
+LayerNorm, one token tile at a time) and csr_linear's residual and LayerNorm; in a model, the same logits as the unfused model, the same
 module tree and state dict, and the original path wherever the kernel cannot run."""
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ for m in (1, 31, 33, 64, 200):
     x = torch.randn(m, 40, generator=g)
     y = op.csr_ffn(x, *pack_csr(w1), None, 96, 1, *pack_csr(w2), None, 40, 96, x)
     torch.testing.assert_close(y, F.linear(F.gelu(F.linear(x, w1)), w2) + x, rtol=1e-5, atol=1e-5)
+    y = op.csr_linear(x, *pack_csr(w2.t().contiguous()), None, 96, ln_eps=1e-5)
+    torch.testing.assert_close(y, F.layer_norm(F.linear(x, w2.t()), (96,), eps=1e-5), rtol=1e-5, atol=1e-5)
 print("ok")
 """
     for tile in ("32", "64"):
@@ -105,6 +107,33 @@ def test_csr_linear_residual(op, two_threads):
                                    F.linear(x, w, b) + res, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [3, 17, 40, 130])  # the row-split schedule (3), partial and whole token tiles
+def test_layer_norm_after_the_write_back(op, two_threads, tokens):
+    """LN(x W^T + b + residual) and LN(FFN(x) + x) as F.layer_norm computes them, with and without its weight and
+    bias, over a feature count that is not a multiple of 16 (19) and one that is (48)."""
+    g = torch.Generator().manual_seed(tokens)
+    for n in (19, 48):
+        w, b = sparse_weight(n, 20, 0.9, n), torch.randn(n, generator=g)
+        x, res = torch.randn(tokens, 20, generator=g), torch.randn(tokens, n, generator=g) * 4 + 3
+        gamma, beta = torch.randn(n, generator=g), torch.randn(n, generator=g)
+        for lw, lb in ((gamma, beta), (None, None), (None, beta)):
+            got = op.csr_linear(x, *pack_csr(w), b, n, res, ln_weight=lw, ln_bias=lb, ln_eps=1e-12)
+            want = F.layer_norm(F.linear(x, w, b) + res, (n,), lw, lb, 1e-12)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w1, w2 = sparse_weight(70, 24, 0.8, 1), sparse_weight(24, 70, 0.8, 2)
+    x, gamma, beta = torch.randn(tokens, 24, generator=g), torch.randn(24, generator=g), torch.randn(24, generator=g)
+    got = op.csr_ffn(x, *pack_csr(w1), None, 70, ACT_GELU, *pack_csr(w2), None, 24, 70, x, ln_weight=gamma,
+                     ln_bias=beta, ln_eps=1e-5)
+    want = F.layer_norm(F.linear(F.gelu(F.linear(x, w1)), w2) + x, (24,), gamma, beta, 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # bf16: the sum rounded to bf16 once, then normalized in fp32 (the unfused path rounds it twice)
+    xb, wb = x.bfloat16(), w2.t().contiguous().bfloat16()
+    got = op.csr_linear(xb, *pack_csr(wb), None, 70, ln_weight=None, ln_bias=None, ln_eps=1e-5)
+    want = F.layer_norm(F.linear(xb.float(), wb.float()), (70,), eps=1e-5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_bad_arguments_raise_one_clear_error(op):
     w1, w2 = pack_csr(sparse_weight(8, 4, 0.5, 6)), pack_csr(sparse_weight(4, 8, 0.5, 7))
     x = torch.randn(3, 4)
@@ -116,6 +145,12 @@ def test_bad_arguments_raise_one_clear_error(op):
         op.csr_ffn(x, *w1, None, 8, ACT_GELU, *w2, None, 4, 8, torch.randn(3, 5))
     with pytest.raises(RuntimeError, match="residual must be"):
         op.csr_linear(x, *w1, None, 8, torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="ln_weight / ln_bias given without ln_eps"):
+        op.csr_linear(x, *w1, None, 8, ln_weight=torch.ones(8))
+    with pytest.raises(RuntimeError, match="ln_eps must be a finite number >= 0"):
+        op.csr_ffn(x, *w1, None, 8, ACT_GELU, *w2, None, 4, 8, None, ln_eps=float("nan"))
+    with pytest.raises(RuntimeError, match="ln_bias must be \\[out_features\\]"):
+        op.csr_linear(x, *w1, None, 8, ln_bias=torch.zeros(4), ln_eps=1e-5)
 
 
 # ---- in a model
@@ -180,12 +215,39 @@ def test_fused_model_calls_the_kernel(op, monkeypatch):
 
         def __getattr__(self, name):
             fn = getattr(self.module, name)
-            return lambda *a: calls.append(name) or fn(*a)
+            return lambda *a, **kw: calls.append(name) or fn(*a, **kw)
 
     monkeypatch.setattr(csr_mod, "kernel_for", lambda x: None if real(x) is None else Counting(real(x)))
     logits(model, **inputs())
     assert calls.count("csr_ffn") == 2  # one per layer, instead of two csr_linear and a GELU
     assert calls.count("csr_linear") == 2 * 4  # q, k, v and the attention output (with its residual)
+
+
+def test_layer_norms_run_in_the_kernel(op):
+    """A plain nn.LayerNorm after a fused block runs inside the kernel (only the embeddings' LayerNorm is called as
+    a module); any other normalization module runs after the kernel, as itself."""
+    model = sparsify(tiny_bert(), policy="csr")
+    called = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm):
+            m.register_forward_hook(lambda mod, a, out, name=name: called.append(name))
+    logits(model, **inputs())
+    assert called == ["bert.embeddings.LayerNorm"]
+    assert all("LayerNorm" in repr(f) for _, f in fused_modules(model))
+
+    class Norm(nn.LayerNorm):  # a subclass may compute anything: the kernel leaves it to its module
+        pass
+
+    dense = tiny_bert()
+    for layer in dense.bert.encoder.layer:
+        for block in (layer.attention.output, layer.output):
+            plain = block.LayerNorm
+            block.LayerNorm = Norm(plain.normalized_shape, eps=plain.eps)
+            block.LayerNorm.load_state_dict(plain.state_dict())
+    fused = sparsify(copy.deepcopy(dense), policy="csr")
+    assert fused.sparsify_summary.fused == {"feed_forward": 2, "residual_output": 4}
+    assert not any("LayerNorm" in repr(f) for _, f in fused_modules(fused))
+    torch.testing.assert_close(logits(fused, **inputs()), logits(dense, **inputs()), rtol=0, atol=1e-5)
 
 
 def test_copy_densify_and_refuse(op):

@@ -173,7 +173,7 @@ def _fused_line(speed: dict[str, Any]) -> str:
     if not what:
         return ""
     return (f"\nThis model's rows ran through `cap_ds.sparse.sparsify()`, which on the CPU fuses each layer's sparse "
-            f"FFN and residual adds into single kernel calls ({what}): serve it through `sparsify()` to get them.\n")
+            f"FFN, residual adds and LayerNorms into single kernel calls ({what}): serve it through `sparsify()` to get them.\n")
 
 
 def _host_memory_line(speed: dict[str, Any]) -> str:

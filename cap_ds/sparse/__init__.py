@@ -4,7 +4,7 @@ cap_masked_gemm CSR kernel; ``2:4``: :class:`SparseLinear` on torch's semi-struc
 one is measured (``policy="measure"``, default) or known (``"rule"``) to be faster; ``densify`` undoes it. Modules:
 ``formats`` (names, batch classes, sparsity tests), ``csr`` and ``semi`` (the two sparse paths), ``linear``
 (:class:`SparseLinear`), ``policy`` (rule and choice), ``measure`` (timing and the decision cache), ``summary``,
-``convert`` (the model walk), ``fusion`` (CPU: a layer's FFN, and residual adds, in one kernel call), ``serve``
+``convert`` (the model walk), ``fusion`` (CPU: a layer's FFN, residual adds and LayerNorms in one kernel call), ``serve``
 (shape buckets run by CUDA graphs, compiled or eager). Figures behind the rules: docs/sparse_inference.md.
 
 May import: ``cap_ds.ops`` and ``cap_ds.runtime`` only.

@@ -56,9 +56,9 @@ class SparsifyOptions:
     measure_fn: your own timer instead of ``time_candidates`` (``(candidates, x) -> seconds per candidate``; x is
       the representative input), e.g. one timing with CUDA events, or a fixed table for reproducible decisions.
     fuse: True (default): on the CPU, a BERT-style layer whose two FFN linears both became CSR runs them, the GELU
-      between and the residual add in one kernel call, and a CSR ``dense -> LayerNorm(h + input)`` block adds
-      its residual in the kernel (:mod:`cap_ds.sparse.fusion`; same numbers, fewer passes over memory). False:
-      never.
+      between, the residual add and the LayerNorm in one kernel call, and a CSR ``dense -> LayerNorm(h + input)``
+      block adds its residual and normalizes in the kernel (:mod:`cap_ds.sparse.fusion`; same numbers, fewer
+      passes over memory). False: never.
     """
 
     min_sparsity: float = 0.5

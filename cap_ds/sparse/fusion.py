@@ -3,12 +3,15 @@
 At batch 32 x 128 tokens a BERT layer's activations are 6-25 MB (MiniLM): every separate elementwise step streams
 them through memory again. Two fusions, each into the ``cap_masked_gemm`` CSR kernels:
 
-- **feed-forward** (:class:`FusedFeedForward`): both FFN linears, the GELU or ReLU between them and the residual
-  add in one ``csr_ffn`` call, one token tile at a time. The [tokens, 4 * hidden] intermediate stays in the core's
-  L2, already in the layout the second product reads; unfused it is written, read and written by the
-  activation, and read again.
+- **feed-forward** (:class:`FusedFeedForward`): both FFN linears, the GELU or ReLU between them, the residual
+  add and the LayerNorm after it in one ``csr_ffn`` call, one token tile at a time. The [tokens, 4 * hidden]
+  intermediate stays in the core's L2, already in the layout the second product reads; unfused it is written,
+  read and written by the activation, and read again.
 - **residual output** (:class:`FusedResidualOutput`): a ``dense -> dropout -> LayerNorm(h + input)`` block (BERT's
   attention output, and the FFN output where the FFN is not fused) adds the residual in the linear's write-back.
+
+Both normalize each token tile's outputs in the kernel while they are in cache when the LayerNorm is a plain
+``nn.LayerNorm`` over the output features (another normalization runs as its module, after the kernel).
 
 Both replace a method on the module instance (``feed_forward_chunk`` of the layer, ``forward`` of the output
 block) with a plain callable object: the module tree, parameters and state dict do not change, and ``deepcopy``,
@@ -54,6 +57,20 @@ def activation_code(act: nn.Module) -> int | None:
     if type(act) is nn.ReLU:
         return ACT_RELU
     return None
+
+
+def layer_norm_args(norm: nn.Module, features: int) -> dict[str, object] | None:
+    """The kernels' LayerNorm keywords (``ln_weight``, ``ln_bias``, ``ln_eps``) for a plain ``nn.LayerNorm`` over
+    the last ``features`` (the kernel normalizes each token's outputs while they are in cache), else None (the
+    module then runs after the kernel)."""
+    if type(norm) is not nn.LayerNorm or tuple(norm.normalized_shape) != (features,):
+        return None
+    return {"ln_weight": norm.weight, "ln_bias": norm.bias, "ln_eps": float(norm.eps)}
+
+
+def _normalized(y: torch.Tensor, shape: torch.Size, norm: nn.Module, fused: bool) -> torch.Tensor:
+    y = y.reshape(shape)
+    return y if fused else norm(y)
 
 
 def _kernel(x: torch.Tensor, op: str, layers: tuple[nn.Module, ...]):
@@ -115,13 +132,14 @@ class FusedFeedForward(_Fusion):
         module = self.kernel(attention_output)
         if module is None:
             return self.original(attention_output)
-        out = self.layer.output  # in eval mode its dropout is the identity (the probe checked it)
+        norm = self.layer.output.LayerNorm  # in eval mode the dropout before it is the identity (the probe checked)
         first, second = self.layers()
         x2 = attention_output.reshape(-1, first.in_features)
+        ln = layer_norm_args(norm, second.out_features)
         y = module.csr_ffn(x2, first.row_ptr, first.col_idx, first.values, first.bias, first.out_features,
                            self.activation, second.row_ptr, second.col_idx, second.values, second.bias,
-                           second.out_features, second.in_features, x2)
-        return out.LayerNorm(y.reshape(attention_output.shape))
+                           second.out_features, second.in_features, x2, **(ln or {}))
+        return _normalized(y, attention_output.shape, norm, ln is not None)
 
     def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (torch.randn(1, tokens, self.layer.intermediate.dense.in_features, generator=g),)
@@ -131,8 +149,9 @@ class FusedFeedForward(_Fusion):
 
     def __repr__(self) -> str:
         first, second = self.layers()
+        norm = ", LayerNorm" if layer_norm_args(self.layer.output.LayerNorm, second.out_features) else ""
         return (f"FusedFeedForward({first.in_features} -> {first.out_features} -> {second.out_features}, "
-                f"{ACT_NAMES[self.activation]}, + residual)")
+                f"{ACT_NAMES[self.activation]}, + residual{norm})")
 
 
 class FusedResidualOutput(_Fusion):
@@ -162,11 +181,12 @@ class FusedResidualOutput(_Fusion):
         module = self.kernel(hidden_states, input_tensor)
         if module is None:
             return self.original(hidden_states, input_tensor)
-        dense = self.block.dense
+        dense, norm = self.block.dense, self.block.LayerNorm
         x2 = hidden_states.reshape(-1, dense.in_features)
+        ln = layer_norm_args(norm, dense.out_features)
         y = module.csr_linear(x2, dense.row_ptr, dense.col_idx, dense.values, dense.bias, dense.out_features,
-                              input_tensor.reshape(-1, dense.out_features))
-        return self.block.LayerNorm(y.reshape(input_tensor.shape))
+                              input_tensor.reshape(-1, dense.out_features), **(ln or {}))
+        return _normalized(y, input_tensor.shape, norm, ln is not None)
 
     def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         dense = self.block.dense
@@ -177,7 +197,9 @@ class FusedResidualOutput(_Fusion):
         return (self.block.dense,)
 
     def __repr__(self) -> str:
-        return f"FusedResidualOutput({self.block.dense.in_features} -> {self.block.dense.out_features}, + residual)"
+        dense = self.block.dense
+        norm = ", LayerNorm" if layer_norm_args(self.block.LayerNorm, dense.out_features) else ""
+        return f"FusedResidualOutput({dense.in_features} -> {dense.out_features}, + residual{norm})"
 
 
 def _has_modules(module: nn.Module, names: tuple[str, ...]) -> bool:

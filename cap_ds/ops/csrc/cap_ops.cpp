@@ -3,6 +3,9 @@
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 
+#include <cmath>
+#include <tuple>
+
 #include "cap_ops.h"
 
 namespace cap {
@@ -83,6 +86,26 @@ std::optional<at::Tensor> residual_for(const char* op, const at::Tensor& x, cons
   return residual->contiguous();
 }
 
+// The optional LayerNorm after the write-back, checked against x and out_features (errors name `op`).
+LayerNormArgs layer_norm_for(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, std::optional<double> eps, int64_t out_features) {
+  const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
+  if (!eps.has_value()) {
+    TORCH_CHECK(!has_w && !has_b, op, ": ln_weight / ln_bias given without ln_eps (ln_eps turns the LayerNorm on)");
+    return {};
+  }
+  TORCH_CHECK(std::isfinite(*eps) && *eps >= 0, op, ": ln_eps must be a finite number >= 0, got ", *eps);
+  LayerNormArgs ln{std::nullopt, std::nullopt, eps};
+  for (auto [t, name, out] : {std::tuple{&weight, "ln_weight", &ln.weight}, std::tuple{&bias, "ln_bias", &ln.bias}}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.scalar_type() == x.scalar_type() && v.device() == x.device() && v.numel() == out_features, op,
+                ": ", name, " must be [out_features] in x's dtype and device");
+    *out = v.contiguous();
+  }
+  return ln;
+}
+
 // One weight's CSR arrays, checked against x (errors name `op`); the bias made contiguous.
 CsrArrays csr_arrays(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                      const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
@@ -105,27 +128,32 @@ CsrArrays csr_arrays(const char* op, const at::Tensor& x, const at::Tensor& row_
 
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                       const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
-                      const std::optional<at::Tensor>& residual) {
+                      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& ln_weight,
+                      const std::optional<at::Tensor>& ln_bias, std::optional<double> ln_eps) {
   RECORD_FUNCTION("cap::csr_linear", std::vector<c10::IValue>({x, values}));
   TORCH_CHECK(x.dim() == 2, "csr_linear: x must be 2-D [tokens, in_features]");
   const CsrArrays weight = csr_arrays("csr_linear", x, row_ptr, col_idx, values, bias, out_features);
   const std::optional<at::Tensor> res = residual_for("csr_linear", x, residual, out_features);
+  const LayerNormArgs ln = layer_norm_for("csr_linear", x, ln_weight, ln_bias, ln_eps, out_features);
   if (x.is_cuda()) {
 #ifdef CAP_WITH_CUDA
     at::Tensor y = csr_linear_cuda(x, row_ptr, col_idx, values, weight.bias, out_features);
-    return res.has_value() ? y.add_(*res) : y;
+    if (res.has_value()) y.add_(*res);
+    return ln.eps.has_value() ? at::layer_norm(y, {out_features}, ln.weight, ln.bias, *ln.eps) : y;
 #else
     TORCH_CHECK(false, "cap_masked_gemm was built without CUDA");
 #endif
   }
-  return csr_linear_cpu(x, weight, res);
+  return csr_linear_cpu(x, weight, res, ln);
 }
 
 at::Tensor csr_ffn(const at::Tensor& x, const at::Tensor& row_ptr1, const at::Tensor& col_idx1,
                    const at::Tensor& values1, const std::optional<at::Tensor>& bias1, int64_t hidden_features,
                    int64_t activation, const at::Tensor& row_ptr2, const at::Tensor& col_idx2,
                    const at::Tensor& values2, const std::optional<at::Tensor>& bias2, int64_t out_features,
-                   int64_t hidden_in, const std::optional<at::Tensor>& residual) {
+                   int64_t hidden_in, const std::optional<at::Tensor>& residual,
+                   const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                   std::optional<double> ln_eps) {
   RECORD_FUNCTION("cap::csr_ffn", std::vector<c10::IValue>({x, values1, values2}));
   TORCH_CHECK(x.dim() == 2, "csr_ffn: x must be 2-D [tokens, in_features]");
   TORCH_CHECK(x.device().is_cpu(), "csr_ffn: CPU only (on CUDA run the two csr_linear calls)");
@@ -135,7 +163,8 @@ at::Tensor csr_ffn(const at::Tensor& x, const at::Tensor& row_ptr1, const at::Te
               " (0 none, 1 gelu, 2 relu)");
   const std::optional<at::Tensor> res = residual_for("csr_ffn", x, residual, out_features);
   return csr_ffn_cpu(x, csr_arrays("csr_ffn", x, row_ptr1, col_idx1, values1, bias1, hidden_features), activation,
-                     csr_arrays("csr_ffn", x, row_ptr2, col_idx2, values2, bias2, out_features), res);
+                     csr_arrays("csr_ffn", x, row_ptr2, col_idx2, values2, bias2, out_features), res,
+                     layer_norm_for("csr_ffn", x, ln_weight, ln_bias, ln_eps, out_features));
 }
 
 bool with_cuda() {
@@ -158,14 +187,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_linear_backward", &cap::masked_linear_backward, "[dx, dW, dM, db] of the masked linear",
         py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("mask"), py::arg("want_x"), py::arg("want_w"),
         py::arg("want_m"), py::arg("want_b"));
-  m.def("csr_linear", &cap::csr_linear, "x @ W^T + b (+ residual) with W in CSR", py::arg("x"), py::arg("row_ptr"),
-        py::arg("col_idx"), py::arg("values"), py::arg("bias") = py::none(), py::arg("out_features"),
-        py::arg("residual") = py::none());
-  m.def("csr_ffn", &cap::csr_ffn, "act(x @ W1^T + b1) @ W2^T + b2, both weights in CSR, fused per token tile (CPU)",
+  m.def("csr_linear", &cap::csr_linear, "LayerNorm(x @ W^T + b (+ residual)) with W in CSR (LayerNorm when ln_eps is set)",
+        py::arg("x"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("bias") = py::none(),
+        py::arg("out_features"), py::arg("residual") = py::none(), py::arg("ln_weight") = py::none(),
+        py::arg("ln_bias") = py::none(), py::arg("ln_eps") = py::none());
+  m.def("csr_ffn", &cap::csr_ffn, "LayerNorm(act(x @ W1^T + b1) @ W2^T + b2 (+ residual)), both weights in CSR, fused per token tile (CPU)",
         py::arg("x"), py::arg("row_ptr1"), py::arg("col_idx1"), py::arg("values1"), py::arg("bias1"),
         py::arg("hidden_features"), py::arg("activation"), py::arg("row_ptr2"), py::arg("col_idx2"),
         py::arg("values2"), py::arg("bias2"), py::arg("out_features"), py::arg("hidden_in"),
-        py::arg("residual") = py::none());
+        py::arg("residual") = py::none(), py::arg("ln_weight") = py::none(), py::arg("ln_bias") = py::none(),
+        py::arg("ln_eps") = py::none());
   m.def("set_cpu_threading", &cap::set_cpu_threading, "0 (default): CPU sparse kernels on ATen's OpenMP team, 1: on TaskPool",
         py::arg("mode"));
   m.def("with_cuda", &cap::with_cuda, "whether the CUDA kernels were compiled in");

@@ -23,14 +23,22 @@ struct CsrArrays {
   std::optional<at::Tensor> bias;
   int64_t out_features;
 };
-// y = x @ W^T + b (+ residual: nullopt or contiguous [tokens, out_features], added in the write-back).
-at::Tensor csr_linear_cpu(const at::Tensor& x, const CsrArrays& weight, const std::optional<at::Tensor>& residual);
+// An optional LayerNorm over the output features, after the bias and the residual: none unless eps is set;
+// weight and bias (each optional) contiguous [out_features] in x's dtype.
+struct LayerNormArgs {
+  std::optional<at::Tensor> weight, bias;
+  std::optional<double> eps;
+};
+// y = LN(x @ W^T + b (+ residual)): residual nullopt or contiguous [tokens, out_features], added in the
+// write-back; LN (when set) on each tile's rows while they are in cache.
+at::Tensor csr_linear_cpu(const at::Tensor& x, const CsrArrays& weight, const std::optional<at::Tensor>& residual,
+                          const LayerNormArgs& layer_norm);
 // The activation between a fused FFN's two products: none, exact (erf) GELU, ReLU.
 constexpr int64_t kActNone = 0, kActGelu = 1, kActRelu = 2;
-// y = act(x @ W1^T + b1) @ W2^T + b2 (+ residual, contiguous [tokens, out]) with both weights in CSR, one token
-// tile at a time: the [tokens, hidden] intermediate never leaves the core's cache.
+// y = LN(act(x @ W1^T + b1) @ W2^T + b2 (+ residual, contiguous [tokens, out])) with both weights in CSR, one
+// token tile at a time: the [tokens, hidden] intermediate never leaves the core's cache.
 at::Tensor csr_ffn_cpu(const at::Tensor& x, const CsrArrays& first, int64_t activation, const CsrArrays& second,
-                       const std::optional<at::Tensor>& residual);
+                       const std::optional<at::Tensor>& residual, const LayerNormArgs& layer_norm);
 // Who runs the CPU sparse kernels' tasks: 0 = ATen's OpenMP team (default), 1 = cap_ds's TaskPool.
 void set_cpu_threading(int64_t mode);
 

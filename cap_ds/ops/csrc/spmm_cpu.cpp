@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -249,6 +250,101 @@ int64_t tile_tokens(int64_t M, int64_t threads) {
   return kTile;
 }
 
+// LayerNorm over the N features of rows just written (their tile's outputs, still in L1/L2): on a served model
+// this replaces a separate pass of ATen's LayerNorm over the whole [tokens, N] output in memory (12 such passes per
+// MiniLM forward). Two passes over each row in fp32 (mean, then the mean square of x - mean), as exact as
+// ATen's. Half types normalize the rounded sum, as the unfused LayerNorm does.
+struct LayerNormF {
+  std::vector<float> weight, bias;  // empty: none (weight 1, bias 0)
+  float eps = 0.f;
+  bool on = false;
+};
+
+template <typename scalar_t>
+LayerNormF layer_norm_of(const LayerNormArgs& a, int64_t N) {
+  LayerNormF ln;
+  if (!a.eps.has_value()) return ln;
+  ln.on = true;
+  ln.eps = static_cast<float>(*a.eps);
+  auto floats = [&](const std::optional<at::Tensor>& t, std::vector<float>& out) {
+    if (const scalar_t* p = data_or_null<scalar_t>(t)) {
+      out.resize(N);
+      for (int64_t k = 0; k < N; ++k) out[k] = static_cast<float>(p[k]);
+    }
+  };
+  floats(a.weight, ln.weight);
+  floats(a.bias, ln.bias);
+  return ln;
+}
+
+// The sum of a vector's 16 lanes: a tree of shuffles (4 dependent adds instead of 16).
+inline float lane_sum(vf v) {
+  v += __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+
+// sum over k of f(r[k]) for a row of n floats (f: vf -> vf, lanes past n are never read): four independent
+// accumulator chains, so the adds' latency overlaps (a row of MiniLM's 384 features is 24 vectors).
+template <typename F>
+inline float row_sum(const float* r, int64_t n, const F& f) {
+  vf a0{}, a1{}, a2{}, a3{};
+  int64_t k = 0;
+  for (; k + 4 * kLanes <= n; k += 4 * kLanes) {
+    a0 += f(loadu(r + k));
+    a1 += f(loadu(r + k + kLanes));
+    a2 += f(loadu(r + k + 2 * kLanes));
+    a3 += f(loadu(r + k + 3 * kLanes));
+  }
+  for (; k + kLanes <= n; k += kLanes) a0 += f(loadu(r + k));
+  float tail = 0.f;
+  if (k < n) {
+    alignas(64) float tmp[kLanes] = {};
+    for (int64_t i = k; i < n; ++i) tmp[i - k] = r[i];
+    const vf t = f(load(tmp));
+    for (int64_t i = 0; i < n - k; ++i) tail += t[i];
+  }
+  return lane_sum((a0 + a1) + (a2 + a3)) + tail;
+}
+
+template <typename scalar_t>
+void layer_norm_rows(scalar_t* y, int64_t rows, int64_t N, const LayerNormF& ln) {
+  if (!ln.on) return;
+  thread_local std::vector<float> widened;
+  const float* g = ln.weight.empty() ? nullptr : ln.weight.data();
+  const float* b = ln.bias.empty() ? nullptr : ln.bias.data();
+  const float inv_n = 1.f / static_cast<float>(N);
+  for (int64_t m = 0; m < rows; ++m) {
+    scalar_t* out = y + m * N;
+    float* r;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      r = out;
+    } else {
+      widened.resize(N);
+      for (int64_t k = 0; k < N; ++k) widened[k] = static_cast<float>(out[k]);
+      r = widened.data();
+    }
+    const float mean = row_sum(r, N, [](vf v) { return v; }) * inv_n;
+    const float var = row_sum(r, N, [mean](vf v) { return (v - mean) * (v - mean); }) * inv_n;
+    const float rstd = 1.f / std::sqrt(var + ln.eps);
+    for (int64_t k = 0; k < N; k += kLanes) {
+      const int64_t n = std::min(kLanes, N - k);
+      vf v = (load_x(r + k, 1, n) - mean) * rstd;
+      if (g != nullptr) v *= load_x(g + k, 1, n);
+      if (b != nullptr) v += load_x(b + k, 1, n);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (n == kLanes) {
+          storeu(out + k, v);
+          continue;
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) out[k + i] = static_cast<scalar_t>(v[i]);
+    }
+  }
+}
+
 struct AlignedFree {
   void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
 };
@@ -319,7 +415,8 @@ void run_tasks(int64_t ntasks, int64_t threads, const F& fn) {
 // take up to 2 tiles per thread: at 128 tokens on 2 threads the tile split measured 1.5-1.9x faster for
 // MiniLM's shapes, AMX Xeon, 2026-12-06: one parallel region instead of two, no barrier.)
 template <typename scalar_t>
-void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const scalar_t* residual, at::Tensor& y) {
+void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const scalar_t* residual,
+                       const LayerNormF& ln, at::Tensor& y) {
   const int32_t *row_ptr = wt.row_ptr, *col = wt.col;
   const scalar_t *val = wt.val, *bias = wt.bias;
   const int64_t N = wt.n;
@@ -336,6 +433,7 @@ void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const
       const int64_t m0 = t * T, m1 = std::min(M, m0 + T);
       for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, tile, T);
       run_tile(tile, M, m0, T, 0, nblocks, N, row_ptr, col, val, bias, py, residual);
+      layer_norm_rows(py + m0 * N, m1 - m0, N, ln);  // the tile's rows are complete and in cache
     });
     return;
   }
@@ -363,6 +461,7 @@ void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const
       run_tile(xp + m0 * K, M, m0, T, bounds[t], bounds[t + 1], N, row_ptr, col, val, bias, py, residual);
     }
   });
+  layer_norm_rows(py, M, N, ln);  // rows were split across threads: normalize once all are written (few tokens)
 }
 
 // The first product of a fused FFN for one tile: h[n * w + i] = b[n] + sum_k W[n, k] xt[k * w + i] for every row
@@ -430,7 +529,8 @@ void activate(float* h, int64_t n, int64_t activation) {
 
 template <typename scalar_t>
 void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t activation,
-                    const CsrWeight<scalar_t>& w2, const scalar_t* residual, at::Tensor& y) {
+                    const CsrWeight<scalar_t>& w2, const scalar_t* residual, const LayerNormF& ln,
+                    at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   scalar_t* py = y.data_ptr<scalar_t>();
@@ -450,6 +550,7 @@ void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t 
     }
     activate(h, w1.n * w, activation);
     run_tile(h, M, m0, T, 0, nblocks2, w2.n, w2.row_ptr, w2.col, w2.val, w2.bias, py, residual);
+    layer_norm_rows(py + m0 * w2.n, m1 - m0, w2.n, ln);
   });
 }
 
@@ -471,26 +572,28 @@ void set_cpu_threading(int64_t mode) {
   g_threading.store(static_cast<int>(mode));
 }
 
-at::Tensor csr_linear_cpu(const at::Tensor& x, const CsrArrays& weight, const std::optional<at::Tensor>& residual) {
+at::Tensor csr_linear_cpu(const at::Tensor& x, const CsrArrays& weight, const std::optional<at::Tensor>& residual,
+                          const LayerNormArgs& layer_norm) {
   const int64_t M = x.size(0), N = weight.out_features;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   for_each_dtype("csr_linear", x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    csr_linear_kernel<scalar_t>(x, weight_of<scalar_t>(weight), data_or_null<scalar_t>(residual), y);
+    csr_linear_kernel<scalar_t>(x, weight_of<scalar_t>(weight), data_or_null<scalar_t>(residual),
+                                layer_norm_of<scalar_t>(layer_norm, N), y);
   });
   return y;
 }
 
 at::Tensor csr_ffn_cpu(const at::Tensor& x, const CsrArrays& first, int64_t activation, const CsrArrays& second,
-                       const std::optional<at::Tensor>& residual) {
+                       const std::optional<at::Tensor>& residual, const LayerNormArgs& layer_norm) {
   const int64_t M = x.size(0), N = second.out_features;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   for_each_dtype("csr_ffn", x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     csr_ffn_kernel<scalar_t>(x, weight_of<scalar_t>(first), activation, weight_of<scalar_t>(second),
-                             data_or_null<scalar_t>(residual), y);
+                             data_or_null<scalar_t>(residual), layer_norm_of<scalar_t>(layer_norm, N), y);
   });
   return y;
 }
