@@ -40,7 +40,7 @@ KINDS = {
     "adds": ("aten::add", "aten::add_"),
     "copies": ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy"),
     "embeddings": ("aten::embedding", "aten::index_select"),
-    "fused_ffn": ("cap::csr_ffn",),  # --fuse: both FFN linears, the GELU and the residual add in one call
+    "fused_ffn": ("cap::csr_ffn",),  # --fuse: both FFN linears, GELU, residual add and LayerNorm in one call
 }
 KIND_OF = {op: kind for kind, ops in KINDS.items() for op in ops}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--policy", default="csr", help="sparsify policy for the sparse model (csr: our kernel "
                     "in every layer, the path this explains)")
     ap.add_argument("--fuse", action="store_true", help="sparsify with fusion (what a served model runs: the "
-                    "FFN's products, GELU and residual add in one kernel call, its own row 'fused_ffn'); default "
-                    "off, so that every operator kind has its own row")
+                    "FFN's products, GELU, residual add and LayerNorm in one kernel call, its own row "
+                    "'fused_ffn'); default off, so that every operator kind has its own row")
     ap.add_argument("--jsonl", default=None, help="append one JSON line per (dtype, batch) here")
     add_host_memory_flag(ap)
     args = ap.parse_args(argv)

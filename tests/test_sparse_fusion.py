@@ -1,6 +1,6 @@
 """cap_ds.sparse.fusion and its kernels: csr_ffn (two CSR products, the activation between, a residual and a
-LayerNorm, one token tile at a time) and csr_linear's residual and LayerNorm; in a model, the same logits as the unfused model, the same
-module tree and state dict, and the original path wherever the kernel cannot run."""
+LayerNorm, one token tile at a time) and csr_linear's residual and LayerNorm; in a model, the same logits as the
+unfused model, the same module tree and state dict, and the original path wherever the kernel cannot run."""
 
 from __future__ import annotations
 
@@ -151,6 +151,27 @@ def test_bad_arguments_raise_one_clear_error(op):
         op.csr_ffn(x, *w1, None, 8, ACT_GELU, *w2, None, 4, 8, None, ln_eps=float("nan"))
     with pytest.raises(RuntimeError, match="ln_bias must be \\[out_features\\]"):
         op.csr_linear(x, *w1, None, 8, ln_bias=torch.zeros(4), ln_eps=1e-5)
+
+
+@pytest.mark.gpu
+def test_csr_linear_cuda_residual_and_layer_norm(cuda_kernels):
+    """On CUDA csr_linear adds the residual and normalizes after its product (ATen ops, not fused); csr_ffn is
+    CPU only and says so."""
+    op = cuda_kernels.load_kernels()
+    g = torch.Generator().manual_seed(5)
+    w, b = sparse_weight(48, 20, 0.9, 48), torch.randn(48, generator=g)
+    x, res = torch.randn(37, 20, generator=g), torch.randn(37, 48, generator=g)
+    gamma, beta = torch.randn(48, generator=g), torch.randn(48, generator=g)
+    arrays = [t.cuda() for t in pack_csr(w)]
+    for lw, lb, eps in ((gamma, beta, 1e-12), (None, None, 1e-5), (None, None, None)):
+        got = op.csr_linear(x.cuda(), *arrays, b.cuda(), 48, res.cuda(), ln_weight=None if lw is None else lw.cuda(),
+                            ln_bias=None if lb is None else lb.cuda(), ln_eps=eps)
+        want = F.linear(x, w, b) + res
+        want = want if eps is None else F.layer_norm(want, (48,), lw, lb, eps)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    w2 = sparse_weight(20, 48, 0.9, 3)
+    with pytest.raises(RuntimeError, match="csr_ffn: CPU only"):
+        op.csr_ffn(x.cuda(), *arrays, None, 48, ACT_GELU, *[t.cuda() for t in pack_csr(w2)], None, 20, 48, None)
 
 
 # ---- in a model

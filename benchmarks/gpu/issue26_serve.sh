@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 26 on one GPU in one device call (< 8 min): the GPU tests of the serving path and of 2:4 (sm 8.x and 9.x),
+# Issue 26 on one GPU in one device call (< 8 min): the GPU tests of the serving path, of 2:4 (sm 8.x and 9.x) and
+# of the CSR ops (csr_linear's residual and LayerNorm on CUDA),
 # then dense eager / dense under CUDA graphs / CAP-f cleaned at 50 % and 75 % / 90 % sparsify'd under CUDA graphs,
 # BERT-base, bf16, seq 128, batch 1 and 32 (benchmarks/bench_serve.py), then the same with torch.compile rows.
 # Every stage runs under its own timeout; results as JSON lines in $OUT.
@@ -28,7 +29,8 @@ stage() {  # stage NAME SECONDS COMMAND...: time-boxed, output to log.txt, rc an
 }
 
 if [ "$DEVICE" = cuda ]; then
-  stage tests "$T_TESTS" python -m pytest -q -m gpu tests/test_serve.py tests/test_sparse_dispatch.py
+  stage tests "$T_TESTS" python -m pytest -q -m gpu tests/test_serve.py tests/test_sparse_dispatch.py \
+      tests/test_sparse.py tests/test_sparse_fusion.py
 fi
 bench=(python benchmarks/bench_serve.py --device "$DEVICE" --size "$SIZE" --batches "$BATCHES" --seq "$SEQ"
        --reps "$REPS" --jsonl "$OUT/serve.jsonl")
