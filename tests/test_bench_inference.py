@@ -75,7 +75,7 @@ def test_cpu_breakdown_fused_and_bad_flags(capsys):
     [row] = cpu_breakdown.main(["--tiny", "--rounds", "1", "--batches", "2", "--seq", "16", "--dtypes", "fp32",
                                 "--threads", "1", "--fuse"])
     sparse = row["ms"]["sparse"]
-    assert row["fuse"] and sparse["fused_ffn"] > 0 and "gelu" not in sparse
+    assert row["fuse"] and sparse["fused_ffn"] > 0 and sparse["fused_attention"] > 0 and "gelu" not in sparse
     for flags, named in ((["--dtypes", "float32"], "--dtypes 'float32'"), (["--batches", "1,x"], "--batches '1,x'")):
         with pytest.raises(SystemExit):
             cpu_breakdown.main(["--tiny", *flags])
@@ -89,6 +89,6 @@ def test_cpu_fusion_compares_fused_and_unfused_in_one_run():
     import cpu_fusion
 
     [row] = cpu_fusion.main(["--tiny", "--rounds", "1", "--batches", "2", "--seq", "16", "--threads", "2"])
-    assert row["fused"] == {"feed_forward": 2, "residual_output": 4}
+    assert row["fused"] == {"self_attention": 2, "feed_forward": 2, "residual_output": 4}
     assert set(row["ms"]) == {"dense", "unfused", "fused"} and min(row["ms"].values()) > 0
     assert max(row["max_abs_logit_diff"].values()) < 1e-4

@@ -1,6 +1,7 @@
 """cap_ds.sparse.fusion and its kernels: csr_ffn (two CSR products, the activation between, a residual and a
-LayerNorm, one token tile at a time) and csr_linear's residual and LayerNorm; in a model, the same logits as the
-unfused model, the same module tree and state dict, and the original path wherever the kernel cannot run."""
+LayerNorm, one token tile at a time), csr_attention (Q, K, V, SDPA, the output projection, residual and LayerNorm)
+and csr_linear's residual and LayerNorm; in a model, the same logits as the unfused model, the same module tree
+and state dict, and the original path wherever the kernel cannot run."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from cap_ds.sparse.fusion import (
     ACT_RELU,
     FusedFeedForward,
     FusedResidualOutput,
+    FusedSelfAttention,
     fused_modules,
 )
 
@@ -153,6 +155,91 @@ def test_bad_arguments_raise_one_clear_error(op):
         op.csr_linear(x, *w1, None, 8, ln_bias=torch.zeros(4), ln_eps=1e-5)
 
 
+# ---- csr_attention
+
+HID, HEADS = 64, 4
+
+
+def attention_weights(seed: int = 10, dtype=torch.float32):
+    """Q, K, V and output weights (80 % zeros) with biases, as csr_attention's tuples and as dense tensors."""
+    dense = [(sparse_weight(HID, HID, 0.8, seed + i), torch.randn(HID, generator=torch.Generator().manual_seed(i)))
+             for i in range(4)]
+    tuples = [(*pack_csr(w.to(dtype)), b.to(dtype), HID, HID) for w, b in dense]
+    return tuples, dense
+
+
+def attention_reference(x, batch, dense, mask=None, residual=True, ln=None):
+    seq = x.shape[0] // batch
+    q, k, v = (F.linear(x.view(batch, seq, HID), w, b).view(batch, seq, HEADS, -1).transpose(1, 2)
+               for w, b in dense[:3])
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25).transpose(1, 2).reshape(-1, HID)
+    y = F.linear(ctx, *dense[3]) + (x if residual else 0)
+    return F.layer_norm(y, (HID,), *ln, 1e-6) if ln else y
+
+
+def masks(batch: int, seq: int) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(batch * 100 + seq)
+    keep = torch.rand(batch, 1, seq, seq, generator=g) > 0.3
+    keep[..., 0] = True  # every query attends to something
+    padding = torch.zeros(batch, 1, 1, seq)
+    padding[-1, ..., seq // 2:] = torch.finfo(torch.float32).min  # additive, broadcast over the queries
+    return {"none": None, "bool": keep, "additive": padding, "shared": keep[:1]}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,seq", [(1, 7), (1, 45), (2, 33), (3, 20), (8, 16)])  # phased and per sequence
+def test_csr_attention_matches_sdpa(op, threads, batch, seq):
+    tuples, dense = attention_weights()
+    ln = (torch.randn(HID), torch.randn(HID))
+    x = torch.randn(batch * seq, HID, generator=torch.Generator().manual_seed(seq))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, mask in masks(batch, seq).items():
+            got = op.csr_attention(x, batch, *tuples, HEADS, 0.25, mask=mask, residual=x, ln_weight=ln[0],
+                                   ln_bias=ln[1], ln_eps=1e-6)
+            want = attention_reference(x, batch, dense, mask, ln=ln)
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5, msg=f"mask {name}")
+        # no residual, no LayerNorm: the bare block
+        got = op.csr_attention(x, batch, *tuples, HEADS, 0.25)
+        torch.testing.assert_close(got, attention_reference(x, batch, dense, residual=False), rtol=0, atol=2e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_csr_attention_on_the_task_pool_and_in_bf16(op, two_threads):
+    tuples, dense = attention_weights()
+    x = torch.randn(4 * 24, HID, generator=torch.Generator().manual_seed(1))
+    want = attention_reference(x, 4, dense)
+    op.set_cpu_threading(1)
+    try:
+        got = op.csr_attention(x, 4, *tuples, HEADS, 0.25, residual=x)
+    finally:
+        op.set_cpu_threading(0)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    low, _ = attention_weights(dtype=torch.bfloat16)
+    got = op.csr_attention(x.bfloat16(), 4, *low, HEADS, 0.25, residual=x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.1)
+
+
+def test_csr_attention_bad_arguments(op):
+    tuples, _ = attention_weights()
+    x = torch.randn(12, HID)
+    with pytest.raises(RuntimeError, match="12 rows are not 5 sequences"):
+        op.csr_attention(x, 5, *tuples, HEADS, 0.25)
+    with pytest.raises(RuntimeError, match="64 features do not split into 5 heads"):
+        op.csr_attention(x, 2, *tuples, 5, 0.25)
+    with pytest.raises(RuntimeError, match="key takes 32 inputs, expected 64"):
+        op.csr_attention(x, 2, tuples[0], (*tuples[1][:5], 32), *tuples[2:], HEADS, 0.25)
+    with pytest.raises(RuntimeError, match="mask must be bool or x's dtype"):
+        op.csr_attention(x, 2, *tuples, HEADS, 0.25, mask=torch.ones(2, 1, 6, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="mask must be bool or x's dtype"):
+        op.csr_attention(x, 2, *tuples, HEADS, 0.25, mask=torch.ones(2, 1, 6, 6, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="residual must be"):
+        op.csr_attention(x, 2, *tuples, HEADS, 0.25, residual=torch.randn(12, 3))
+
+
 @pytest.mark.gpu
 def test_csr_linear_cuda_residual_and_layer_norm(cuda_kernels):
     """On CUDA csr_linear adds the residual and normalizes after its product (ATen ops, not fused); csr_ffn is
@@ -207,11 +294,13 @@ def test_sparsify_fuses_bert_and_keeps_its_numbers(op, two_threads):
     unfused = sparsify(copy.deepcopy(dense), policy="csr", fuse=False)
     fused = sparsify(copy.deepcopy(dense), policy="csr")
     assert unfused.sparsify_summary.fused == {} and not fused_modules(unfused)
-    # per layer: the FFN, and both dense -> LayerNorm(h + input) blocks (the FFN's one used when it runs unfused)
-    assert fused.sparsify_summary.fused == {"feed_forward": 2, "residual_output": 4}
-    assert "fused: 2 feed forward, 4 residual output" in fused.sparsify_summary.line()
+    # per layer: the attention block, the FFN, and both dense -> LayerNorm(h + input) blocks (used when the
+    # attention block or the FFN runs unfused)
+    assert fused.sparsify_summary.fused == {"self_attention": 2, "feed_forward": 2, "residual_output": 4}
+    assert "fused: 2 self attention, 2 feed forward, 4 residual output" in fused.sparsify_summary.line()
     kinds = {name: type(f) for name, f in fused_modules(fused)}
     assert kinds["bert.encoder.layer.0"] is FusedFeedForward
+    assert kinds["bert.encoder.layer.0.attention"] is FusedSelfAttention
     assert kinds["bert.encoder.layer.1.attention.output"] is FusedResidualOutput
     for batch, seq in ((1, 1), (1, 7), (3, 21), (2, 64)):
         x = inputs(batch, seq)
@@ -241,7 +330,9 @@ def test_fused_model_calls_the_kernel(op, monkeypatch):
     monkeypatch.setattr(csr_mod, "kernel_for", lambda x: None if real(x) is None else Counting(real(x)))
     logits(model, **inputs())
     assert calls.count("csr_ffn") == 2  # one per layer, instead of two csr_linear and a GELU
-    assert calls.count("csr_linear") == 2 * 4  # q, k, v and the attention output (with its residual)
+    # one per layer, instead of csr_linear for q, k, v and the attention output, and SDPA between (with the
+    # padding mask of inputs())
+    assert calls.count("csr_attention") == 2 and calls.count("csr_linear") == 0
 
 
 def test_layer_norms_run_in_the_kernel(op):
@@ -266,7 +357,7 @@ def test_layer_norms_run_in_the_kernel(op):
             block.LayerNorm = Norm(plain.normalized_shape, eps=plain.eps)
             block.LayerNorm.load_state_dict(plain.state_dict())
     fused = sparsify(copy.deepcopy(dense), policy="csr")
-    assert fused.sparsify_summary.fused == {"feed_forward": 2, "residual_output": 4}
+    assert fused.sparsify_summary.fused == {"self_attention": 2, "feed_forward": 2, "residual_output": 4}
     assert not any("LayerNorm" in repr(f) for _, f in fused_modules(fused))
     torch.testing.assert_close(logits(fused, **inputs()), logits(dense, **inputs()), rtol=0, atol=1e-5)
 
@@ -283,7 +374,7 @@ def test_copy_densify_and_refuse(op):
     assert not fused_modules(fused) and not any(isinstance(m, SparseLinear) for m in fused.modules())
     torch.testing.assert_close(logits(fused, **x), logits(dense, **x), rtol=0, atol=1e-5)
     again = sparsify(twin, policy="csr")  # sparsify twice: the fusions are rebuilt, not stacked
-    assert again.sparsify_summary.fused["feed_forward"] == 2 and len(fused_modules(again)) == 6
+    assert again.sparsify_summary.fused["feed_forward"] == 2 and len(fused_modules(again)) == 8
 
 
 def test_gradients_and_training_take_the_original_path(op):
@@ -298,9 +389,10 @@ def test_gradients_and_training_take_the_original_path(op):
     x = torch.randn(1, 5, 64)
     layer.train()
     assert not layer.feed_forward_chunk.applies(x) and not layer.attention.output.forward.applies(x, x)
+    assert not layer.attention.forward.applies(x)
     layer.eval()
     with torch.inference_mode():
-        assert layer.feed_forward_chunk.applies(x)
+        assert layer.feed_forward_chunk.applies(x) and layer.attention.forward.applies(x)
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])
@@ -314,19 +406,19 @@ def test_activations_fused(op, act):
 def test_what_it_cannot_compute_stays_unfused(op):
     # tanh-approximated GELU: not the kernel's activation
     fused = sparsify(tiny_bert("gelu_new"), policy="csr")
-    assert fused.sparsify_summary.fused == {"feed_forward": 0, "residual_output": 4}
+    assert fused.sparsify_summary.fused == {"self_attention": 2, "feed_forward": 0, "residual_output": 4}
     # an output block that is not LayerNorm(h + input): the probe disagrees, the block keeps its forward
     model = tiny_bert()
     for layer in model.bert.encoder.layer:
         block = layer.attention.output
         block.forward = (lambda b: lambda h, x: b.LayerNorm(b.dense(h)) + x)(block)
     ref = logits(model, **inputs())
-    fused = sparsify(model, policy="csr")
-    assert fused.sparsify_summary.fused == {"feed_forward": 2, "residual_output": 2}
+    fused = sparsify(model, policy="csr")  # nor the attention blocks around them
+    assert fused.sparsify_summary.fused == {"self_attention": 0, "feed_forward": 2, "residual_output": 2}
     torch.testing.assert_close(logits(fused, **inputs()), ref, rtol=0, atol=1e-5)
     # a layer kept dense is not fused
     dense_ffn = sparsify(tiny_bert(), policy="csr", min_sparsity=0.95)
-    assert dense_ffn.sparsify_summary.fused == {"feed_forward": 0, "residual_output": 0}
+    assert dense_ffn.sparsify_summary.fused == {"self_attention": 0, "feed_forward": 0, "residual_output": 0}
 
 
 def test_bf16_model(op, two_threads):
@@ -340,3 +432,22 @@ def test_bf16_model(op, two_threads):
     # the fused FFN keeps its intermediate in fp32 (unfused: rounded to bf16): as close to fp32 as unfused is
     ref = logits(tiny_bert(), **x)
     assert (out.float() - ref).abs().max() <= 2 * (logits(unfused, **x).float() - ref).abs().max() + 1e-2
+
+
+def test_attention_block_takes_the_original_path_where_it_must(op):
+    """Another attention implementation, a cache or an extra argument: HF's own forward runs."""
+    eager = tiny_bert()
+    eager.config._attn_implementation = "eager"  # weights to record, an additive mask: not the kernel's job
+    fused = sparsify(copy.deepcopy(eager), policy="csr")
+    assert fused.sparsify_summary.fused["self_attention"] == 0
+    torch.testing.assert_close(logits(fused, **inputs()), logits(eager, **inputs()), rtol=0, atol=1e-5)
+    model = sparsify(tiny_bert(), policy="csr")
+    block = model.bert.encoder.layer[0].attention
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        assert block.forward.applies(x, None, cache=None)
+        assert not block.forward.applies(x, None, encoder_hidden_states=x)
+        assert not block.forward.applies(x, torch.ones(2, 5, dtype=torch.bool))  # a 2-D mask: HF's to expand
+        out, weights = block(x)
+        assert weights is None
+        torch.testing.assert_close(out, block.forward.original(x)[0], rtol=0, atol=1e-5)

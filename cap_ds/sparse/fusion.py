@@ -1,8 +1,14 @@
 """Fused layer pieces for CSR models on the CPU: fewer passes over activations that do not fit in cache.
 
 At batch 32 x 128 tokens a BERT layer's activations are 6-25 MB (MiniLM): every separate elementwise step streams
-them through memory again. Two fusions, each into the ``cap_masked_gemm`` CSR kernels:
+them through memory again. Three fusions, each into the ``cap_masked_gemm`` CSR kernels:
 
+- **self-attention** (:class:`FusedSelfAttention`): a block's Q, K and V products, SDPA, the output product, the
+  residual add and the LayerNorm in one ``csr_attention`` call. With a sequence per thread or more, each
+  sequence runs whole on one core: x is packed once for the three products, Q, K, V and the context stay in its
+  cache (unfused, each is a [tokens, hidden] tensor written to memory and read back by the next call); with
+  fewer, three parallel phases without HF's Python between them. Only for HF's ``sdpa`` attention (weights are
+  never returned) without cache, cross-attention or causal mask.
 - **feed-forward** (:class:`FusedFeedForward`): both FFN linears, the GELU or ReLU between them, the residual
   add and the LayerNorm after it in one ``csr_ffn`` call, one token tile at a time. The [tokens, 4 * hidden]
   intermediate stays in the core's L2, already in the layout the second product reads; unfused it is written,
@@ -10,12 +16,13 @@ them through memory again. Two fusions, each into the ``cap_masked_gemm`` CSR ke
 - **residual output** (:class:`FusedResidualOutput`): a ``dense -> dropout -> LayerNorm(h + input)`` block (BERT's
   attention output, and the FFN output where the FFN is not fused) adds the residual in the linear's write-back.
 
-Both normalize each token tile's outputs in the kernel while they are in cache when the LayerNorm is a plain
+All three normalize each token tile's outputs in the kernel while they are in cache when the LayerNorm is a plain
 ``nn.LayerNorm`` over the output features (another normalization runs as its module, after the kernel).
 
-Both replace a method on the module instance (``feed_forward_chunk`` of the layer, ``forward`` of the output
-block) with a plain callable object: the module tree, parameters and state dict do not change, and ``deepcopy``,
-``to()`` and ``unfuse`` see the same model. Before a module is fused, the fused and the original computation run
+Each replaces a method on the module instance (``feed_forward_chunk`` of the layer, ``forward`` of the attention
+or output block) with a plain callable object: the module tree, parameters and state dict do not change, and
+``deepcopy``, ``to()`` and ``unfuse`` see the same model. The submodules a fused call computes in the kernel are
+not called, so forward hooks on them do not run (``unfuse`` first to inspect them). Before a module is fused, the fused and the original computation run
 on a random probe in eval mode and must agree, so a module that computes something else (another activation, a
 pre-LayerNorm block) stays as it is. A call the kernel cannot run (gradient needed, training mode, not the CPU,
 another format than ``csr`` for this token count, no kernel) takes the original path.
@@ -97,6 +104,14 @@ class _Fusion:
         self.module = module
         self.original: Callable = getattr(module, self.method)  # bound method (deepcopy re-binds it) or callable
         self.own = self.method in module.__dict__
+        try:  # HF's apply_chunking_to_forward inspects feed_forward_chunk's signature on every call: answer at once
+            self.__signature__ = inspect.signature(self.original)
+        except (TypeError, ValueError):
+            pass
+
+    def output_of(self, result):
+        """The tensor of a call's result that the probe compares."""
+        return result
 
     def install(self) -> None:
         setattr(self.module, self.method, self)
@@ -202,6 +217,74 @@ class FusedResidualOutput(_Fusion):
         return f"FusedResidualOutput({dense.in_features} -> {dense.out_features}, + residual{norm})"
 
 
+class FusedSelfAttention(_Fusion):
+    """A BERT-style attention block's ``forward`` (self-attention, output projection, residual, LayerNorm) as one
+    ``csr_attention`` call where it applies: plain self-attention through SDPA (no cache, no cross-attention,
+    no causal mask), a 4-D mask or none, eval mode. Returns what the block returns, ``(output, None)`` (SDPA
+    gives no attention weights)."""
+
+    method, op = "forward", "csr_attention"
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        self.block = block
+
+    def layers(self) -> tuple[SparseLinear, ...]:
+        attn = self.block.self
+        return attn.query, attn.key, attn.value, self.block.output.dense
+
+    def kernel(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, extra: dict):
+        """The op module this call runs on, or None (the original path)."""
+        block, attn = self.block, self.block.self
+        q, k, v, out = self.layers()
+        if (block.training or attn.training or hidden_states.dim() != 3 or hidden_states.shape[-1] != q.in_features
+                or out.out_features != q.in_features or any(value is not None and value is not False
+                                                          for value in extra.values())
+                or getattr(attn.config, "_attn_implementation", None) != "sdpa"):
+            return None
+        if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.device != hidden_states.device
+                                           or attention_mask.shape[-1] != hidden_states.shape[1]):
+            return None
+        return _kernel(hidden_states, self.op, (q, k, v, out))
+
+    def applies(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **extra) -> bool:
+        return self.kernel(hidden_states, attention_mask, extra) is not None
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **extra):
+        module = None if args else self.kernel(hidden_states, attention_mask, extra)
+        if module is None:
+            return self.original(hidden_states, attention_mask, *args, **extra)
+        attn, norm = self.block.self, self.block.output.LayerNorm
+        q, k, v, out = self.layers()
+        batch, seq, hidden = hidden_states.shape
+        x2 = hidden_states.reshape(-1, hidden)
+        ln = layer_norm_args(norm, out.out_features)
+        y = module.csr_attention(x2, batch, *(_csr_tuple(m) for m in (q, k, v, out)), attn.num_attention_heads,
+                                 float(getattr(attn, "scaling", attn.attention_head_size ** -0.5)),
+                                 mask=attention_mask, residual=x2, **(ln or {}))
+        return _normalized(y, hidden_states.shape, norm, ln is not None), None
+
+    def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        # two sequences: on 2 threads or 1 the kernel's one-sequence-per-task path, else its phased one
+        hidden = self.block.self.query.in_features
+        mask = torch.rand(2, 1, tokens // 2, tokens // 2, generator=g) > 0.2
+        mask[..., 0] = True  # no row masked out entirely
+        return torch.randn(2, tokens // 2, hidden, generator=g), mask
+
+    def output_of(self, result: tuple) -> torch.Tensor:
+        return result[0]
+
+    def __repr__(self) -> str:
+        q, _, _, out = self.layers()
+        norm = ", LayerNorm" if layer_norm_args(self.block.output.LayerNorm, out.out_features) else ""
+        return (f"FusedSelfAttention({q.in_features} -> 3 x {q.out_features}, {self.block.self.num_attention_heads} "
+                f"heads, SDPA -> {out.out_features}, + residual{norm})")
+
+
+def _csr_tuple(m: SparseLinear) -> tuple:
+    return m.row_ptr, m.col_idx, m.values, m.bias, m.out_features, m.in_features
+
+
 def _has_modules(module: nn.Module, names: tuple[str, ...]) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Module) for n in names)
 
@@ -231,6 +314,23 @@ def _residual_output(block: nn.Module) -> FusedResidualOutput | None:
 
 
 @torch.no_grad()
+def _self_attention(block: nn.Module) -> FusedSelfAttention | None:
+    """A FusedSelfAttention for a BERT-style attention block (``self`` with query/key/value SparseLinear and
+    heads, ``output`` a residual-output block over a SparseLinear), else None."""
+    attn, output = getattr(block, "self", None), getattr(block, "output", None)
+    if not (isinstance(attn, nn.Module) and isinstance(output, nn.Module)
+            and all(isinstance(getattr(attn, n, None), SparseLinear) for n in ("query", "key", "value"))
+            and isinstance(getattr(attn, "num_attention_heads", None), int)
+            and isinstance(getattr(attn, "attention_head_size", None), int)
+            and getattr(block, "is_cross_attention", False) is False and getattr(attn, "is_causal", False) is False
+            and getattr(attn, "config", None) is not None and _residual_output(output) is not None):
+        return None
+    heads, size = attn.num_attention_heads, attn.attention_head_size
+    if not all(m.out_features == heads * size for m in (attn.query, attn.key, attn.value)):
+        return None
+    return FusedSelfAttention(block)
+
+
 def _agrees(fused: _Fusion, module: nn.Module) -> bool:
     """The fused and the original computation agree on a random probe (eval mode; modes restored after)."""
     layers = fused.layers()
@@ -246,7 +346,7 @@ def _agrees(fused: _Fusion, module: nn.Module) -> bool:
         module.eval()
         if not fused.applies(*inputs):
             return False
-        got, want = fused(*inputs).float(), fused.original(*inputs).float()
+        got, want = fused.output_of(fused(*inputs)).float(), fused.output_of(fused.original(*inputs)).float()
     except (RuntimeError, TypeError, ValueError, AttributeError) as err:
         logger.info("%s not fused: %s", type(module).__name__, err)
         return False
@@ -261,11 +361,12 @@ def fuse(model: nn.Module) -> dict[str, int]:
     """Fuse every module of ``model`` that fits and agrees on the probe; returns counts by kind
     (``{"feed_forward": 6, "residual_output": 12}``). Re-fusing first undoes earlier fusions."""
     unfuse(model)
-    counts = {"feed_forward": 0, "residual_output": 0}
+    counts = {"self_attention": 0, "feed_forward": 0, "residual_output": 0}
     if not any(m.values.device.type == "cpu" and hasattr(csr.kernel_for(m.values), "csr_ffn")
                for m in model.modules() if isinstance(m, SparseLinear)):
         return counts  # the fused kernels are CPU kernels
-    for kind, make in (("feed_forward", _feed_forward), ("residual_output", _residual_output)):
+    for kind, make in (("self_attention", _self_attention), ("feed_forward", _feed_forward),
+                       ("residual_output", _residual_output)):
         for module in list(model.modules()):
             fused = make(module)
             if fused is None:

@@ -167,6 +167,48 @@ at::Tensor csr_ffn(const at::Tensor& x, const at::Tensor& row_ptr1, const at::Te
                      layer_norm_for("csr_ffn", x, ln_weight, ln_bias, ln_eps, out_features));
 }
 
+// One weight of csr_attention as Python passes it: (row_ptr, col_idx, values, bias or None, out_features,
+// in_features).
+using CsrTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, int64_t, int64_t>;
+
+CsrArrays csr_arrays_of(const char* name, const at::Tensor& x, const CsrTuple& w, int64_t in_features) {
+  const auto& [row_ptr, col_idx, values, bias, out_features, in] = w;
+  TORCH_CHECK(in == in_features, "csr_attention: ", name, " takes ", in, " inputs, expected ", in_features);
+  return csr_arrays("csr_attention", x, row_ptr, col_idx, values, bias, out_features);
+}
+
+at::Tensor csr_attention(const at::Tensor& x, int64_t batch, const CsrTuple& query, const CsrTuple& key,
+                         const CsrTuple& value, const CsrTuple& out, int64_t heads, double scale,
+                         const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                         std::optional<double> ln_eps) {
+  RECORD_FUNCTION("cap::csr_attention", std::vector<c10::IValue>({x}));
+  TORCH_CHECK(x.dim() == 2, "csr_attention: x must be 2-D [batch * seq, hidden]");
+  TORCH_CHECK(x.device().is_cpu(), "csr_attention: CPU only");
+  TORCH_CHECK(batch >= 1 && x.size(0) % batch == 0, "csr_attention: ", x.size(0), " rows are not ", batch,
+              " sequences of equal length");
+  const int64_t K = x.size(1), E = std::get<4>(query), S = x.size(0) / batch;
+  const CsrArrays q = csr_arrays_of("query", x, query, K), k = csr_arrays_of("key", x, key, K),
+                  v = csr_arrays_of("value", x, value, K), o = csr_arrays_of("out", x, out, E);
+  TORCH_CHECK(k.out_features == E && v.out_features == E, "csr_attention: query, key and value must have the same "
+              "out_features");
+  TORCH_CHECK(heads >= 1 && E % heads == 0, "csr_attention: ", E, " features do not split into ", heads, " heads");
+  TORCH_CHECK(std::isfinite(scale), "csr_attention: scale must be finite");
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu() && (m.scalar_type() == at::kBool || m.scalar_type() == x.scalar_type()) &&
+                    m.dim() == 4 && (m.size(0) == 1 || m.size(0) == batch) && (m.size(1) == 1 || m.size(1) == heads) &&
+                    (m.size(2) == 1 || m.size(2) == S) && m.size(3) == S,
+                "csr_attention: mask must be bool or x's dtype, [batch or 1, heads or 1, seq or 1, seq], got ",
+                m.scalar_type(), " ", m.sizes());
+  }
+  const std::optional<at::Tensor> m =
+      mask.has_value() && mask->defined() ? std::optional<at::Tensor>(*mask) : std::nullopt;
+  return csr_attention_cpu(x, batch, q, k, v, o, heads, scale, m,
+                           residual_for("csr_attention", x, residual, o.out_features),
+                           layer_norm_for("csr_attention", x, ln_weight, ln_bias, ln_eps, o.out_features));
+}
+
 bool with_cuda() {
 #ifdef CAP_WITH_CUDA
   return true;
@@ -197,6 +239,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("values2"), py::arg("bias2"), py::arg("out_features"), py::arg("hidden_in"),
         py::arg("residual") = py::none(), py::arg("ln_weight") = py::none(), py::arg("ln_bias") = py::none(),
         py::arg("ln_eps") = py::none());
+  m.def("csr_attention", &cap::csr_attention,
+        "LayerNorm(SDPA(x Wq^T + bq, x Wk^T + bk, x Wv^T + bv) Wo^T + bo (+ residual)), the four weights in CSR "
+        "(each (row_ptr, col_idx, values, bias, out_features, in_features)), one sequence per task (CPU)",
+        py::arg("x"), py::arg("batch"), py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"),
+        py::arg("heads"), py::arg("scale"), py::arg("mask") = py::none(), py::arg("residual") = py::none(),
+        py::arg("ln_weight") = py::none(), py::arg("ln_bias") = py::none(), py::arg("ln_eps") = py::none());
   m.def("set_cpu_threading", &cap::set_cpu_threading, "0 (default): CPU sparse kernels on ATen's OpenMP team, 1: on TaskPool",
         py::arg("mode"));
   m.def("with_cuda", &cap::with_cuda, "whether the CUDA kernels were compiled in");

@@ -39,6 +39,13 @@ constexpr int64_t kActNone = 0, kActGelu = 1, kActRelu = 2;
 // token tile at a time: the [tokens, hidden] intermediate never leaves the core's cache.
 at::Tensor csr_ffn_cpu(const at::Tensor& x, const CsrArrays& first, int64_t activation, const CsrArrays& second,
                        const std::optional<at::Tensor>& residual, const LayerNormArgs& layer_norm);
+// A BERT-style self-attention block, its four weights in CSR (CPU): x [batch * seq, hidden] (seq = rows / batch),
+// y = LN(SDPA(x Wq^T + bq, x Wk^T + bk, x Wv^T + bv; heads, scale, mask) Wo^T + bo (+ residual)). mask: as SDPA
+// takes it ([batch or 1, heads or 1, seq or 1, seq], bool or additive in x's dtype) or nullopt.
+at::Tensor csr_attention_cpu(const at::Tensor& x, int64_t batch, const CsrArrays& query, const CsrArrays& key,
+                             const CsrArrays& value, const CsrArrays& out, int64_t heads, double scale,
+                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& residual,
+                             const LayerNormArgs& layer_norm);
 // Who runs the CPU sparse kernels' tasks: 0 = ATen's OpenMP team (default), 1 = cap_ds's TaskPool.
 void set_cpu_threading(int64_t mode);
 

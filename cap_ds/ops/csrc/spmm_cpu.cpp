@@ -11,6 +11,7 @@
 // the second one reads), the activation runs on it there, and only the second product is written back.
 // Vectors are GCC vector extensions: zmm with -march supporting AVX-512, ymm pairs on AVX2, NEON on ARM.
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -198,10 +199,12 @@ inline void sparse_row2(const float* __restrict__ xt, const int32_t* __restrict_
   }
 }
 
+// Rows [rb0 * 16, rb1 * 16) of one tile's product, written to y (the tile's first token's row; ldy elements
+// between tokens) plus the bias and the residual (same layout, ldr), when given.
 template <int NV, typename scalar_t>
-void tile_rows(const float* xt, int64_t m0, int64_t valid, int64_t rb0, int64_t rb1, int64_t N,
-               const int32_t* row_ptr, const int32_t* col, const scalar_t* val, const scalar_t* bias,
-               scalar_t* y, const scalar_t* residual) {
+void tile_rows(const float* xt, int64_t valid, int64_t rb0, int64_t rb1, int64_t N, const int32_t* row_ptr,
+               const int32_t* col, const scalar_t* val, const scalar_t* bias, scalar_t* y, int64_t ldy,
+               const scalar_t* residual, int64_t ldr) {
   constexpr int64_t w = NV * kLanes;
   alignas(64) float buf[kRowBlock][w];
   for (int64_t rb = rb0; rb < rb1; ++rb) {
@@ -226,9 +229,9 @@ void tile_rows(const float* xt, int64_t m0, int64_t valid, int64_t rb0, int64_t 
       transpose16(t);  // t[i] = features n0..n0+15 of token m0+i0+i
       const int64_t ni = std::min(kLanes, valid - i0);
       for (int64_t i = 0; i < ni; ++i) {
-        scalar_t* yrow = y + (m0 + i0 + i) * N + n0;
+        scalar_t* yrow = y + (i0 + i) * ldy + n0;
         vf out = t[i] + bv;
-        if (residual != nullptr) out += load_x(residual + (m0 + i0 + i) * N + n0, 1, nb);
+        if (residual != nullptr) out += load_x(residual + (i0 + i) * ldr + n0, 1, nb);
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (nb == kRowBlock) {
             storeu(yrow, out);
@@ -309,15 +312,16 @@ inline float row_sum(const float* r, int64_t n, const F& f) {
   return lane_sum((a0 + a1) + (a2 + a3)) + tail;
 }
 
+// rows x N values, ld elements between rows.
 template <typename scalar_t>
-void layer_norm_rows(scalar_t* y, int64_t rows, int64_t N, const LayerNormF& ln) {
+void layer_norm_rows(scalar_t* y, int64_t rows, int64_t N, int64_t ld, const LayerNormF& ln) {
   if (!ln.on) return;
   thread_local std::vector<float> widened;
   const float* g = ln.weight.empty() ? nullptr : ln.weight.data();
   const float* b = ln.bias.empty() ? nullptr : ln.bias.data();
   const float inv_n = 1.f / static_cast<float>(N);
   for (int64_t m = 0; m < rows; ++m) {
-    scalar_t* out = y + m * N;
+    scalar_t* out = y + m * ld;
     float* r;
     if constexpr (std::is_same_v<scalar_t, float>) {
       r = out;
@@ -367,17 +371,28 @@ float* scratch(int64_t n) {
   return buf.get();
 }
 
+// One tile's product (tokens m0.. of M, x packed in xt) for row blocks [rb0, rb1) of a weight: y and residual
+// are the [M, *] matrices (row strides ldy, ldr).
 template <typename scalar_t>
 void run_tile(const float* xt, int64_t M, int64_t m0, int64_t T, int64_t rb0, int64_t rb1, int64_t N,
               const int32_t* row_ptr, const int32_t* col, const scalar_t* val, const scalar_t* bias, scalar_t* y,
-              const scalar_t* residual = nullptr) {
+              int64_t ldy, const scalar_t* residual = nullptr, int64_t ldr = 0) {
   const int64_t w = tile_width(M, m0, T), valid = std::min(T, M - m0);
+  scalar_t* yt = y + m0 * ldy;
+  const scalar_t* rt = residual != nullptr ? residual + m0 * ldr : nullptr;
   switch (w / kLanes) {
-    case 1: return tile_rows<1>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y, residual);
-    case 2: return tile_rows<2>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y, residual);
-    case 3: return tile_rows<3>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y, residual);
-    default: return tile_rows<4>(xt, m0, valid, rb0, rb1, N, row_ptr, col, val, bias, y, residual);
+    case 1: return tile_rows<1>(xt, valid, rb0, rb1, N, row_ptr, col, val, bias, yt, ldy, rt, ldr);
+    case 2: return tile_rows<2>(xt, valid, rb0, rb1, N, row_ptr, col, val, bias, yt, ldy, rt, ldr);
+    case 3: return tile_rows<3>(xt, valid, rb0, rb1, N, row_ptr, col, val, bias, yt, ldy, rt, ldr);
+    default: return tile_rows<4>(xt, valid, rb0, rb1, N, row_ptr, col, val, bias, yt, ldy, rt, ldr);
   }
+}
+
+template <typename scalar_t>
+void run_tile(const float* xt, int64_t M, int64_t m0, int64_t T, const CsrWeight<scalar_t>& wt, scalar_t* y,
+              int64_t ldy, const scalar_t* residual = nullptr, int64_t ldr = 0) {
+  run_tile(xt, M, m0, T, 0, (wt.n + kRowBlock - 1) / kRowBlock, wt.n, wt.row_ptr, wt.col, wt.val, wt.bias, y, ldy,
+           residual, ldr);
 }
 
 // Who runs the tasks: 0 (default) ATen's OpenMP team, 1 cap_ds's TaskPool (CAP_DS_CPU_THREADING=taskpool, or
@@ -414,15 +429,16 @@ void run_tasks(int64_t ntasks, int64_t threads, const F& fn) {
 // packed once (it is small), then the rows are split into chunks of equal nonzero counts. (The row split used to
 // take up to 2 tiles per thread: at 128 tokens on 2 threads the tile split measured 1.5-1.9x faster for
 // MiniLM's shapes, AMX Xeon, 2026-12-06: one parallel region instead of two, no barrier.)
+// y: [M, N] with row stride ldy (a contiguous output, or a column slice of a wider one); residual [M, N]
+// contiguous or nullptr.
 template <typename scalar_t>
 void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const scalar_t* residual,
-                       const LayerNormF& ln, at::Tensor& y) {
+                       const LayerNormF& ln, scalar_t* py, int64_t ldy) {
   const int32_t *row_ptr = wt.row_ptr, *col = wt.col;
   const scalar_t *val = wt.val, *bias = wt.bias;
   const int64_t N = wt.n;
   const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
   const scalar_t* px = x.const_data_ptr<scalar_t>();
-  scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t nblocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t T = tile_tokens(M, threads), ntiles = (M + T - 1) / T;
@@ -432,8 +448,8 @@ void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const
       float* tile = scratch(K * T);
       const int64_t m0 = t * T, m1 = std::min(M, m0 + T);
       for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, tile, T);
-      run_tile(tile, M, m0, T, 0, nblocks, N, row_ptr, col, val, bias, py, residual);
-      layer_norm_rows(py + m0 * N, m1 - m0, N, ln);  // the tile's rows are complete and in cache
+      run_tile(tile, M, m0, T, 0, nblocks, N, row_ptr, col, val, bias, py, ldy, residual, N);
+      layer_norm_rows(py + m0 * ldy, m1 - m0, N, ldy, ln);  // the tile's rows are complete and in cache
     });
     return;
   }
@@ -458,10 +474,10 @@ void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const
   run_tasks(parts, threads, [&](int64_t t) {
     if (bounds[t] >= bounds[t + 1]) return;
     for (int64_t m0 = 0; m0 < M; m0 += T) {
-      run_tile(xp + m0 * K, M, m0, T, bounds[t], bounds[t + 1], N, row_ptr, col, val, bias, py, residual);
+      run_tile(xp + m0 * K, M, m0, T, bounds[t], bounds[t + 1], N, row_ptr, col, val, bias, py, ldy, residual, N);
     }
   });
-  layer_norm_rows(py, M, N, ln);  // rows were split across threads: normalize once all are written (few tokens)
+  layer_norm_rows(py, M, N, ldy, ln);  // rows were split across threads: normalize once all are written (few tokens)
 }
 
 // The first product of a fused FFN for one tile: h[n * w + i] = b[n] + sum_k W[n, k] xt[k * w + i] for every row
@@ -536,7 +552,6 @@ void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t 
   scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t T = tile_tokens(M, threads), ntiles = (M + T - 1) / T;
-  const int64_t nblocks2 = (w2.n + kRowBlock - 1) / kRowBlock;
   run_tasks(ntiles, threads, [&](int64_t t) {
     float* xt = scratch((K + w1.n) * T);
     float* h = xt + K * T;
@@ -549,8 +564,76 @@ void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t 
       default: tile_to_tile<4>(xt, w1, h); break;
     }
     activate(h, w1.n * w, activation);
-    run_tile(h, M, m0, T, 0, nblocks2, w2.n, w2.row_ptr, w2.col, w2.val, w2.bias, py, residual);
-    layer_norm_rows(py + m0 * w2.n, m1 - m0, w2.n, ln);
+    run_tile(h, M, m0, T, w2, py, w2.n, residual, w2.n);
+    layer_norm_rows(py + m0 * w2.n, m1 - m0, w2.n, w2.n, ln);
+  });
+}
+
+// A BERT-style self-attention block with its four weights in CSR. Enough sequences for every thread: one task
+// per sequence, everything of it in the core's cache: x packed once per tile for all three projections, which
+// are written into one [seq, 3 * hidden] buffer, ATen's SDPA on it (on this thread), the output projection
+// with the residual and the LayerNorm. Unfused, Q, K, V and the context each go through memory between HF's
+// separate calls (at 32 x 128 tokens, 6 MB each for MiniLM). Fewer sequences: three parallel phases
+// (projections, SDPA over the batch, output projection), without HF's Python between them.
+template <typename scalar_t>
+void csr_attention_kernel(const at::Tensor& x, int64_t B, const CsrWeight<scalar_t> (&qkv)[3],
+                          const CsrWeight<scalar_t>& wo, int64_t H, double scale,
+                          const std::optional<at::Tensor>& mask, const scalar_t* residual, const LayerNormF& ln,
+                          at::Tensor& y) {
+  const int64_t M = x.size(0), S = M / B, K = x.size(1), sm = x.stride(0), sk = x.stride(1);
+  const int64_t E = qkv[0].n, D = E / H, N = wo.n, ld = 3 * E;
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  scalar_t* py = y.data_ptr<scalar_t>();
+  const int64_t threads = std::max(1, at::get_num_threads());
+  // SDPA on sequences b0 .. b0 + nb of a [nb * S, 3E] buffer: the context as [nb * S, E] (a view where SDPA's
+  // output layout allows, else a copy).
+  auto attend = [&](scalar_t* buf, int64_t b0, int64_t nb) {
+    const at::Tensor t = at::from_blob(buf, {nb, S, 3, H, D}, x.options());
+    std::optional<at::Tensor> m;
+    if (mask.has_value()) m = mask->size(0) == 1 ? *mask : mask->narrow(0, b0, nb);
+    const at::Tensor ctx = at::scaled_dot_product_attention(t.select(2, 0).transpose(1, 2), t.select(2, 1).transpose(1, 2),
+                                                            t.select(2, 2).transpose(1, 2), m, 0.0, false, scale);
+    return ctx.transpose(1, 2).reshape({nb * S, E});
+  };
+  const bool per_sequence = B >= threads && (B % threads == 0 || B >= 4 * threads);
+  if (!per_sequence) {
+    at::Tensor buf = at::empty({M, ld}, x.options());
+    scalar_t* pb = buf.data_ptr<scalar_t>();
+    const int64_t T = tile_tokens(M, threads), ntiles = (M + T - 1) / T;
+    if (threads == 1 || ntiles >= threads) {  // csr_linear's tile split, x packed once for the three products
+      run_tasks(ntiles, threads, [&](int64_t t) {
+        float* tile = scratch(K * T);
+        const int64_t m0 = t * T, m1 = std::min(M, m0 + T);
+        for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, tile, T);
+        for (int j = 0; j < 3; ++j) run_tile(tile, M, m0, T, qkv[j], pb + j * E, ld);
+      });
+    } else {
+      for (int j = 0; j < 3; ++j) csr_linear_kernel<scalar_t>(x, qkv[j], nullptr, LayerNormF{}, pb + j * E, ld);
+    }
+    const at::Tensor ctx = attend(pb, 0, B);
+    csr_linear_kernel(ctx, wo, residual, ln, py, N);
+    return;
+  }
+  const int64_t T = kTile, tile_floats = round_up(std::max(K, E) * T, kLanes);
+  run_tasks(B, threads, [&](int64_t b) {
+    c10::ParallelGuard nested(true);  // ATen's ops below run on this thread (TaskPool threads are not OpenMP's)
+    float* xt = scratch(tile_floats + (S * ld * static_cast<int64_t>(sizeof(scalar_t)) + 3) / 4);
+    scalar_t* buf = reinterpret_cast<scalar_t*>(xt + tile_floats);
+    const scalar_t* xb = px + b * S * sm;
+    for (int64_t m0 = 0; m0 < S; m0 += T) {
+      for (int64_t mg = m0; mg < std::min(S, m0 + T); mg += kLanes) pack_group(xb, S, sm, sk, mg, 0, K, xt, T);
+      for (int j = 0; j < 3; ++j) run_tile(xt, S, m0, T, qkv[j], buf + j * E, ld);
+    }
+    const at::Tensor ctx = attend(buf, b, 1);
+    const scalar_t* pc = ctx.const_data_ptr<scalar_t>();
+    scalar_t* yb = py + b * S * N;
+    const scalar_t* rb = residual != nullptr ? residual + b * S * N : nullptr;
+    for (int64_t m0 = 0; m0 < S; m0 += T) {
+      const int64_t m1 = std::min(S, m0 + T);
+      for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(pc, S, ctx.stride(0), ctx.stride(1), mg, 0, E, xt, T);
+      run_tile(xt, S, m0, T, wo, yb, N, rb, N);
+      layer_norm_rows(yb + m0 * N, m1 - m0, N, N, ln);
+    }
   });
 }
 
@@ -580,7 +663,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const CsrArrays& weight, const st
   for_each_dtype("csr_linear", x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     csr_linear_kernel<scalar_t>(x, weight_of<scalar_t>(weight), data_or_null<scalar_t>(residual),
-                                layer_norm_of<scalar_t>(layer_norm, N), y);
+                                layer_norm_of<scalar_t>(layer_norm, N), y.data_ptr<scalar_t>(), N);
   });
   return y;
 }
@@ -594,6 +677,23 @@ at::Tensor csr_ffn_cpu(const at::Tensor& x, const CsrArrays& first, int64_t acti
     using scalar_t = decltype(tag);
     csr_ffn_kernel<scalar_t>(x, weight_of<scalar_t>(first), activation, weight_of<scalar_t>(second),
                              data_or_null<scalar_t>(residual), layer_norm_of<scalar_t>(layer_norm, N), y);
+  });
+  return y;
+}
+
+at::Tensor csr_attention_cpu(const at::Tensor& x, int64_t batch, const CsrArrays& query, const CsrArrays& key,
+                             const CsrArrays& value, const CsrArrays& out, int64_t heads, double scale,
+                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& residual,
+                             const LayerNormArgs& layer_norm) {
+  const int64_t M = x.size(0), N = out.out_features;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  for_each_dtype("csr_attention", x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const CsrWeight<scalar_t> qkv[3] = {weight_of<scalar_t>(query), weight_of<scalar_t>(key),
+                                        weight_of<scalar_t>(value)};
+    csr_attention_kernel<scalar_t>(x, batch, qkv, weight_of<scalar_t>(out), heads, scale, mask,
+                                   data_or_null<scalar_t>(residual), layer_norm_of<scalar_t>(layer_norm, N), y);
   });
   return y;
 }
