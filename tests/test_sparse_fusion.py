@@ -160,21 +160,21 @@ def test_bad_arguments_raise_one_clear_error(op):
 HID, HEADS = 64, 4
 
 
-def attention_weights(seed: int = 10, dtype=torch.float32):
+def attention_weights(seed: int = 10, dtype=torch.float32, hid: int = HID):
     """Q, K, V and output weights (80 % zeros) with biases, as csr_attention's tuples and as dense tensors."""
-    dense = [(sparse_weight(HID, HID, 0.8, seed + i), torch.randn(HID, generator=torch.Generator().manual_seed(i)))
+    dense = [(sparse_weight(hid, hid, 0.8, seed + i), torch.randn(hid, generator=torch.Generator().manual_seed(i)))
              for i in range(4)]
-    tuples = [(*pack_csr(w.to(dtype)), b.to(dtype), HID, HID) for w, b in dense]
+    tuples = [(*pack_csr(w.to(dtype)), b.to(dtype), hid, hid) for w, b in dense]
     return tuples, dense
 
 
-def attention_reference(x, batch, dense, mask=None, residual=True, ln=None):
-    seq = x.shape[0] // batch
-    q, k, v = (F.linear(x.view(batch, seq, HID), w, b).view(batch, seq, HEADS, -1).transpose(1, 2)
+def attention_reference(x, batch, dense, mask=None, residual=True, ln=None, heads=HEADS, scale=0.25):
+    seq, hid = x.shape[0] // batch, x.shape[1]
+    q, k, v = (F.linear(x.view(batch, seq, hid), w, b).view(batch, seq, heads, -1).transpose(1, 2)
                for w, b in dense[:3])
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25).transpose(1, 2).reshape(-1, HID)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2).reshape(-1, hid)
     y = F.linear(ctx, *dense[3]) + (x if residual else 0)
-    return F.layer_norm(y, (HID,), *ln, 1e-6) if ln else y
+    return F.layer_norm(y, (hid,), *ln, 1e-6) if ln else y
 
 
 def masks(batch: int, seq: int) -> dict[str, torch.Tensor | None]:
@@ -183,12 +183,17 @@ def masks(batch: int, seq: int) -> dict[str, torch.Tensor | None]:
     keep[..., 0] = True  # every query attends to something
     padding = torch.zeros(batch, 1, 1, seq)
     padding[-1, ..., seq // 2:] = torch.finfo(torch.float32).min  # additive, broadcast over the queries
-    return {"none": None, "bool": keep, "additive": padding, "shared": keep[:1]}
+    per_head = torch.rand(batch, HEADS, seq, seq, generator=g) > 0.5
+    per_head[..., 1] = True
+    return {"none": None, "bool": keep, "additive": padding, "shared": keep[:1], "per head": per_head}
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch,seq", [(1, 7), (1, 45), (2, 33), (3, 20), (8, 16)])  # phased and per sequence
-def test_csr_attention_matches_sdpa(op, threads, batch, seq):
+@pytest.mark.parametrize("attention", ["own", "aten"])  # our attention kernel, ATen's SDPA (CAP_DS_ATTENTION)
+def test_csr_attention_matches_sdpa(op, threads, batch, seq, attention, monkeypatch):
+    if attention == "aten":
+        monkeypatch.setenv("CAP_DS_ATTENTION", "aten")
     tuples, dense = attention_weights()
     ln = (torch.randn(HID), torch.randn(HID))
     x = torch.randn(batch * seq, HID, generator=torch.Generator().manual_seed(seq))
@@ -205,6 +210,32 @@ def test_csr_attention_matches_sdpa(op, threads, batch, seq):
         torch.testing.assert_close(got, attention_reference(x, batch, dense, residual=False), rtol=0, atol=2e-5)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("hid,heads", [(64, 2), (64, 1), (128, 1), (48, 4)])  # head sizes 32, 64, 128; 12: ATen's
+def test_csr_attention_head_sizes(op, two_threads, hid, heads):
+    tuples, dense = attention_weights(hid=hid)
+    for batch, seq in ((1, 37), (4, 19)):
+        x = torch.randn(batch * seq, hid, generator=torch.Generator().manual_seed(hid))
+        keep = torch.rand(batch, 1, 1, seq, generator=torch.Generator().manual_seed(1)) > 0.4
+        keep[..., 0] = True
+        for mask in (None, keep):
+            got = op.csr_attention(x, batch, *tuples, heads, 0.3, mask=mask, residual=x)
+            want = attention_reference(x, batch, dense, mask, heads=heads, scale=0.3)
+            torch.testing.assert_close(got, want, rtol=0, atol=3e-5)
+
+
+def test_csr_attention_rows_that_attend_to_nothing_are_zero(op):
+    """A query whose keys are all masked: SDPA's CPU kernel gives zeros (not NaN), so does ours."""
+    tuples, dense = attention_weights()
+    x = torch.randn(2 * 8, HID)
+    mask = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    mask[1, :, 3] = False
+    got = op.csr_attention(x, 2, *tuples, HEADS, 0.25, mask=mask)
+    want = attention_reference(x, 2, dense, mask, residual=False)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got[8 + 3], dense[3][1], rtol=0, atol=1e-6)  # context 0: only the output bias
 
 
 def test_csr_attention_on_the_task_pool_and_in_bf16(op, two_threads):
