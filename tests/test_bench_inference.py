@@ -89,6 +89,6 @@ def test_cpu_fusion_compares_fused_and_unfused_in_one_run():
     import cpu_fusion
 
     [row] = cpu_fusion.main(["--tiny", "--rounds", "1", "--batches", "2", "--seq", "16", "--threads", "2"])
-    assert row["fused"] == {"self_attention": 2, "feed_forward": 2, "residual_output": 4}
+    assert row["fused"] == {"encoder": 1, "layer": 2, "self_attention": 2, "feed_forward": 2, "residual_output": 4}
     assert set(row["ms"]) == {"dense", "unfused", "fused"} and min(row["ms"].values()) > 0
     assert max(row["max_abs_logit_diff"].values()) < 1e-4

@@ -20,7 +20,9 @@ from cap_ds.sparse.fusion import (
     ACT_GELU,
     ACT_NONE,
     ACT_RELU,
+    FusedEncoder,
     FusedFeedForward,
+    FusedLayer,
     FusedResidualOutput,
     FusedSelfAttention,
     fused_modules,
@@ -294,6 +296,11 @@ def test_csr_linear_cuda_residual_and_layer_norm(cuda_kernels):
 
 # ---- in a model
 
+#: sparsify's fusion counts for tiny_bert(): everything, and nothing
+FULL = {"encoder": 1, "layer": 2, "self_attention": 2, "feed_forward": 2, "residual_output": 4}
+NONE = dict.fromkeys(FULL, 0)
+
+
 def tiny_bert(act: str = "gelu", layers: int = 2):
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -325,14 +332,16 @@ def test_sparsify_fuses_bert_and_keeps_its_numbers(op, two_threads):
     unfused = sparsify(copy.deepcopy(dense), policy="csr", fuse=False)
     fused = sparsify(copy.deepcopy(dense), policy="csr")
     assert unfused.sparsify_summary.fused == {} and not fused_modules(unfused)
-    # per layer: the attention block, the FFN, and both dense -> LayerNorm(h + input) blocks (used when the
-    # attention block or the FFN runs unfused)
-    assert fused.sparsify_summary.fused == {"self_attention": 2, "feed_forward": 2, "residual_output": 4}
-    assert "fused: 2 self attention, 2 feed forward, 4 residual output" in fused.sparsify_summary.line()
-    kinds = {name: type(f) for name, f in fused_modules(fused)}
-    assert kinds["bert.encoder.layer.0"] is FusedFeedForward
-    assert kinds["bert.encoder.layer.0.attention"] is FusedSelfAttention
-    assert kinds["bert.encoder.layer.1.attention.output"] is FusedResidualOutput
+    # the encoder (a loop over its layers' kernels); per layer: the layer (its two fused parts called directly),
+    # the attention block, the FFN, and both dense -> LayerNorm(h + input) blocks (used when the attention block or
+    # the FFN runs unfused)
+    assert fused.sparsify_summary.fused == FULL
+    assert ("fused: 1 encoder, 2 layer, 2 self attention, 2 feed forward, 4 residual output"
+            in fused.sparsify_summary.line())
+    kinds = {(name, type(f)) for name, f in fused_modules(fused)}
+    assert {("bert.encoder", FusedEncoder), ("bert.encoder.layer.0", FusedLayer),
+            ("bert.encoder.layer.0", FusedFeedForward), ("bert.encoder.layer.0.attention", FusedSelfAttention),
+            ("bert.encoder.layer.1.attention.output", FusedResidualOutput)} <= kinds
     for batch, seq in ((1, 1), (1, 7), (3, 21), (2, 64)):
         x = inputs(batch, seq)
         torch.testing.assert_close(logits(fused, **x), logits(dense, **x), rtol=0, atol=1e-5)
@@ -376,7 +385,7 @@ def test_layer_norms_run_in_the_kernel(op):
             m.register_forward_hook(lambda mod, a, out, name=name: called.append(name))
     logits(model, **inputs())
     assert called == ["bert.embeddings.LayerNorm"]
-    assert all("LayerNorm" in repr(f) for _, f in fused_modules(model))
+    assert all("LayerNorm" in repr(f) for _, f in fused_modules(model) if not isinstance(f, FusedEncoder))
 
     class Norm(nn.LayerNorm):  # a subclass may compute anything: the kernel leaves it to its module
         pass
@@ -388,7 +397,7 @@ def test_layer_norms_run_in_the_kernel(op):
             block.LayerNorm = Norm(plain.normalized_shape, eps=plain.eps)
             block.LayerNorm.load_state_dict(plain.state_dict())
     fused = sparsify(copy.deepcopy(dense), policy="csr")
-    assert fused.sparsify_summary.fused == {"self_attention": 2, "feed_forward": 2, "residual_output": 4}
+    assert fused.sparsify_summary.fused == FULL
     assert not any("LayerNorm" in repr(f) for _, f in fused_modules(fused))
     torch.testing.assert_close(logits(fused, **inputs()), logits(dense, **inputs()), rtol=0, atol=1e-5)
 
@@ -397,7 +406,7 @@ def test_copy_densify_and_refuse(op):
     dense = tiny_bert()
     fused = sparsify(copy.deepcopy(dense), policy="csr")
     twin = copy.deepcopy(fused)
-    (layer,) = [f for n, f in fused_modules(twin) if n == "bert.encoder.layer.0"]
+    (layer,) = [f for n, f in fused_modules(twin) if n == "bert.encoder.layer.0" and isinstance(f, FusedLayer)]
     assert layer.layer is twin.bert.encoder.layer[0]  # the copy's fusions point into the copy
     x = inputs()
     torch.testing.assert_close(logits(twin, **x), logits(fused, **x), rtol=0, atol=0)
@@ -405,7 +414,7 @@ def test_copy_densify_and_refuse(op):
     assert not fused_modules(fused) and not any(isinstance(m, SparseLinear) for m in fused.modules())
     torch.testing.assert_close(logits(fused, **x), logits(dense, **x), rtol=0, atol=1e-5)
     again = sparsify(twin, policy="csr")  # sparsify twice: the fusions are rebuilt, not stacked
-    assert again.sparsify_summary.fused["feed_forward"] == 2 and len(fused_modules(again)) == 8
+    assert again.sparsify_summary.fused == FULL and len(fused_modules(again)) == 11
 
 
 def test_gradients_and_training_take_the_original_path(op):
@@ -437,7 +446,7 @@ def test_activations_fused(op, act):
 def test_what_it_cannot_compute_stays_unfused(op):
     # tanh-approximated GELU: not the kernel's activation
     fused = sparsify(tiny_bert("gelu_new"), policy="csr")
-    assert fused.sparsify_summary.fused == {"self_attention": 2, "feed_forward": 0, "residual_output": 4}
+    assert fused.sparsify_summary.fused == {**NONE, "self_attention": 2, "residual_output": 4}
     # an output block that is not LayerNorm(h + input): the probe disagrees, the block keeps its forward
     model = tiny_bert()
     for layer in model.bert.encoder.layer:
@@ -445,11 +454,11 @@ def test_what_it_cannot_compute_stays_unfused(op):
         block.forward = (lambda b: lambda h, x: b.LayerNorm(b.dense(h)) + x)(block)
     ref = logits(model, **inputs())
     fused = sparsify(model, policy="csr")  # nor the attention blocks around them
-    assert fused.sparsify_summary.fused == {"self_attention": 0, "feed_forward": 2, "residual_output": 2}
+    assert fused.sparsify_summary.fused == {**NONE, "feed_forward": 2, "residual_output": 2}
     torch.testing.assert_close(logits(fused, **inputs()), ref, rtol=0, atol=1e-5)
     # a layer kept dense is not fused
     dense_ffn = sparsify(tiny_bert(), policy="csr", min_sparsity=0.95)
-    assert dense_ffn.sparsify_summary.fused == {"self_attention": 0, "feed_forward": 0, "residual_output": 0}
+    assert dense_ffn.sparsify_summary.fused == NONE
 
 
 def test_bf16_model(op, two_threads):
@@ -482,3 +491,39 @@ def test_attention_block_takes_the_original_path_where_it_must(op):
         out, weights = block(x)
         assert weights is None
         torch.testing.assert_close(out, block.forward.original(x)[0], rtol=0, atol=1e-5)
+
+
+def test_layers_and_encoder_run_their_kernels_directly_and_step_aside_for_hooks(op, two_threads):
+    """The fused encoder loops over the layers' kernels without calling the layer modules; where a layer hook or
+    HF's output capture needs the layers called, they are (each through FusedLayer), with the same numbers."""
+    dense = tiny_bert()
+    fused = sparsify(copy.deepcopy(dense), policy="csr")
+    encoder, layer = fused.bert.encoder, fused.bert.encoder.layer[0]
+    x = inputs()
+    called = []
+    original = encoder.forward.original
+    with torch.inference_mode():
+        emb = fused.bert.embeddings(input_ids=x["input_ids"])
+        assert encoder.forward.applies(emb) and layer.forward.applies(emb, None, None)
+        want = logits(dense, **x)
+        torch.testing.assert_close(logits(fused, **x), want, rtol=0, atol=1e-5)
+        # HF's output_hidden_states: its capture needs every layer's output, so the layers are called
+        out = fused(**x, output_hidden_states=True)
+        ref = dense(**x, output_hidden_states=True)
+        assert len(out.hidden_states) == len(ref.hidden_states) == 3
+        for got, exp in zip(out.hidden_states, ref.hidden_states):
+            torch.testing.assert_close(got, exp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits(fused, **x), want, rtol=0, atol=1e-5)  # capture hooks idle: fused again
+        assert encoder.forward.applies(emb)
+        # a user's hook on a layer: the encoder steps aside, the hook sees the layer's output
+        handle = layer.register_forward_hook(lambda mod, a, out: called.append(out.shape))
+        assert not encoder.forward.applies(emb)
+        torch.testing.assert_close(logits(fused, **x), want, rtol=0, atol=1e-5)
+        assert called == [torch.Size([3, 21, 64])]
+        handle.remove()
+        assert encoder.forward.applies(emb)
+        # training mode, or an argument the fused path does not take: the original forwards
+        assert not layer.forward.applies(emb, None, emb)  # encoder_hidden_states
+        assert encoder.forward.original is original
+    fused.train()
+    assert not encoder.forward.applies(emb) and not layer.forward.applies(emb)
