@@ -573,10 +573,11 @@ void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t 
 // ---- softmax attention for one sequence's heads, fp32 in registers (head size a multiple of 16, at most 128)
 //
 // Why our own: ATen's CPU flash SDPA runs MiniLM's heads (32 wide) at about half of what the FMA units give,
-// and it is a quarter to a third of a 90 %-sparse forward. Per head: K^T and V packed to fp32 (2 x S x D floats,
-// in L1/L2), then per block of query rows the scores over all S keys (exact softmax, two passes over a row of S
-// floats, no online rescaling), and P V. Scores: 4 query rows x 64 keys of accumulators per step of d; P V:
-// 16 / (D / 16) rows x D outputs.
+// and it is a quarter to a third of a 90 %-sparse forward. Per head: K^T packed to fp32 through 16 x 16 register
+// transposes (S x D floats, in L1/L2; V is read in place, or widened once for half types), then per block of
+// query rows the scores over all S keys (exact softmax, two passes over a row of S floats, no online
+// rescaling), and P V. Scores: 4 query rows x 64 keys of accumulators per step of d; P V: 16 / (D / 16) rows x D
+// outputs.
 
 // An attention mask as SDPA takes it, [batch|1, heads|1, seq|1, seq], bool (false: masked) or additive.
 struct MaskView {
@@ -620,18 +621,17 @@ inline void score_block(const float* q, int64_t D, const float* kt, int64_t Sp, 
     for (int v = 0; v < NVJ; ++v) store(sc + r * Sp + j0 + v * kLanes, a[r][v]);
 }
 
-// out rows (stride ldo) = p rows (Sp floats each, the softmax numerators) @ vp ([Sp][D] fp32) * inv[r].
+// out rows (stride ldo) = p rows (Sp floats each, the softmax numerators) @ v ([S][D] fp32, row stride ldv) * inv[r].
 template <int NVD, typename scalar_t>
-inline void pv_block(const float* p, int64_t Sp, int64_t nrows, const float* vp, const float* inv, scalar_t* out,
-                     int64_t ldo) {
+inline void pv_block(const float* p, int64_t Sp, int64_t S, int64_t nrows, const float* vp, int64_t ldv,
+                     const float* inv, scalar_t* out, int64_t ldo) {
   constexpr int R = 16 / NVD;
-  constexpr int64_t D = NVD * kLanes;
   vf a[R][NVD];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NVD; ++v) a[r][v] = vf{};
-  for (int64_t j = 0; j < Sp; ++j) {
+  for (int64_t j = 0; j < S; ++j) {
     vf x[NVD];
-    for (int v = 0; v < NVD; ++v) x[v] = load(vp + j * D + v * kLanes);
+    for (int v = 0; v < NVD; ++v) x[v] = loadu(vp + j * ldv + v * kLanes);
     for (int r = 0; r < R; ++r) {
       const float pr = p[r * Sp + j];
       for (int v = 0; v < NVD; ++v) a[r][v] += pr * x[v];
@@ -669,20 +669,37 @@ void attention_head(const scalar_t* buf, int64_t S, int64_t E, int64_t ld, int64
   constexpr int R = 16 / NVD;  // query rows per block (P V's register block)
   const int64_t Sp = round_up(S, kLanes);
   float* kt = work;             // [D][Sp], zero past S
-  float* vp = kt + D * Sp;      // [Sp][D], zero past S
+  float* vp = kt + D * Sp;      // [S][D]: V widened to fp32 (half types)
   float* sc = vp + Sp * D;      // [R rounded up to kScoreRows][Sp]
   float* qf = sc + 16 * Sp;     // [R][D]: this block's queries, fp32, times the scale
   float* inv = qf + 16 * D;     // [R]
   const scalar_t *qs = buf + h * D, *ks = buf + E + h * D, *vs = buf + 2 * E + h * D;
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = 0; j < Sp; ++j) kt[d * Sp + j] = j < S ? static_cast<float>(ks[j * ld + d]) : 0.f;
-  for (int64_t j = 0; j < Sp; ++j)
-    for (int64_t d = 0; d < D; ++d) vp[j * D + d] = j < S ? static_cast<float>(vs[j * ld + d]) : 0.f;
+  // K^T through 16 x 16 register transposes; V used in place when it is fp32, else widened once.
+  vf t[kLanes];
+  for (int64_t j0 = 0; j0 < Sp; j0 += kLanes) {
+    for (int v = 0; v < NVD; ++v) {
+      for (int64_t i = 0; i < kLanes; ++i) t[i] = j0 + i < S ? load_x(ks + (j0 + i) * ld + v * kLanes, 1, kLanes) : vf{};
+      transpose16(t);  // t[d] = keys j0..j0+15 of feature v*16 + d
+      for (int64_t d = 0; d < kLanes; ++d) store(kt + (v * kLanes + d) * Sp + j0, t[d]);
+    }
+  }
+  const float* vsrc;
+  int64_t ldv;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vsrc = vs;
+    ldv = ld;
+  } else {
+    for (int64_t j = 0; j < S; ++j)
+      for (int v = 0; v < NVD; ++v) store(vp + j * D + v * kLanes, load_x(vs + j * ld + v * kLanes, 1, kLanes));
+    vsrc = vp;
+    ldv = D;
+  }
   const char* mbase = static_cast<const char*>(mask.data);
   for (int64_t i0 = 0; i0 < S; i0 += R) {
     const int64_t nr = std::min<int64_t>(R, S - i0);
     for (int64_t r = 0; r < std::max<int64_t>(R, kScoreRows); ++r)
-      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = r < nr ? static_cast<float>(qs[(i0 + r) * ld + d]) * scale : 0.f;
+      for (int v = 0; v < NVD; ++v)
+        store(qf + r * D + v * kLanes, r < nr ? load_x(qs + (i0 + r) * ld + v * kLanes, 1, kLanes) * scale : vf{});
     for (int64_t r0 = 0; r0 < R; r0 += kScoreRows) {
       int64_t j0 = 0;
       for (; j0 + kScoreVecs * kLanes <= Sp; j0 += kScoreVecs * kLanes)
@@ -731,7 +748,7 @@ void attention_head(const scalar_t* buf, int64_t S, int64_t E, int64_t ld, int64
       }
       inv[r] = 1.f / lane_sum(sum);
     }
-    pv_block<NVD>(sc, Sp, nr, vp, inv, ctx + i0 * ldc + h * D, ldc);
+    pv_block<NVD>(sc, Sp, S, nr, vsrc, ldv, inv, ctx + i0 * ldc + h * D, ldc);
   }
 }
 
