@@ -1,5 +1,6 @@
-"""What fusing buys a sparsified encoder on the CPU: dense, sparsify(fuse=False) and sparsify() (fused FFN, residual
-adds and LayerNorms, cap_ds/sparse/fusion.py), timed in the same interleaved rounds, one process.
+"""What fusing buys a sparsified encoder on the CPU: dense, sparsify(fuse=False) and sparsify() (fused attention
+blocks and FFNs with their residual adds and LayerNorms, layers and encoder without Python between the kernels,
+cap_ds/sparse/fusion.py), timed in the same interleaved rounds, one process.
 
     python benchmarks/cpu_fusion.py --model out/capm/final --threads 2 --batches 1,32
     python benchmarks/cpu_fusion.py --tiny --rounds 2 --batches 2 --seq 16     # seconds (the test's run)

@@ -138,8 +138,11 @@ def test_card_says_when_the_rows_ran_fused(tmp_path):
     from cap_ds.run.model_card import speed_section
 
     row = {"dtype": "fp32", "batch": 1, "seq_length": 128, "dense_ms": 10.0, "model_ms": 5.0, "speedup": 2.0}
-    for fused, said in (({"feed_forward": 6, "residual_output": 12}, True), (None, False)):
+    # (as speed.json stores it: keys sorted; the card names them outermost first)
+    fused_all = {"encoder": 1, "feed_forward": 6, "layer": 6, "residual_output": 12, "self_attention": 6}
+    for fused, said in ((fused_all, True), (None, False)):
         rows = [{**row, **({"fused": fused} if fused else {})}]
         (tmp_path / "speed.json").write_text(json.dumps({"device": "cpu", "rows": rows}))
         text = speed_section(tmp_path)
-        assert ("(6 feed forward, 12 residual output): serve it through `sparsify()`" in text) == said
+        assert ("(1 encoder, 6 layer, 6 self attention, 6 feed forward, 12 residual output): serve it through "
+                "`sparsify()`" in text) == said

@@ -172,8 +172,9 @@ def _fused_line(speed: dict[str, Any]) -> str:
     what = next((describe(r["fused"]) for r in speed.get("rows", []) if r.get("fused")), "")
     if not what:
         return ""
-    return (f"\nThis model's rows ran through `cap_ds.sparse.sparsify()`, which on the CPU fuses each layer's sparse "
-            f"FFN, residual adds and LayerNorms into single kernel calls ({what}): serve it through `sparsify()` to get them.\n")
+    return (f"\nThis model's rows ran through `cap_ds.sparse.sparsify()`, which on the CPU runs each layer's sparse "
+            f"attention block and FFN, with their residual adds and LayerNorms, as single kernel calls ({what}): "
+            f"serve it through `sparsify()` to get them.\n")
 
 
 def _host_memory_line(speed: dict[str, Any]) -> str:

@@ -655,7 +655,7 @@ def fuse(model: nn.Module) -> dict[str, int]:
     (``{"layer": 6, "self_attention": 6, "feed_forward": 6, "residual_output": 12}``). Re-fusing first undoes
     earlier fusions."""
     unfuse(model)
-    counts = {"encoder": 0, "layer": 0, "self_attention": 0, "feed_forward": 0, "residual_output": 0}
+    counts = dict.fromkeys(KINDS, 0)
     if not any(m.values.device.type == "cpu" and hasattr(csr.kernel_for(m.values), "csr_ffn")
                for m in model.modules() if isinstance(m, SparseLinear)):
         return counts  # the fused kernels are CPU kernels
@@ -674,9 +674,15 @@ def fuse(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+#: the fusion kinds, outermost first (fuse's counts, describe's order)
+KINDS = ("encoder", "layer", "self_attention", "feed_forward", "residual_output")
+
+
 def describe(counts: dict[str, int]) -> str:
-    """``{"feed_forward": 6, "residual_output": 12}`` as ``6 feed forward, 12 residual output`` (zeros left out)."""
-    return ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items() if n)
+    """``{"feed_forward": 6, "residual_output": 12}`` as ``6 feed forward, 12 residual output`` (zeros left out;
+    the kinds in :data:`KINDS` order whatever the dict's, e.g. a JSON file's sorted keys)."""
+    order = [k for k in KINDS if k in counts] + [k for k in counts if k not in KINDS]
+    return ", ".join(f"{counts[kind]} {kind.replace('_', ' ')}" for kind in order if counts[kind])
 
 
 def fused_modules(model: nn.Module) -> list[tuple[str, _Fusion]]:
