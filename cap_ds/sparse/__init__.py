@@ -4,8 +4,10 @@ cap_masked_gemm CSR kernel; ``2:4``: :class:`SparseLinear` on torch's semi-struc
 one is measured (``policy="measure"``, default) or known (``"rule"``) to be faster; ``densify`` undoes it. Modules:
 ``formats`` (names, batch classes, sparsity tests), ``csr`` and ``semi`` (the two sparse paths), ``linear``
 (:class:`SparseLinear`), ``policy`` (rule and choice), ``measure`` (timing and the decision cache), ``summary``,
-``convert`` (the model walk), ``fusion`` (CPU: a layer's FFN, residual adds and LayerNorms in one kernel call), ``serve``
-(shape buckets run by CUDA graphs, compiled or eager). Figures behind the rules: docs/sparse_inference.md.
+``convert`` (the model walk), ``fusion`` (CPU: which blocks to fuse and the probe; the attention block and the
+FFN each one kernel call with their residual adds and LayerNorms, the layer and encoder without Python between
+kernels), with ``fused_base``, ``fused_blocks`` and ``fused_stack`` (the fused replacements), ``serve`` (shape
+buckets run by CUDA graphs, compiled or eager). Figures behind the rules: docs/sparse_inference.md.
 
 May import: ``cap_ds.ops`` and ``cap_ds.runtime`` only.
 """

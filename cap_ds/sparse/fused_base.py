@@ -1,0 +1,149 @@
+"""What every fusion of ``cap_ds.sparse.fusion`` shares: the replaced method (:class:`Fusion`), its kernel
+arguments prepared once per module tensors, the check that the CSR kernel can run a call, the activation and
+LayerNorm arguments the kernels take."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from cap_ds.sparse import csr
+from cap_ds.sparse.linear import SparseLinear
+
+#: the kernel's activation codes (cap_ops.h)
+ACT_NONE, ACT_GELU, ACT_RELU = 0, 1, 2
+ACT_NAMES = {ACT_NONE: "none", ACT_GELU: "gelu", ACT_RELU: "relu"}
+
+
+def activation_code(act: nn.Module) -> int | None:
+    """The kernel's code for an activation module it computes (erf GELU, ReLU), else None."""
+    try:
+        from transformers.activations import GELUActivation
+    except ImportError:  # transformers is optional for cap_ds.sparse
+        GELUActivation = None  # noqa: N806
+    if GELUActivation is not None and type(act) is GELUActivation:  # F.gelu or its Python erf form: one function
+        return ACT_GELU
+    if type(act) is nn.GELU and act.approximate == "none":
+        return ACT_GELU
+    if type(act) is nn.ReLU:
+        return ACT_RELU
+    return None
+
+
+def layer_norm_args(norm: nn.Module, features: int) -> dict[str, object] | None:
+    """The kernels' LayerNorm keywords (``ln_weight``, ``ln_bias``, ``ln_eps``) for a plain ``nn.LayerNorm`` over
+    the last ``features`` (the kernel normalizes each token's outputs while they are in cache), else None (the
+    module then runs after the kernel)."""
+    if type(norm) is not nn.LayerNorm or tuple(norm.normalized_shape) != (features,):
+        return None
+    return {"ln_weight": norm.weight, "ln_bias": norm.bias, "ln_eps": float(norm.eps)}
+
+
+def normalized(y: torch.Tensor, shape: torch.Size, norm: nn.Module, fused: bool) -> torch.Tensor:
+    y = y.reshape(shape)
+    return y if fused else norm(y)
+
+
+def submodule(module: nn.Module | None, *path: str) -> nn.Module | None:
+    """``module.a.b...`` through the ``_modules`` dicts, None where one is missing: no ``nn.Module.__getattr__``
+    (about a microsecond each), as this runs several times per layer on every fused call."""
+    for name in path:
+        if module is None:
+            return None
+        module = module._modules.get(name)
+    return module
+
+
+def csr_layers(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
+    """Every layer is a SparseLinear in x's dtype that runs as csr for x's token count."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    return all(isinstance(m, SparseLinear) and m.values.dtype == x.dtype and m.format_for(tokens) == "csr"
+               for m in layers)
+
+
+def csr_kernel(x: torch.Tensor, op: str, layers: tuple[nn.Module, ...], formats: dict | None = None):
+    """The loaded op module when its ``op`` can run these CSR layers on x now (inference, CPU, their dtype and the
+    csr format for this many tokens), else None. One op lookup per call: this runs on every forward.
+    ``formats``: a cache of the layer checks by (token count, dtype), kept by the caller with the layers (its
+    :meth:`Fusion.prepared` arguments, rebuilt with them)."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    if formats is None:
+        ok = csr_layers(x, layers)
+    else:
+        key = (x.numel() // max(1, x.shape[-1]), x.dtype)
+        ok = formats.get(key)
+        if ok is None:
+            ok = formats[key] = csr_layers(x, layers)
+    if not ok:
+        return None
+    module = csr.kernel_for(x)
+    return module if hasattr(module, op) else None
+
+
+class Fusion:
+    """A fused replacement of one method (``method``) of one module instance; ``original`` is the method it
+    replaced (the class's, or one the instance already had, which :meth:`remove` puts back)."""
+
+    method = ""
+    op = ""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.original: Callable = getattr(module, self.method)  # bound method (deepcopy re-binds it) or callable
+        self.own = self.method in module.__dict__
+        try:  # HF's apply_chunking_to_forward inspects feed_forward_chunk's signature on every call: answer at once
+            self.__signature__ = inspect.signature(self.original)
+        except (TypeError, ValueError):
+            pass
+
+    def output_of(self, result):
+        """The tensor of a call's result that the probe compares."""
+        return result
+
+    def layers(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def norm(self) -> nn.Module | None:
+        """The normalization after the fused block, if any."""
+        return None
+
+    def norms(self) -> tuple[nn.Module, ...]:
+        """The normalizations the fused call runs (their parameters are part of the kernel's arguments)."""
+        norm = self.norm()
+        return () if norm is None else (norm,)
+
+    def prepare(self) -> SimpleNamespace:
+        """The kernel's arguments that depend only on the modules' tensors (subclasses add to it)."""
+        return SimpleNamespace(formats={}, layers=self.layers())
+
+    def prepared(self) -> SimpleNamespace:
+        """:meth:`prepare`'s arguments, built again when a layer or the norm is another module or has other
+        tensors than last time (``to()``, a replaced module): a fused call costs one tuple comparison, not
+        rebuilding them on every forward (at batch 1 that Python was a tenth of the model's time)."""
+        layers, norms = self.layers(), self.norms()
+        items = [*layers, *norms]
+        for m in layers:
+            if m is not None:
+                items.extend(m._buffers.values())
+        for m in norms:
+            if m is not None:
+                items.extend(m._parameters.values())
+        key = tuple(map(id, items))  # the items are kept with the key, so no id is reused while it is cached
+        cached = self.__dict__.get("_prepared")
+        if cached is None or cached[0] != key:
+            cached = self._prepared = (key, self.prepare(), items)
+        return cached[1]
+
+    def install(self) -> None:
+        setattr(self.module, self.method, self)
+
+    def remove(self) -> None:
+        if self.own:
+            self.module.__dict__[self.method] = self.original
+        else:
+            del self.module.__dict__[self.method]
