@@ -9,7 +9,9 @@
 // added there (and a residual, when given). A short input gets narrower tiles (16 or 32 tokens), one per thread.
 // csr_ffn chains two products per tile: the first writes its rows straight into a [N][T] tile (the packed layout
 // the second one reads), the activation runs on it there, and only the second product is written back.
-// Vectors are GCC vector extensions: zmm with -march supporting AVX-512, ymm pairs on AVX2, NEON on ARM.
+// csr_attention runs a BERT attention block per sequence: the three products into one buffer in cache, softmax
+// attention on it (softmax_attention.h), the output product with the residual and the LayerNorm.
+// Vectors are GCC vector extensions (cpu_vec.h): zmm with -march supporting AVX-512, ymm pairs on AVX2, NEON on ARM.
 #include <ATen/Parallel.h>
 #include <c10/util/ParallelGuard.h>
 #include <unistd.h>
@@ -26,14 +28,14 @@
 #include <vector>
 
 #include "cap_ops.h"
+#include "cpu_vec.h"
+#include "softmax_attention.h"
 #include "task_pool.h"
 
 namespace cap {
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));  // 16 floats: one zmm on AVX-512, two ymm on AVX2
-constexpr int64_t kLanes = 16;
 // Tokens per tile (2 or 4 vectors), fixed at load: 32 where the L1 data cache holds 48 KiB or more, else 64. The
 // tile of x^T (K * tile * 4 bytes) is what every nonzero reads from: at 32 tokens MiniLM's K = 384 tile (48 KiB)
 // sits in such an L1, and on the AMX Xeon (48 KiB) 32 measured 4-25 % faster than 64 for MiniLM's and BERT-base's
@@ -74,61 +76,7 @@ CsrWeight<scalar_t> weight_of(const CsrArrays& a) {
           a.values.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(a.bias), a.out_features};
 }
 
-inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 inline int64_t tile_width(int64_t M, int64_t m0, int64_t T) { return std::min(T, round_up(M - m0, kLanes)); }
-
-inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
-inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
-
-typedef int vi __attribute__((vector_size(64)));
-
-// In-register 16x16 transpose: four rounds swapping bit b of the row and column index (b = 1, 2, 4, 8).
-template <int B>
-inline void swap_round(vf* r) {
-  constexpr vi lo = {0 & B ? 16 + 0 - B : 0, 1 & B ? 16 + 1 - B : 1, 2 & B ? 16 + 2 - B : 2,
-                     3 & B ? 16 + 3 - B : 3, 4 & B ? 16 + 4 - B : 4, 5 & B ? 16 + 5 - B : 5,
-                     6 & B ? 16 + 6 - B : 6, 7 & B ? 16 + 7 - B : 7, 8 & B ? 16 + 8 - B : 8,
-                     9 & B ? 16 + 9 - B : 9, 10 & B ? 16 + 10 - B : 10, 11 & B ? 16 + 11 - B : 11,
-                     12 & B ? 16 + 12 - B : 12, 13 & B ? 16 + 13 - B : 13, 14 & B ? 16 + 14 - B : 14,
-                     15 & B ? 16 + 15 - B : 15};
-  constexpr vi hi = {0 & B ? 16 + 0 : 0 + B, 1 & B ? 16 + 1 : 1 + B, 2 & B ? 16 + 2 : 2 + B,
-                     3 & B ? 16 + 3 : 3 + B, 4 & B ? 16 + 4 : 4 + B, 5 & B ? 16 + 5 : 5 + B,
-                     6 & B ? 16 + 6 : 6 + B, 7 & B ? 16 + 7 : 7 + B, 8 & B ? 16 + 8 : 8 + B,
-                     9 & B ? 16 + 9 : 9 + B, 10 & B ? 16 + 10 : 10 + B, 11 & B ? 16 + 11 : 11 + B,
-                     12 & B ? 16 + 12 : 12 + B, 13 & B ? 16 + 13 : 13 + B, 14 & B ? 16 + 14 : 14 + B,
-                     15 & B ? 16 + 15 : 15 + B};
-  for (int i = 0; i < 16; ++i) {
-    if (i & B) continue;
-    const vf a = r[i], b = r[i + B];
-    r[i] = __builtin_shuffle(a, b, lo);
-    r[i + B] = __builtin_shuffle(a, b, hi);
-  }
-}
-
-inline void transpose16(vf* r) {
-  swap_round<1>(r);
-  swap_round<2>(r);
-  swap_round<4>(r);
-  swap_round<8>(r);
-}
-
-inline vf loadu(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-// 16 consecutive (stride sk) entries of x as floats; `count` < 16 zero-fills the rest.
-template <typename scalar_t>
-inline vf load_x(const scalar_t* src, int64_t sk, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (sk == 1 && count == kLanes) return loadu(src);
-  }
-  alignas(64) float tmp[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) tmp[k] = k < count ? static_cast<float>(src[k * sk]) : 0.f;
-  return load(tmp);
-}
 
 // Packs tokens mg..mg+15, columns k0..k1 of x (any strides) into the fp32 tile of the T tokens from m0 (mg is
 // one of them): tile[k * w + i] = x[m0 + i, k], w = tile width (a multiple of 16, zero padded). 16x16 transposes.
@@ -279,15 +227,6 @@ LayerNormF layer_norm_of(const LayerNormArgs& a, int64_t N) {
   floats(a.weight, ln.weight);
   floats(a.bias, ln.bias);
   return ln;
-}
-
-// The sum of a vector's 16 lanes: a tree of shuffles (4 dependent adds instead of 16).
-inline float lane_sum(vf v) {
-  v += __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  v += __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  return v[0];
 }
 
 // sum over k of f(r[k]) for a row of n floats (f: vf -> vf, lanes past n are never read): four independent
@@ -496,24 +435,6 @@ void tile_to_tile(const float* xt, const CsrWeight<scalar_t>& wt, float* h) {
   if (n < wt.n) sparse_row<NV>(xt, wt.col + rp[n], wt.val + rp[n], rp[n + 1] - rp[n], h + n * w, b(n));
 }
 
-// exp(a) for a <= 0 (below -87 taken as -87: ~1.6e-38): a = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), a
-// degree-7 Taylor polynomial in r (relative error < 1e-8 before rounding), 2^n put into the exponent bits.
-inline vf exp_nonpositive(vf a) {
-  a = a < -87.f ? vf{} - 87.f : a;
-  const vf magic = vf{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const vf n = (a * 1.44269504088896341f + magic) - magic;
-  const vf r = (a - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  vf p = vf{} + 1.f / 5040;
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
-}
-
 // GELU(x) = x/2 (1 + erf(x / sqrt 2)) with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7): for
 // z = |x| / sqrt 2, t = 1 / (1 + p z), 1 - erf(z) = q = t P(t) exp(-z^2); GELU is x - x q / 2 for x >= 0 and
 // x q / 2 below. Within 3.3e-7 of float64 GELU for |x| <= 12 (torch's fp32 GELU: 7e-7). Computed in cache on the
@@ -568,211 +489,6 @@ void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t 
     run_tile(h, M, m0, T, w2, py, w2.n, residual, w2.n);
     layer_norm_rows(py + m0 * w2.n, m1 - m0, w2.n, w2.n, ln);
   });
-}
-
-// ---- softmax attention for one sequence's heads, fp32 in registers (head size a multiple of 16, at most 128)
-//
-// Why our own: ATen's CPU flash SDPA runs MiniLM's heads (32 wide) at about half of what the FMA units give,
-// and it is a quarter to a third of a 90 %-sparse forward. Per head: K^T packed to fp32 through 16 x 16 register
-// transposes (S x D floats, in L1/L2; V is read in place, or widened once for half types), then per block of
-// query rows the scores over all S keys (exact softmax, two passes over a row of S floats, no online
-// rescaling), and P V. Scores: 4 query rows x 64 keys of accumulators per step of d; P V: 16 / (D / 16) rows x D
-// outputs.
-
-// An attention mask as SDPA takes it, [batch|1, heads|1, seq|1, seq], bool (false: masked) or additive.
-struct MaskView {
-  const void* data = nullptr;  // nullptr: none
-  bool is_bool = false;
-  int64_t sb = 0, sh = 0, si = 0, sj = 0;  // element strides, 0 on broadcast dimensions
-};
-
-template <typename scalar_t>
-MaskView mask_view(const std::optional<at::Tensor>& mask) {
-  MaskView m;
-  if (!mask.has_value()) return m;
-  const at::Tensor& t = *mask;
-  m.data = t.const_data_ptr();
-  m.is_bool = t.scalar_type() == at::kBool;
-  m.sb = t.size(0) == 1 ? 0 : t.stride(0);
-  m.sh = t.size(1) == 1 ? 0 : t.stride(1);
-  m.si = t.size(2) == 1 ? 0 : t.stride(2);
-  m.sj = t.stride(3);
-  return m;
-}
-
-constexpr int64_t kScoreRows = 4, kScoreVecs = 4;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// sc[r][j0 .. j0 + NVJ*16) = sum_d q[r][d] * kt[d][j] for the kScoreRows rows of q (fp32, scaled, D each).
-template <int NVJ>
-inline void score_block(const float* q, int64_t D, const float* kt, int64_t Sp, int64_t j0, float* sc) {
-  vf a[kScoreRows][NVJ];
-  for (int r = 0; r < kScoreRows; ++r)
-    for (int v = 0; v < NVJ; ++v) a[r][v] = vf{};
-  for (int64_t d = 0; d < D; ++d) {
-    vf k[NVJ];
-    for (int v = 0; v < NVJ; ++v) k[v] = load(kt + d * Sp + j0 + v * kLanes);
-    for (int r = 0; r < kScoreRows; ++r) {
-      const float qv = q[r * D + d];
-      for (int v = 0; v < NVJ; ++v) a[r][v] += qv * k[v];
-    }
-  }
-  for (int r = 0; r < kScoreRows; ++r)
-    for (int v = 0; v < NVJ; ++v) store(sc + r * Sp + j0 + v * kLanes, a[r][v]);
-}
-
-// out rows (stride ldo) = p rows (Sp floats each, the softmax numerators) @ v ([S][D] fp32, row stride ldv) * inv[r].
-template <int NVD, typename scalar_t>
-inline void pv_block(const float* p, int64_t Sp, int64_t S, int64_t nrows, const float* vp, int64_t ldv,
-                     const float* inv, scalar_t* out, int64_t ldo) {
-  constexpr int R = 16 / NVD;
-  vf a[R][NVD];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NVD; ++v) a[r][v] = vf{};
-  for (int64_t j = 0; j < S; ++j) {
-    vf x[NVD];
-    for (int v = 0; v < NVD; ++v) x[v] = loadu(vp + j * ldv + v * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float pr = p[r * Sp + j];
-      for (int v = 0; v < NVD; ++v) a[r][v] += pr * x[v];
-    }
-  }
-  for (int r = 0; r < nrows; ++r) {
-    for (int v = 0; v < NVD; ++v) {
-      const vf o = a[r][v] * inv[r];
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        storeu(out + r * ldo + v * kLanes, o);
-      } else {
-        for (int64_t i = 0; i < kLanes; ++i) out[r * ldo + v * kLanes + i] = static_cast<scalar_t>(o[i]);
-      }
-    }
-  }
-}
-
-inline float lane_max(vf v) {
-  for (int i = 0; i < kLanes; ++i) v[0] = std::max(v[0], v[i]);
-  return v[0];
-}
-
-// Floats of work memory attention_head needs: K^T and V packed, and one block of score rows.
-inline int64_t attention_work(int64_t S, int64_t D) {
-  const int64_t Sp = round_up(S, kLanes);
-  return 2 * Sp * D + 16 * Sp + 16 * D + 16;
-}
-
-// ctx[i, h*D .. (h+1)*D) for every query i of one sequence's head h: q, k, v rows in buf (row stride ld, q at
-// column h*D, k at E + h*D, v at 2E + h*D); ctx row stride ldc. work: attention_work(S, D) floats, 64-byte aligned.
-template <int NVD, typename scalar_t>
-void attention_head(const scalar_t* buf, int64_t S, int64_t E, int64_t ld, int64_t h, float scale,
-                    const MaskView& mask, int64_t b, scalar_t* ctx, int64_t ldc, float* work) {
-  constexpr int64_t D = NVD * kLanes;
-  constexpr int R = 16 / NVD;  // query rows per block (P V's register block)
-  const int64_t Sp = round_up(S, kLanes);
-  float* kt = work;             // [D][Sp], zero past S
-  float* vp = kt + D * Sp;      // [S][D]: V widened to fp32 (half types)
-  float* sc = vp + Sp * D;      // [R rounded up to kScoreRows][Sp]
-  float* qf = sc + 16 * Sp;     // [R][D]: this block's queries, fp32, times the scale
-  float* inv = qf + 16 * D;     // [R]
-  const scalar_t *qs = buf + h * D, *ks = buf + E + h * D, *vs = buf + 2 * E + h * D;
-  // K^T through 16 x 16 register transposes; V used in place when it is fp32, else widened once.
-  vf t[kLanes];
-  for (int64_t j0 = 0; j0 < Sp; j0 += kLanes) {
-    for (int v = 0; v < NVD; ++v) {
-      for (int64_t i = 0; i < kLanes; ++i) t[i] = j0 + i < S ? load_x(ks + (j0 + i) * ld + v * kLanes, 1, kLanes) : vf{};
-      transpose16(t);  // t[d] = keys j0..j0+15 of feature v*16 + d
-      for (int64_t d = 0; d < kLanes; ++d) store(kt + (v * kLanes + d) * Sp + j0, t[d]);
-    }
-  }
-  const float* vsrc;
-  int64_t ldv;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    vsrc = vs;
-    ldv = ld;
-  } else {
-    for (int64_t j = 0; j < S; ++j)
-      for (int v = 0; v < NVD; ++v) store(vp + j * D + v * kLanes, load_x(vs + j * ld + v * kLanes, 1, kLanes));
-    vsrc = vp;
-    ldv = D;
-  }
-  const char* mbase = static_cast<const char*>(mask.data);
-  for (int64_t i0 = 0; i0 < S; i0 += R) {
-    const int64_t nr = std::min<int64_t>(R, S - i0);
-    for (int64_t r = 0; r < std::max<int64_t>(R, kScoreRows); ++r)
-      for (int v = 0; v < NVD; ++v)
-        store(qf + r * D + v * kLanes, r < nr ? load_x(qs + (i0 + r) * ld + v * kLanes, 1, kLanes) * scale : vf{});
-    for (int64_t r0 = 0; r0 < R; r0 += kScoreRows) {
-      int64_t j0 = 0;
-      for (; j0 + kScoreVecs * kLanes <= Sp; j0 += kScoreVecs * kLanes)
-        score_block<kScoreVecs>(qf + r0 * D, D, kt, Sp, j0, sc + r0 * Sp);
-      switch ((Sp - j0) / kLanes) {
-        case 1: score_block<1>(qf + r0 * D, D, kt, Sp, j0, sc + r0 * Sp); break;
-        case 2: score_block<2>(qf + r0 * D, D, kt, Sp, j0, sc + r0 * Sp); break;
-        case 3: score_block<3>(qf + r0 * D, D, kt, Sp, j0, sc + r0 * Sp); break;
-        default: break;
-      }
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      float* row = sc + r * Sp;
-      if (r >= nr) {  // past the last query: a zero row, never written out
-        std::fill(row, row + Sp, 0.f);
-        inv[r] = 0.f;
-        continue;
-      }
-      for (int64_t j = S; j < Sp; ++j) row[j] = kNegInf;
-      if (mbase != nullptr) {
-        const int64_t off = b * mask.sb + h * mask.sh + (i0 + r) * mask.si;
-        if (mask.is_bool) {
-          const bool* m = reinterpret_cast<const bool*>(mbase) + off;
-          for (int64_t j = 0; j < S; ++j) row[j] = m[j * mask.sj] ? row[j] : kNegInf;
-        } else {
-          const scalar_t* m = reinterpret_cast<const scalar_t*>(mbase) + off;
-          for (int64_t j = 0; j < S; ++j) row[j] += static_cast<float>(m[j * mask.sj]);
-        }
-      }
-      vf mx = vf{} + kNegInf;
-      for (int64_t j = 0; j < Sp; j += kLanes) {
-        const vf v = load(row + j);
-        mx = v > mx ? v : mx;
-      }
-      const float m = lane_max(mx);
-      if (m == kNegInf) {  // every key masked: a zero output row (SDPA's CPU kernel gives the same)
-        std::fill(row, row + Sp, 0.f);
-        inv[r] = 0.f;
-        continue;
-      }
-      vf sum{};
-      for (int64_t j = 0; j < Sp; j += kLanes) {
-        const vf e = exp_nonpositive(load(row + j) - m);
-        store(row + j, e);
-        sum += e;
-      }
-      inv[r] = 1.f / lane_sum(sum);
-    }
-    pv_block<NVD>(sc, Sp, S, nr, vsrc, ldv, inv, ctx + i0 * ldc + h * D, ldc);
-  }
-}
-
-// Heads [h0, h1) of sequence b (buf and ctx at that sequence's first row).
-template <typename scalar_t>
-void attention_heads(const scalar_t* buf, int64_t S, int64_t E, int64_t D, int64_t ld, float scale,
-                     const MaskView& mask, int64_t b, int64_t h0, int64_t h1, scalar_t* ctx, int64_t ldc,
-                     float* work) {
-  for (int64_t h = h0; h < h1; ++h) {
-    switch (D / kLanes) {
-      case 1: attention_head<1>(buf, S, E, ld, h, scale, mask, b, ctx, ldc, work); break;
-      case 2: attention_head<2>(buf, S, E, ld, h, scale, mask, b, ctx, ldc, work); break;
-      case 4: attention_head<4>(buf, S, E, ld, h, scale, mask, b, ctx, ldc, work); break;
-      default: attention_head<8>(buf, S, E, ld, h, scale, mask, b, ctx, ldc, work); break;
-    }
-  }
-}
-
-// Our attention kernel for this head size, unless CAP_DS_ATTENTION=aten asks for ATen's SDPA (to compare; read
-// on every call).
-inline bool own_attention(int64_t D) {
-  const char* env = std::getenv("CAP_DS_ATTENTION");
-  if (env != nullptr && std::string(env) == "aten") return false;
-  return D == 16 || D == 32 || D == 64 || D == 128;
 }
 
 // A BERT-style self-attention block with its four weights in CSR. Enough sequences for every thread: one task
