@@ -33,11 +33,11 @@ class FusedFeedForward(Fusion):
 
     def prepare(self) -> SimpleNamespace:
         p = super().prepare()
-        first, second = self.layers()
+        first, second = p.layers
         p.fits = (isinstance(first, SparseLinear) and isinstance(second, SparseLinear)
                   and second.out_features == first.in_features and first.out_features == second.in_features)
-        p.in_features = first.in_features
         if p.fits:
+            p.in_features = first.in_features
             p.first = (first.row_ptr, first.col_idx, first.values, first.bias, first.out_features)
             p.second = (second.row_ptr, second.col_idx, second.values, second.bias, second.out_features,
                         second.in_features)
@@ -45,8 +45,9 @@ class FusedFeedForward(Fusion):
         return p
 
     def check(self, p: SimpleNamespace, x: torch.Tensor) -> bool:
-        """The module-side conditions of the fused path (the kernel's own: :func:`_kernel`)."""
-        return p.fits and not submodule(self.layer, "output").training and x.shape[-1] == p.in_features  # x: residual too
+        """The module-side conditions of the fused path (the kernel's own: :func:`csr_kernel`)."""
+        # x is also the residual: it has the FFN's input and output width
+        return p.fits and not submodule(self.layer, "output").training and x.shape[-1] == p.in_features
 
     def plan(self, x: torch.Tensor) -> tuple | None:
         """(op module, prepared arguments) this call runs on, or None (the original path)."""
@@ -149,18 +150,19 @@ class FusedSelfAttention(Fusion):
 
     def layers(self) -> tuple[SparseLinear, ...]:
         attn = submodule(self.block, "self")
-        return submodule(attn, "query"), submodule(attn, "key"), submodule(attn, "value"), submodule(self.block, "output", "dense")
+        return (submodule(attn, "query"), submodule(attn, "key"), submodule(attn, "value"),
+                submodule(self.block, "output", "dense"))
 
     def norm(self) -> nn.Module:
         return submodule(self.block, "output", "LayerNorm")
 
     def prepare(self) -> SimpleNamespace:
         p = super().prepare()
-        attn, layers = self.block.self, self.layers()
+        attn, layers = submodule(self.block, "self"), p.layers
         q, out = layers[0], layers[3]
         p.fits = all(isinstance(m, SparseLinear) for m in layers) and out.out_features == q.in_features
-        p.in_features = q.in_features
         if p.fits:
+            p.in_features = q.in_features
             p.weights = tuple((m.row_ptr, m.col_idx, m.values, m.bias, m.out_features, m.in_features) for m in layers)
             p.heads = attn.num_attention_heads
             p.scale = float(getattr(attn, "scaling", attn.attention_head_size ** -0.5))
@@ -169,7 +171,7 @@ class FusedSelfAttention(Fusion):
 
     def check(self, p: SimpleNamespace, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
               extra: dict) -> bool:
-        """The module-side conditions of the fused path (the kernel's own: :func:`_kernel`)."""
+        """The module-side conditions of the fused path (the kernel's own: :func:`csr_kernel`)."""
         block = self.block
         attn = submodule(block, "self")
         if (not p.fits or block.training or attn.training or hidden_states.dim() != 3

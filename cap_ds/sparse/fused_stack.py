@@ -56,10 +56,14 @@ class FusedLayer(Fusion):
         plan = self.plan(hidden_states, attention_mask, args, extra)
         if plan is None:
             return self.original(hidden_states, attention_mask, *args, **extra)
-        module, p = plan
         x2 = hidden_states.reshape(-1, hidden_states.shape[-1])
-        h = self.attention.compute(module, p.attention, x2, hidden_states.shape[0], attention_mask)
-        return self.feed_forward.compute(module, p.feed_forward, h).reshape(hidden_states.shape)
+        return self.compute(plan, x2, hidden_states.shape[0], attention_mask).reshape(hidden_states.shape)
+
+    def compute(self, plan: tuple, x2: torch.Tensor, batch: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The layer on 2-D x2 (``plan`` from :meth:`plan`): the fused attention block, then the fused FFN."""
+        module, p = plan
+        h = self.attention.compute(module, p.attention, x2, batch, attention_mask)
+        return self.feed_forward.compute(module, p.feed_forward, h)
 
     def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         return self.attention.probe_inputs(tokens, g)
@@ -147,9 +151,8 @@ class FusedEncoder(Fusion):
             return self.original(hidden_states, attention_mask, *args, **extra)
         batch = hidden_states.shape[0]
         x2 = hidden_states.reshape(-1, hidden_states.shape[-1])
-        for fused, (module, p) in zip(self.fused_layers, plans):
-            x2 = fused.attention.compute(module, p.attention, x2, batch, attention_mask)
-            x2 = fused.feed_forward.compute(module, p.feed_forward, x2)
+        for fused, plan in zip(self.fused_layers, plans):
+            x2 = fused.compute(plan, x2, batch, attention_mask)
         return self.output_type(last_hidden_state=x2.reshape(hidden_states.shape))
 
     def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:

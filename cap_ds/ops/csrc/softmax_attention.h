@@ -31,8 +31,7 @@ struct MaskView {
   int64_t sb = 0, sh = 0, si = 0, sj = 0;  // element strides, 0 on broadcast dimensions
 };
 
-template <typename scalar_t>
-MaskView mask_view(const std::optional<at::Tensor>& mask) {
+inline MaskView mask_view(const std::optional<at::Tensor>& mask) {
   MaskView m;
   if (!mask.has_value()) return m;
   const at::Tensor& t = *mask;

@@ -93,6 +93,12 @@ void pack_group(const scalar_t* x, int64_t M, int64_t sm, int64_t sk, int64_t mg
   }
 }
 
+// Packs the T tokens from m0 (all K columns; fewer at the end of x) into their fp32 tile.
+template <typename scalar_t>
+void pack_tile(const scalar_t* x, int64_t M, int64_t sm, int64_t sk, int64_t K, int64_t m0, float* tile, int64_t T) {
+  for (int64_t mg = m0; mg < std::min(M, m0 + T); mg += kLanes) pack_group(x, M, sm, sk, mg, 0, K, tile, T);
+}
+
 // a[0 : NV] += sum over p in [p0, p1) of val[p] * xt[idx[p], 0 : NV*16]: one row's accumulators in registers.
 template <int NV, typename scalar_t>
 inline void accumulate(const float* __restrict__ xt, const int32_t* __restrict__ idx,
@@ -363,6 +369,20 @@ void run_tasks(int64_t ntasks, int64_t threads, const F& fn) {
   });
 }
 
+// One task per tile of T tokens of x: the tile packed into the thread's buffer (K * T floats, then `extra`
+// floats for the caller), then fn(tile, m0, m1) for its tokens [m0, m1).
+template <typename scalar_t, typename F>
+void for_each_packed_tile(const at::Tensor& x, int64_t T, int64_t threads, int64_t extra, const F& fn) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  run_tasks((M + T - 1) / T, threads, [&](int64_t t) {
+    float* tile = scratch(K * T + extra);
+    const int64_t m0 = t * T;
+    pack_tile(px, M, x.stride(0), x.stride(1), K, m0, tile, T);
+    fn(tile, m0, std::min(M, m0 + T));
+  });
+}
+
 // Two schedules, both on run_tasks (dynamic claiming). At least one token tile per thread: one task per tile;
 // a task packs its tile into its thread's buffer and multiplies it against all rows (no barrier between packing
 // and compute, the tile hot in that core's L1 or L2, memory O(threads * K * T)). Fewer tiles than threads: x is
@@ -384,11 +404,8 @@ void csr_linear_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& wt, const
   const int64_t T = tile_tokens(M, threads), ntiles = (M + T - 1) / T;
 
   if (threads == 1 || ntiles >= threads) {
-    run_tasks(ntiles, threads, [&](int64_t t) {
-      float* tile = scratch(K * T);
-      const int64_t m0 = t * T, m1 = std::min(M, m0 + T);
-      for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, tile, T);
-      run_tile(tile, M, m0, T, 0, nblocks, N, row_ptr, col, val, bias, py, ldy, residual, N);
+    for_each_packed_tile<scalar_t>(x, T, threads, 0, [&](float* tile, int64_t m0, int64_t m1) {
+      run_tile(tile, M, m0, T, wt, py, ldy, residual, N);
       layer_norm_rows(py + m0 * ldy, m1 - m0, N, ldy, ln);  // the tile's rows are complete and in cache
     });
     return;
@@ -469,16 +486,13 @@ template <typename scalar_t>
 void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t activation,
                     const CsrWeight<scalar_t>& w2, const scalar_t* residual, const LayerNormF& ln,
                     at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
-  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  const int64_t M = x.size(0), K = x.size(1);
   scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t T = tile_tokens(M, threads), ntiles = (M + T - 1) / T;
-  run_tasks(ntiles, threads, [&](int64_t t) {
-    float* xt = scratch((K + w1.n) * T);
+  const int64_t T = tile_tokens(M, threads);
+  for_each_packed_tile<scalar_t>(x, T, threads, w1.n * T, [&](float* xt, int64_t m0, int64_t m1) {
     float* h = xt + K * T;
-    const int64_t m0 = t * T, m1 = std::min(M, m0 + T), w = tile_width(M, m0, T);
-    for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, xt, T);
+    const int64_t w = tile_width(M, m0, T);
     switch (w / kLanes) {
       case 1: tile_to_tile<1>(xt, w1, h); break;
       case 2: tile_to_tile<2>(xt, w1, h); break;
@@ -493,10 +507,10 @@ void csr_ffn_kernel(const at::Tensor& x, const CsrWeight<scalar_t>& w1, int64_t 
 
 // A BERT-style self-attention block with its four weights in CSR. Enough sequences for every thread: one task
 // per sequence, everything of it in the core's cache: x packed once per tile for all three projections, which
-// are written into one [seq, 3 * hidden] buffer, ATen's SDPA on it (on this thread), the output projection
-// with the residual and the LayerNorm. Unfused, Q, K, V and the context each go through memory between HF's
+// are written into one [seq, 3 * hidden] buffer, softmax attention on it (softmax_attention.h, or ATen's SDPA,
+// on this thread), the output projection with the residual and the LayerNorm. Unfused, Q, K, V and the context each go through memory between HF's
 // separate calls (at 32 x 128 tokens, 6 MB each for MiniLM). Fewer sequences: three parallel phases
-// (projections, SDPA over the batch, output projection), without HF's Python between them.
+// (projections, attention over (sequence, head) tasks, output projection), without HF's Python between them.
 template <typename scalar_t>
 void csr_attention_kernel(const at::Tensor& x, int64_t B, const CsrWeight<scalar_t> (&qkv)[3],
                           const CsrWeight<scalar_t>& wo, int64_t H, double scale,
@@ -519,17 +533,14 @@ void csr_attention_kernel(const at::Tensor& x, int64_t B, const CsrWeight<scalar
   };
   const bool per_sequence = B >= threads && (B % threads == 0 || B >= 4 * threads);
   const bool own = own_attention(D);
-  const MaskView mv = mask_view<scalar_t>(mask);
+  const MaskView mv = mask_view(mask);
   const float fscale = static_cast<float>(scale);
   if (!per_sequence) {
     at::Tensor buf = at::empty({M, ld}, x.options());
     scalar_t* pb = buf.data_ptr<scalar_t>();
     const int64_t T = tile_tokens(M, threads), ntiles = (M + T - 1) / T;
     if (threads == 1 || ntiles >= threads) {  // csr_linear's tile split, x packed once for the three products
-      run_tasks(ntiles, threads, [&](int64_t t) {
-        float* tile = scratch(K * T);
-        const int64_t m0 = t * T, m1 = std::min(M, m0 + T);
-        for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(px, M, sm, sk, mg, 0, K, tile, T);
+      for_each_packed_tile<scalar_t>(x, T, threads, 0, [&](float* tile, int64_t m0, int64_t) {
         for (int j = 0; j < 3; ++j) run_tile(tile, M, m0, T, qkv[j], pb + j * E, ld);
       });
     } else {
@@ -559,7 +570,7 @@ void csr_attention_kernel(const at::Tensor& x, int64_t B, const CsrWeight<scalar
     scalar_t* buf = reinterpret_cast<scalar_t*>(xt + tile_floats);
     const scalar_t* xb = px + b * S * sm;
     for (int64_t m0 = 0; m0 < S; m0 += T) {
-      for (int64_t mg = m0; mg < std::min(S, m0 + T); mg += kLanes) pack_group(xb, S, sm, sk, mg, 0, K, xt, T);
+      pack_tile(xb, S, sm, sk, K, m0, xt, T);
       for (int j = 0; j < 3; ++j) run_tile(xt, S, m0, T, qkv[j], buf + j * E, ld);
     }
     at::Tensor ctx_t;
@@ -579,7 +590,7 @@ void csr_attention_kernel(const at::Tensor& x, int64_t B, const CsrWeight<scalar
     const scalar_t* rb = residual != nullptr ? residual + b * S * N : nullptr;
     for (int64_t m0 = 0; m0 < S; m0 += T) {
       const int64_t m1 = std::min(S, m0 + T);
-      for (int64_t mg = m0; mg < m1; mg += kLanes) pack_group(pc, S, sc0, sc1, mg, 0, E, xt, T);
+      pack_tile(pc, S, sc0, sc1, E, m0, xt, T);
       run_tile(xt, S, m0, T, wo, yb, N, rb, N);
       layer_norm_rows(yb + m0 * N, m1 - m0, N, N, ln);
     }
