@@ -41,7 +41,7 @@ KINDS = {
     "copies": ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy"),
     "embeddings": ("aten::embedding", "aten::index_select"),
     "fused_ffn": ("cap::csr_ffn",),  # --fuse: both FFN linears, GELU, residual add and LayerNorm in one call
-    "fused_attention": ("cap::csr_attention",),  # --fuse: Q, K, V, SDPA, output projection, residual, LayerNorm
+    "fused_attention": ("cap::csr_attention",),  # --fuse: Q, K, V, attention, output, residual, LayerNorm
 }
 FUSED_KINDS = ("fused_ffn", "fused_attention")
 KIND_OF = {op: kind for kind, ops in KINDS.items() for op in ops}
@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "in every layer, the path this explains)")
     ap.add_argument("--fuse", action="store_true", help="sparsify with fusion (what a served model runs: the "
                     "FFN's products, GELU, residual add and LayerNorm in one kernel call, row 'fused_ffn'; the "
-                    "attention block's projections, residual add and LayerNorm in another, row 'fused_attention', "
-                    "with its SDPA under 'attention'); default off, so that every operator kind has its own row")
+                    "attention block's projections, attention, residual add and LayerNorm in another, row "
+                    "'fused_attention'; with CAP_DS_ATTENTION=aten, ATen's SDPA inside it is under 'attention'); "
+                    "default off, so that every operator kind has its own row")
     ap.add_argument("--jsonl", default=None, help="append one JSON line per (dtype, batch) here")
     add_host_memory_flag(ap)
     args = ap.parse_args(argv)
