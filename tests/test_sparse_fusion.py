@@ -375,14 +375,15 @@ def test_fused_model_calls_the_kernel(op, monkeypatch):
     assert calls.count("csr_attention") == 2 and calls.count("csr_linear") == 0
 
 
-def test_layer_norms_run_in_the_kernel(op):
+def test_layer_norms_run_in_the_kernel(op, monkeypatch):
     """A plain nn.LayerNorm after a fused block runs inside the kernel (only the embeddings' LayerNorm is called as
     a module); any other normalization module runs after the kernel, as itself."""
     model = sparsify(tiny_bert(), policy="csr")
+    names = {m: name for name, m in model.named_modules()}
     called = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm):
-            m.register_forward_hook(lambda mod, a, out, name=name: called.append(name))
+    forward = nn.LayerNorm.forward
+    # counted in the class, not by a hook: a hook on a LayerNorm would make its block run unfused, to be seen
+    monkeypatch.setattr(nn.LayerNorm, "forward", lambda self, x: called.append(names.get(self)) or forward(self, x))
     logits(model, **inputs())
     assert called == ["bert.embeddings.LayerNorm"]
     assert all("LayerNorm" in repr(f) for _, f in fused_modules(model) if not isinstance(f, FusedEncoder))
@@ -527,3 +528,41 @@ def test_layers_and_encoder_run_their_kernels_directly_and_step_aside_for_hooks(
         assert encoder.forward.original is original
     fused.train()
     assert not encoder.forward.applies(emb) and not layer.forward.applies(emb)
+
+
+@pytest.mark.parametrize("hooked", ["attention.self.query", "attention.self", "attention.output.LayerNorm",
+                                    "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"])
+def test_hooks_on_what_a_kernel_computes_still_run(op, hooked):
+    """A hook (or pre-hook) on a module whose forward a fused call would skip (a projection, a LayerNorm, the
+    activation) sees every call: the block holding it runs unfused, the other blocks stay fused, the numbers are
+    the same; removed, everything fuses again. A global module hook turns all fusion off while it is there."""
+    dense = tiny_bert()
+    fused = sparsify(copy.deepcopy(dense), policy="csr")
+    encoder, layer = fused.bert.encoder, fused.bert.encoder.layer[1]
+    x = inputs()
+    want = logits(dense, **x)
+    seen, pre = [], []
+    module = layer.get_submodule(hooked)
+    handles = [module.register_forward_hook(lambda mod, a, out: seen.append(mod)),
+               module.register_forward_pre_hook(lambda mod, a: pre.append(mod))]
+    with torch.inference_mode():
+        emb = fused.bert.embeddings(input_ids=x["input_ids"])
+        assert not encoder.forward.applies(emb) and not layer.forward.applies(emb)
+        assert fused.bert.encoder.layer[0].forward.applies(emb)  # the other layer stays fused
+        ffn_hooked = hooked.startswith(("intermediate", "output"))
+        assert layer.feed_forward_chunk.applies(emb) != ffn_hooked
+        assert layer.attention.forward.applies(emb) == ffn_hooked
+        torch.testing.assert_close(logits(fused, **x), want, rtol=0, atol=1e-5)
+        assert seen == pre == [module]
+        for h in handles:
+            h.remove()
+        assert encoder.forward.applies(emb) and layer.forward.applies(emb)
+        probes = [(f, f.probe_inputs(8, torch.Generator().manual_seed(0))) for _, f in fused_modules(fused)]
+        assert len(probes) == sum(FULL.values()) and all(f.applies(*a) for f, a in probes)
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, a, out: None)
+        try:
+            assert not any(f.applies(*a) for f, a in probes)
+            torch.testing.assert_close(logits(fused, **x), want, rtol=0, atol=1e-5)
+        finally:
+            handle.remove()
+        assert encoder.forward.applies(emb)

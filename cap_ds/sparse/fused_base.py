@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from cap_ds.sparse import csr
 from cap_ds.sparse.linear import SparseLinear
@@ -56,6 +57,40 @@ def submodule(module: nn.Module | None, *path: str) -> nn.Module | None:
             return None
         module = module._modules.get(name)
     return module
+
+
+def collecting() -> bool | None:
+    """Whether HF's output capture (``output_hidden_states`` / ``output_attentions``) is collecting in this call;
+    None where this transformers has no such collector."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    collected = _active_collector.get()
+    return bool(collected) and any(k in collected for k in ("hidden_states", "attentions"))
+
+
+def silent_hooks(module: nn.Module, collecting_now: bool | None) -> bool:
+    """No hook on ``module`` would see a difference if its forward is not called: none at all, or only HF's
+    output-capturing hooks (installed for good on the first ``output_hidden_states`` call) while nothing is
+    collected."""
+    if module._forward_pre_hooks:
+        return False
+    return all(collecting_now is False and "output_capturing_hook" in getattr(h, "__qualname__", "")
+               for h in module._forward_hooks.values())
+
+
+def unobserved(modules: tuple[nn.Module, ...]) -> bool:
+    """A fused call may skip these modules' forwards: no global module hook, and no hook on any of them that
+    would notice (:func:`silent_hooks`). A user's hook on a projection or a LayerNorm (feature capture, an
+    observer) thus still sees every call: the block then runs unfused. One dict check per module per call."""
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return False
+    hooked = [m for m in modules if m._forward_pre_hooks or m._forward_hooks]
+    if not hooked:
+        return True
+    now = collecting()
+    return all(silent_hooks(m, now) for m in hooked)
 
 
 def csr_layers(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
@@ -117,9 +152,14 @@ class Fusion:
         norm = self.norm()
         return () if norm is None else (norm,)
 
+    def skipped(self) -> tuple[nn.Module, ...]:
+        """The modules whose forward a fused call does not call (their hooks would not run): here every module
+        below the fused one, whose own hooks still run."""
+        return tuple(self.module.modules())[1:]
+
     def prepare(self) -> SimpleNamespace:
         """The kernel's arguments that depend only on the modules' tensors (subclasses add to it)."""
-        return SimpleNamespace(formats={}, layers=self.layers())
+        return SimpleNamespace(formats={}, layers=self.layers(), skipped=self.skipped())
 
     def prepared(self) -> SimpleNamespace:
         """:meth:`prepare`'s arguments, built again when a layer or the norm is another module or has other

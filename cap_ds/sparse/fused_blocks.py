@@ -15,6 +15,7 @@ from cap_ds.sparse.fused_base import (
     layer_norm_args,
     normalized,
     submodule,
+    unobserved,
 )
 from cap_ds.sparse.linear import SparseLinear
 
@@ -49,10 +50,16 @@ class FusedFeedForward(Fusion):
         # x is also the residual: it has the FFN's input and output width
         return p.fits and not submodule(self.layer, "output").training and x.shape[-1] == p.in_features
 
+    def skipped(self) -> tuple[nn.Module, ...]:
+        """The FFN's modules (``intermediate``, ``output`` and what they hold): the layer's other modules run."""
+        return tuple(m for name in ("intermediate", "output") if (block := submodule(self.layer, name)) is not None
+                     for m in block.modules())
+
     def plan(self, x: torch.Tensor) -> tuple | None:
         """(op module, prepared arguments) this call runs on, or None (the original path)."""
         p = self.prepared()
-        module = csr_kernel(x, self.op, p.layers, p.formats) if self.check(p, x) else None
+        ok = self.check(p, x) and unobserved(p.skipped)
+        module = csr_kernel(x, self.op, p.layers, p.formats) if ok else None
         return None if module is None else (module, p)
 
     def compute(self, module, p: SimpleNamespace, x2: torch.Tensor) -> torch.Tensor:
@@ -106,7 +113,8 @@ class FusedResidualOutput(Fusion):
                 or residual.shape != (*x.shape[:-1], dense.out_features)
                 or (torch.is_grad_enabled() and residual.requires_grad)):
             return None
-        return csr_kernel(x, self.op, (dense,))
+        p = self.prepared()
+        return csr_kernel(x, self.op, p.layers, p.formats) if unobserved(p.skipped) else None
 
     def applies(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
         return self.kernel(x, residual) is not None
@@ -185,7 +193,7 @@ class FusedSelfAttention(Fusion):
     def plan(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, extra: dict) -> tuple | None:
         """(op module, prepared arguments) this call runs on, or None (the original path)."""
         p = self.prepared()
-        ok = self.check(p, hidden_states, attention_mask, extra)
+        ok = self.check(p, hidden_states, attention_mask, extra) and unobserved(p.skipped)
         module = csr_kernel(hidden_states, self.op, p.layers, p.formats) if ok else None
         return None if module is None else (module, p)
 

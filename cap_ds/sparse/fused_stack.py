@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from cap_ds.sparse.fused_base import Fusion, csr_kernel
+from cap_ds.sparse.fused_base import Fusion, csr_kernel, unobserved
 from cap_ds.sparse.fused_blocks import FusedFeedForward, FusedSelfAttention
 from cap_ds.sparse.linear import SparseLinear
 
@@ -16,7 +16,7 @@ class FusedLayer(Fusion):
     """A BERT-style layer's ``forward`` as its fused attention block and its fused FFN called directly, where both
     apply: without HF's module calls, argument wrappers, FFN chunking and reshapes between them (at batch 1 that
     Python took longer than the layer's attention). Hooks on the layer itself still run (it is called as
-    before)."""
+    before); a hook on a module below it sends the call down the original path."""
 
     method, op = "forward", "csr_attention"
 
@@ -42,7 +42,7 @@ class FusedLayer(Fusion):
         if self.layer.training or any(a is not None for a in args):
             return None
         p = self.prepared()
-        if not (self.attention.check(p.attention, hidden_states, attention_mask, extra)
+        if not (unobserved(p.skipped) and self.attention.check(p.attention, hidden_states, attention_mask, extra)
                 and self.feed_forward.check(p.feed_forward, hidden_states)):
             return None
         module = csr_kernel(hidden_states, self.op, p.layers, p.formats)
@@ -77,33 +77,13 @@ class FusedLayer(Fusion):
         return f"FusedLayer({self.attention!r}, {self.feed_forward!r})"
 
 
-def _collecting() -> bool | None:
-    """Whether HF's output capture (``output_hidden_states`` / ``output_attentions``) is collecting in this call;
-    None where this transformers has no such collector."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return None
-    collected = _active_collector.get()
-    return bool(collected) and any(k in collected for k in ("hidden_states", "attentions"))
-
-
-def _silent_hooks(module: nn.Module, collecting: bool | None) -> bool:
-    """No hook on ``module`` would see a difference if its forward is not called: none at all, or only HF's
-    output-capturing hooks while nothing is collected."""
-    if module._forward_pre_hooks:
-        return False
-    return all(collecting is False and "output_capturing_hook" in getattr(h, "__qualname__", "")
-               for h in module._forward_hooks.values())
-
-
 class FusedEncoder(Fusion):
     """A BERT-style encoder's ``forward`` as a loop over its fused layers' kernels, with no module call between
     them. At batch 1 on the CPU the Python between two kernel calls runs with its code and data evicted from the
     caches by the kernel before: there, HF's per-layer calls and our checks cost about a sixth of the forward.
     Every layer is checked first (one pass, in cache), then the kernels run back to back. It applies only where
-    no layer hook would notice: none registered (or only HF's output capture while it collects nothing), no
-    global module hooks; otherwise the encoder runs as before (each layer through :class:`FusedLayer`)."""
+    no hook would notice (:func:`unobserved`: on the layers here, below them in each layer's plan); otherwise the
+    encoder runs as before (each layer through :class:`FusedLayer`)."""
 
     method, op = "forward", "csr_attention"
 
@@ -118,22 +98,24 @@ class FusedEncoder(Fusion):
     def norms(self) -> tuple[nn.Module, ...]:
         return tuple(m for layer in self.fused_layers for m in layer.norms())
 
+    def skipped(self) -> tuple[nn.Module, ...]:
+        """The layers, which the fused encoder does not call (what is below them: each layer's :meth:`plan`)."""
+        layer_list = self.encoder._modules.get("layer")
+        return tuple(layer_list) if layer_list is not None else ()
+
     def plans(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, args: tuple,
               extra: dict) -> list | None:
         """Each layer's (op module, prepared arguments), or None (the original path)."""
         if self.output_type is None or self.encoder.training or any(a is not None for a in args):
             return None
-        from torch.nn.modules import module as torch_module
-
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return None
-        collecting = _collecting()
         layer_list = self.encoder._modules.get("layer")
         if layer_list is None or len(layer_list) != len(self.fused_layers):
             return None
+        if not unobserved(self.skipped()):
+            return None
         plans = []
         for module, fused in zip(layer_list, self.fused_layers):
-            if module.__dict__.get("forward") is not fused or not _silent_hooks(module, collecting):
+            if module.__dict__.get("forward") is not fused:
                 return None
             plan = fused.plan(hidden_states, attention_mask, (), extra)
             if plan is None:

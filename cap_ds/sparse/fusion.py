@@ -28,8 +28,10 @@ a plain ``nn.LayerNorm`` over the output features (another normalization runs as
 Each replaces a method on the module instance (``feed_forward_chunk`` or ``forward`` of the layer, ``forward`` of
 the encoder, the attention or the output block) with a plain callable object: the module tree, parameters and
 state dict do not change, and ``deepcopy``, ``to()`` and ``unfuse`` see the same model. The submodules a fused
-call computes in the kernel are not called, so forward hooks on them do not run (``unfuse`` first to inspect
-them; a hook on a layer makes the encoder call its layers again). Before a module is fused, the fused and the
+call computes in the kernel are not called, so a call whose skipped modules have a forward hook or pre-hook (a
+user's feature capture on a projection or a LayerNorm; HF's output capture while it collects), or while a global
+module hook is registered, takes the original path: every hook sees every call, and the blocks without hooks stay
+fused (``fused_base.unobserved``: one dict check per module per call). Before a module is fused, the fused and the
 original computation run on a random probe in eval mode and must agree, so a module that computes something else
 (another activation, a pre-LayerNorm block) stays as it is. A call the kernel cannot run (gradient needed,
 training mode, not the CPU, another format than ``csr`` for this token count, no kernel) takes the original path.
