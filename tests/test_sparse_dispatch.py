@@ -60,6 +60,22 @@ def test_dense_bf16_is_timed_as_a_reference_never_chosen_and_named_in_the_summar
                                   measure_fn=fake_timer(slower)).sparsify_summary.line()
 
 
+def test_layers_kept_dense_by_measurement_say_why(monkeypatch):
+    """Where every sparse path measured slower (a bf16 model on an AMX CPU), the summary gives both times; where
+    a sparse format was chosen, or nothing was measured, it says nothing of the kind."""
+    monkeypatch.setattr(measure, "cpu_has_bf16", lambda: False)
+    slower = {"dense": 1e-3, "csr": 3e-3}
+    summary = sparsify(tiny_bert(), batch_tokens=41, min_sparsity=0.0, measure_fn=fake_timer(slower)).sparsify_summary
+    assert summary.counts == {"dense": 14}
+    assert summary.kept_dense() == {"layers": 14, "dense_ms": pytest.approx(14.0), "sparse_ms": pytest.approx(42.0)}
+    assert ("14 kept dense as measured: their fastest sparse paths 42.00 ms vs dense 14.00 ms per forward"
+            in summary.line())
+    faster = {"dense": 3e-3, "csr": 1e-3}
+    assert "kept dense" not in sparsify(tiny_bert(), batch_tokens=43, min_sparsity=0.0,
+                                        measure_fn=fake_timer(faster)).sparsify_summary.line()
+    assert sparsify(tiny_bert(), policy="rule", min_sparsity=0.0).sparsify_summary.kept_dense() is None
+
+
 def bert_inputs():
     ids = torch.randint(0, 120, (3, 21), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)

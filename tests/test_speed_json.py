@@ -146,3 +146,21 @@ def test_card_says_when_the_rows_ran_fused(tmp_path):
         text = speed_section(tmp_path)
         assert ("(1 encoder, 6 layer, 6 self attention, 6 feed forward, 12 residual output): serve it through "
                 "`sparsify()`" in text) == said
+
+
+def test_card_says_why_layers_ran_dense(tmp_path):
+    """A dtype whose layers sparsify kept dense (every sparse path measured slower) gets one line with both times."""
+    from cap_ds.run.model_card import speed_section
+
+    kept = {"layers": 36, "tokens": 4096, "dense_ms": 33.49, "sparse_ms": 105.1}
+    rows = [{"dtype": "fp32", "batch": 1, "seq_length": 128, "dense_ms": 10.0, "model_ms": 5.0, "speedup": 2.0,
+             "formats": {"csr": 36}},
+            *({"dtype": "bf16", "batch": b, "seq_length": 128, "dense_ms": 5.0, "model_ms": 5.0, "speedup": 1.0,
+               "formats": {"dense": 36}, "kept_dense": kept} for b in (1, 32))]
+    (tmp_path / "speed.json").write_text(json.dumps({"device": "cpu", "rows": rows}))
+    text = speed_section(tmp_path)
+    assert text.count("layers kept dense") == 1
+    assert ("bf16: all 36 layers kept dense, as their fastest sparse paths took 105.10 ms against the dense "
+            "kernels' 33.49 ms per forward at 4,096 tokens.") in text
+    (tmp_path / "speed.json").write_text(json.dumps({"device": "cpu", "rows": rows[:1]}))
+    assert "kept dense" not in speed_section(tmp_path)

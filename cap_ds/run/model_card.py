@@ -161,7 +161,7 @@ def speed_section(folder: Path) -> str:
             f"{speed.get('torch')}, {speed.get('statistic')}); dense: {speed.get('dense')}.\n\n"
             "| dtype | batch x tokens | dense ms | this model ms | speed-up | ONNX Runtime ms |\n"
             "|---|---|---|---|---|---|\n" + rows + _accuracy_lines(speed) + _fastest_lines(speed)
-            + _host_memory_line(speed) + _fused_line(speed)
+            + _host_memory_line(speed) + _fused_line(speed) + _kept_dense_lines(speed)
             + "\nThe raw figures (and each layer's format) are in `speed.json`.\n")
 
 
@@ -175,6 +175,24 @@ def _fused_line(speed: dict[str, Any]) -> str:
     return (f"\nThis model's rows ran through `cap_ds.sparse.sparsify()`, which on the CPU runs each layer's sparse "
             f"attention block and FFN, with their residual adds and LayerNorms, as single kernel calls ({what}): "
             f"serve it through `sparsify()` to get them.\n")
+
+
+def _kept_dense_lines(speed: dict[str, Any]) -> str:
+    """Per dtype, the layers that ran dense kernels because every sparse path measured slower, with both times."""
+    seen, parts = set(), []
+    for r in speed.get("rows", []):
+        kept = r.get("kept_dense")
+        if not kept or r["dtype"] in seen:
+            continue
+        seen.add(r["dtype"])
+        every = "all " if kept["layers"] == sum((r.get("formats") or {}).values()) else ""
+        parts.append(f"{r['dtype']}: {every}{kept['layers']} layers kept dense, as their fastest sparse paths took "
+                     f"{kept['sparse_ms']:.2f} ms against the dense kernels' {kept['dense_ms']:.2f} ms per forward at "
+                     f"{kept['tokens']:,} tokens")
+    if not parts:
+        return ""
+    return ("\nWhere this model ran dense kernels (sparsify measured them faster on that machine; the rows of that "
+            "dtype then time the same computation twice): " + "; ".join(parts) + ".\n")
 
 
 def _host_memory_line(speed: dict[str, Any]) -> str:

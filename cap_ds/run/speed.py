@@ -159,6 +159,7 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
         summary = getattr(served, "sparsify_summary", None)
         formats = dict(getattr(summary, "counts", {}) or {})
         fused = {k: v for k, v in (getattr(summary, "fused", {}) or {}).items() if v}
+        kept = summary.kept_dense() if summary is not None else None  # why layers stayed dense, as measured
         if labelled is not None:  # a cleaned model's dense self has random weights: no accuracy to state
             accuracy[name] = {"model": accuracy_of(served, labelled, device)}
             if dense is exported:
@@ -180,6 +181,9 @@ def measure(folder: Path, *, device: torch.device, dtypes: list[str], batches: l
                 row["formats"] = formats
             if fused:  # modules run as one fused kernel call (cap_ds.sparse.fusion)
                 row["fused"] = fused
+            if kept is not None:
+                row["kept_dense"] = {"layers": kept["layers"], "tokens": max(batches) * seq,
+                                     "dense_ms": round(kept["dense_ms"], 3), "sparse_ms": round(kept["sparse_ms"], 3)}
             if dense is exported and name == "fp32":
                 row["max_abs_logit_diff"] = float((_logits(served, x) - _logits(base, x)).abs().max())
             rows.append(row)

@@ -57,7 +57,7 @@ class SparsifySummary:
                 f" formats: {counts}; weight sparsity {self.sparsity:.3f}; {len(self.replaced)} replaced by "
                 f"SparseLinear" + self._fused() +
                 f"; measured {self.measured_keys} keys ({self.cached_keys} from cache) in "
-                f"{self.seconds:.2f} s" + self._no_2to4() + self._bf16_hint())
+                f"{self.seconds:.2f} s" + self._no_2to4() + self._kept_dense() + self._bf16_hint())
 
     def _fused(self) -> str:
         done = describe(self.fused)
@@ -68,6 +68,32 @@ class SparsifySummary:
         reasons = list(dict.fromkeys(row["no_2to4"] for row in self.layers if "no_2to4" in row))
         n = sum(1 for row in self.layers if "no_2to4" in row)
         return f"; {n} 2:4 layer(s) not run as 2:4: {'; '.join(reasons)}" if reasons else ""
+
+    def kept_dense(self) -> dict[str, Any] | None:
+        """Why measured layers stayed dense: their time per forward at the largest measured batch as dense and in
+        their fastest sparse format, summed over the layers kept dense (None where none was measured)."""
+        dense = sparse = 0.0
+        counted = 0
+        for row in self.layers:
+            times = row.get("times_ms") or {}
+            if row["format"] != "dense" or not times:
+                continue
+            t = times["large" if "large" in times else next(reversed(times))]
+            candidates = [v for k, v in t.items() if k != "dense" and k != BF16_REFERENCE]
+            if "dense" not in t or not candidates:
+                continue
+            dense, sparse = dense + t["dense"], sparse + min(candidates)
+            counted += 1
+        return {"layers": counted, "dense_ms": dense, "sparse_ms": sparse} if counted else None
+
+    def _kept_dense(self) -> str:
+        """The measured reason for the layers left dense (e.g. a bf16 model on an AMX CPU, where the dense GEMM
+        beats every sparse path)."""
+        kept = self.kept_dense()
+        if kept is None:
+            return ""
+        return (f"; {kept['layers']} kept dense as measured: their fastest sparse paths {kept['sparse_ms']:.2f} ms "
+                f"vs dense {kept['dense_ms']:.2f} ms per forward at the largest batch measured")
 
     def bf16_comparison(self) -> dict[str, Any] | None:
         """Where measured (an fp32 model on a CPU with bf16 units): the considered layers' time per forward at the
