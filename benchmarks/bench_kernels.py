@@ -4,6 +4,8 @@ Sparse linear: y = x @ W^T for x [M, K] dense and W [N, K] with unstructured zer
   dense      F.linear(x, W)
   torch CSR  torch.sparse.mm(W_csr, x.t())   (output left as the transposed view, a favour to CSR)
   ours       cap_masked_gemm.csr_linear(x, CSR of W)
+  dense bf16 F.linear(x, W) in bf16: what a user of a CPU with bf16 units (AVX512-BF16, AMX) would run instead
+             (the reference the sparse path has to beat there; GFLOP/s columns: useful work of ours, all of bf16's)
 Timings are interleaved round-robin (one call of each per round) and the median is reported, so that load from
 other processes hits all three alike. No bias anywhere (ours would add it for free in the write-back).
 
@@ -12,6 +14,7 @@ expression, BERT-base and RoBERTa-large shapes, fp32 and bf16, with the bytes au
 backward: the measurement behind the routing rule in cap_ds/ops/masked_linear.py (``--device cuda`` re-measures it).
 
     python benchmarks/bench_kernels.py --threads 2
+    python benchmarks/bench_kernels.py --only spmm --spmm_shapes 4096x384x384,4096x384x1536,4096x1536x384
     python benchmarks/bench_kernels.py --only training --device cuda --jsonl out.jsonl
 """
 
@@ -46,6 +49,7 @@ def spmm_case(op, x: torch.Tensor, w: torch.Tensor, reps: int) -> dict:
         w_csr = w.to_sparse_csr()
     row_ptr, col_idx = w_csr.crow_indices().to(torch.int32), w_csr.col_indices().to(torch.int32)
     values = w_csr.values()
+    xb, wb = x.bfloat16(), w.bfloat16()
     with torch.inference_mode():
         ref = F.linear(x, w)
         err = (op.csr_linear(x, row_ptr, col_idx, values, None, n) - ref).abs().max().item()
@@ -54,16 +58,19 @@ def spmm_case(op, x: torch.Tensor, w: torch.Tensor, reps: int) -> dict:
             "dense": lambda: F.linear(x, w),
             "csr": lambda: torch.sparse.mm(w_csr, x.t()),
             "ours": lambda: op.csr_linear(x, row_ptr, col_idx, values, None, n),
+            "dense_bf16": lambda: F.linear(xb, wb),
         }, reps)
-    return dict(err=err, err_csr=err_csr, **t)
+    flops = 2 * x.shape[0]  # per multiply-add of a weight with one token
+    return dict(err=err, err_csr=err_csr, ours_gflops=flops * values.numel() / t["ours"] / 1e9,
+                dense_bf16_gflops=flops * w.numel() / t["dense_bf16"] / 1e9, **t)
 
 
-def bench_spmm(op, reps: int) -> list[dict]:
+def bench_spmm(op, reps: int, shapes=SHAPES, sparsities=SPARSITIES) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for m, k, n in SHAPES:
+    for m, k, n in shapes:
         x = torch.randn(m, k, generator=gen)
-        for sparsity in SPARSITIES:
+        for sparsity in sparsities:
             case = spmm_case(op, x, unstructured(n, k, sparsity, gen), reps)
             rows.append(dict(shape=f"{m}x{k}->{n}", sparsity=sparsity, **case))
     return rows
@@ -169,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: the training part only)")
     parser.add_argument("--only", choices=["all", "spmm", "training"], default="all")
+    parser.add_argument("--spmm_shapes", default=None,
+                        help="sparse part: comma list of MxKxN (tokens x in x out; default BERT-base's FFN at 512 "
+                             "tokens, 512x768x3072,512x3072x768, with the targets checked)")
     parser.add_argument("--no_training", action="store_true", help="skip the masked-linear (training) part")
     parser.add_argument("--dtypes", default="fp32,bf16", help="training part: comma list of fp32, bf16")
     parser.add_argument("--tokens", type=int, default=512, help="training part: tokens (M) for BERT-base shapes")
@@ -177,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_reps", type=int, default=None, help="training part rounds (default reps // 3)")
     parser.add_argument("--jsonl", default=None, help="append one JSON object per measured row to this file")
     args = parser.parse_args(argv)
+    args.shapes = SHAPES if args.spmm_shapes is None else parse_shapes(parser, args.spmm_shapes)
     torch.set_num_threads(args.threads)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -212,6 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_shapes(parser: argparse.ArgumentParser, value: str) -> tuple[tuple[int, int, int], ...]:
+    shapes = []
+    for item in value.split(","):
+        dims = item.strip().lower().split("x")
+        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            parser.error(f"--spmm_shapes: {item.strip()!r} is not MxKxN (three positive integers, e.g. 4096x384x1536)")
+        shapes.append(tuple(int(d) for d in dims))
+    return tuple(shapes)
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -222,14 +243,18 @@ def spmm_report(op, args) -> list[dict]:
     print(f"CPU sparse linear y = x @ W^T, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.reps} interleaved rounds")
     header = (f"{'M x K -> N':<15} {'sparsity':>8} {'dense ms':>9} {'CSR ms':>8} {'ours ms':>8} "
-              f"{'dense/ours':>10} {'CSR/ours':>9} {'max|err|':>9}")
+              f"{'dense/ours':>10} {'CSR/ours':>9} {'max|err|':>9} {'bf16 ms':>8} {'bf16/ours':>9} "
+              f"{'ours GFLOP/s':>12} {'bf16 GFLOP/s':>12}")
     print(header)
     print("-" * len(header))
-    rows = bench_spmm(op, args.reps)
+    rows = bench_spmm(op, args.reps, args.shapes)
     for r in rows:
         print(f"{r['shape']:<15} {r['sparsity']:>8.0%} {r['dense'] * 1e3:>9.2f} {r['csr'] * 1e3:>8.2f} "
               f"{r['ours'] * 1e3:>8.2f} {r['dense'] / r['ours']:>9.1f}x {r['csr'] / r['ours']:>8.1f}x "
-              f"{r['err']:>9.1e}")
+              f"{r['err']:>9.1e} {r['dense_bf16'] * 1e3:>8.2f} {r['dense_bf16'] / r['ours']:>8.2f}x "
+              f"{r['ours_gflops']:>12.0f} {r['dense_bf16_gflops']:>12.0f}")
+    if args.shapes != SHAPES:  # the targets below are for the default shapes
+        return [dict(bench="spmm", **r) for r in rows]
 
     def check(sparsity: float, target: float) -> str:
         ratios = [r["dense"] / r["ours"] for r in rows if r["sparsity"] == sparsity]
