@@ -28,7 +28,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved  # noqa: E402  (benchmarks/ is on sys.path)
+from timing import add_host_memory_flag, apply_host_memory, interleaved  # noqa: E402  (benchmarks/ is on sys.path)
 
 SHAPES = ((512, 768, 3072), (512, 3072, 768))
 SPARSITIES = (0.5, 0.9, 0.97)
@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training part: tokens for RoBERTa-large shapes (default 4096 on cuda, 512 on cpu)")
     parser.add_argument("--train_reps", type=int, default=None, help="training part rounds (default reps // 3)")
     parser.add_argument("--jsonl", default=None, help="append one JSON object per measured row to this file")
+    add_host_memory_flag(parser)
     args = parser.parse_args(argv)
+    args.host_memory = apply_host_memory(args)
     args.shapes = SHAPES if args.spmm_shapes is None else parse_shapes(parser, args.spmm_shapes)
     torch.set_num_threads(args.threads)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -241,7 +243,7 @@ def device_name(device: str) -> str:
 
 def spmm_report(op, args) -> list[dict]:
     print(f"CPU sparse linear y = x @ W^T, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.reps} interleaved rounds")
+          f"median of {args.reps} interleaved rounds, host memory {args.host_memory}")
     header = (f"{'M x K -> N':<15} {'sparsity':>8} {'dense ms':>9} {'CSR ms':>8} {'ours ms':>8} "
               f"{'dense/ours':>10} {'CSR/ours':>9} {'max|err|':>9} {'bf16 ms':>8} {'bf16/ours':>9} "
               f"{'ours GFLOP/s':>12} {'bf16 GFLOP/s':>12}")
