@@ -566,3 +566,32 @@ def test_hooks_on_what_a_kernel_computes_still_run(op, hooked):
         finally:
             handle.remove()
         assert encoder.forward.applies(emb)
+
+
+def test_a_submodule_replaced_by_another_kind_is_not_computed_as_the_old_one(op):
+    """After sparsify, an activation or an attention module replaced by another kind sends its block down the
+    original path (the kernel would compute the probed one); one of the probed kind fuses again."""
+    from transformers.activations import GELUActivation
+
+    dense = tiny_bert()
+    fused = sparsify(copy.deepcopy(dense), policy="csr")
+    layer, x = fused.bert.encoder.layer[1], inputs()
+    emb = fused.bert.embeddings(input_ids=x["input_ids"])
+
+    class Doubled(type(layer.attention.self)):  # another attention: twice HF's output
+        def forward(self, *args, **kwargs):
+            out, weights = super().forward(*args, **kwargs)
+            return 2 * out, weights
+
+    for model in (dense, fused):
+        model.bert.encoder.layer[1].intermediate.intermediate_act_fn = nn.ReLU()
+        doubled = copy.deepcopy(model.bert.encoder.layer[0].attention.self)
+        doubled.__class__ = Doubled
+        model.bert.encoder.layer[0].attention.self = doubled
+    with torch.inference_mode():
+        assert not layer.feed_forward_chunk.applies(emb) and not layer.forward.applies(emb)
+        attention0 = fused.bert.encoder.layer[0].attention
+        assert not attention0.forward.applies(emb) and layer.attention.forward.applies(emb)
+        torch.testing.assert_close(logits(fused, **x), logits(dense, **x), rtol=0, atol=1e-5)
+        layer.intermediate.intermediate_act_fn = GELUActivation()  # the probed kind, a new instance
+        assert layer.feed_forward_chunk.applies(emb) and layer.forward.applies(emb)

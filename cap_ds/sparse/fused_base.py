@@ -93,6 +93,17 @@ def unobserved(modules: tuple[nn.Module, ...]) -> bool:
     return all(silent_hooks(m, now) for m in hooked)
 
 
+def below(*modules: nn.Module | None) -> list[nn.Module]:
+    """``modules`` and every module under them, through the ``_modules`` dicts (no generator per module: this runs
+    on every fused call, to notice a replaced submodule)."""
+    out, stack = [], [m for m in modules if m is not None]
+    while stack:
+        m = stack.pop()
+        out.append(m)
+        stack.extend(m._modules.values())
+    return out
+
+
 def csr_layers(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
     """Every layer is a SparseLinear in x's dtype that runs as csr for x's token count."""
     tokens = x.numel() // max(1, x.shape[-1])
@@ -152,21 +163,32 @@ class Fusion:
         norm = self.norm()
         return () if norm is None else (norm,)
 
-    def skipped(self) -> tuple[nn.Module, ...]:
+    def skipped(self) -> list[nn.Module]:
         """The modules whose forward a fused call does not call (their hooks would not run): here every module
         below the fused one, whose own hooks still run."""
-        return tuple(self.module.modules())[1:]
+        return below(self.module)[1:]
 
     def prepare(self) -> SimpleNamespace:
-        """The kernel's arguments that depend only on the modules' tensors (subclasses add to it)."""
-        return SimpleNamespace(formats={}, layers=self.layers(), skipped=self.skipped())
+        """The kernel's arguments that depend only on the modules' tensors (subclasses add to it). ``same_tree``:
+        the skipped modules are of the types the probe checked (the first prepare is the probe's), so a module
+        replaced by another kind (an activation, an attention) is never computed as the old one."""
+        skipped = tuple(self.skipped())
+        types = tuple(map(type, skipped))
+        if self.__dict__.get("probed_types") is None:
+            self.probed_types = types
+        return SimpleNamespace(formats={}, layers=self.layers(), skipped=skipped, same_tree=types == self.probed_types)
+
+    def free(self, p: SimpleNamespace) -> bool:
+        """Nothing stops a fused call on ``p`` (its :meth:`prepared` arguments) but the kernel's own conditions:
+        the probed tree, and no hook that would notice (:func:`unobserved`)."""
+        return p.same_tree and unobserved(p.skipped)
 
     def prepared(self) -> SimpleNamespace:
-        """:meth:`prepare`'s arguments, built again when a layer or the norm is another module or has other
-        tensors than last time (``to()``, a replaced module): a fused call costs one tuple comparison, not
+        """:meth:`prepare`'s arguments, built again when a skipped module is another one or a layer or the norm has
+        other tensors than last time (``to()``, a replaced module): a fused call costs one tuple comparison, not
         rebuilding them on every forward (at batch 1 that Python was a tenth of the model's time)."""
         layers, norms = self.layers(), self.norms()
-        items = [*layers, *norms]
+        items = [*layers, *norms, *self.skipped()]  # a replaced submodule of any kind: prepared again
         for m in layers:
             if m is not None:
                 items.extend(m._buffers.values())

@@ -11,11 +11,12 @@ from torch import nn
 from cap_ds.sparse.fused_base import (
     ACT_NAMES,
     Fusion,
+    activation_code,
+    below,
     csr_kernel,
     layer_norm_args,
     normalized,
     submodule,
-    unobserved,
 )
 from cap_ds.sparse.linear import SparseLinear
 
@@ -35,8 +36,10 @@ class FusedFeedForward(Fusion):
     def prepare(self) -> SimpleNamespace:
         p = super().prepare()
         first, second = p.layers
+        act = submodule(self.layer, "intermediate", "intermediate_act_fn")
         p.fits = (isinstance(first, SparseLinear) and isinstance(second, SparseLinear)
-                  and second.out_features == first.in_features and first.out_features == second.in_features)
+                  and second.out_features == first.in_features and first.out_features == second.in_features
+                  and act is not None and activation_code(act) == self.activation)  # e.g. GELU now tanh
         if p.fits:
             p.in_features = first.in_features
             p.first = (first.row_ptr, first.col_idx, first.values, first.bias, first.out_features)
@@ -50,15 +53,14 @@ class FusedFeedForward(Fusion):
         # x is also the residual: it has the FFN's input and output width
         return p.fits and not submodule(self.layer, "output").training and x.shape[-1] == p.in_features
 
-    def skipped(self) -> tuple[nn.Module, ...]:
+    def skipped(self) -> list[nn.Module]:
         """The FFN's modules (``intermediate``, ``output`` and what they hold): the layer's other modules run."""
-        return tuple(m for name in ("intermediate", "output") if (block := submodule(self.layer, name)) is not None
-                     for m in block.modules())
+        return below(submodule(self.layer, "intermediate"), submodule(self.layer, "output"))
 
     def plan(self, x: torch.Tensor) -> tuple | None:
         """(op module, prepared arguments) this call runs on, or None (the original path)."""
         p = self.prepared()
-        ok = self.check(p, x) and unobserved(p.skipped)
+        ok = self.check(p, x) and self.free(p)
         module = csr_kernel(x, self.op, p.layers, p.formats) if ok else None
         return None if module is None else (module, p)
 
@@ -114,7 +116,7 @@ class FusedResidualOutput(Fusion):
                 or (torch.is_grad_enabled() and residual.requires_grad)):
             return None
         p = self.prepared()
-        return csr_kernel(x, self.op, p.layers, p.formats) if unobserved(p.skipped) else None
+        return csr_kernel(x, self.op, p.layers, p.formats) if self.free(p) else None
 
     def applies(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
         return self.kernel(x, residual) is not None
@@ -193,7 +195,7 @@ class FusedSelfAttention(Fusion):
     def plan(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, extra: dict) -> tuple | None:
         """(op module, prepared arguments) this call runs on, or None (the original path)."""
         p = self.prepared()
-        ok = self.check(p, hidden_states, attention_mask, extra) and unobserved(p.skipped)
+        ok = self.check(p, hidden_states, attention_mask, extra) and self.free(p)
         module = csr_kernel(hidden_states, self.op, p.layers, p.formats) if ok else None
         return None if module is None else (module, p)
 

@@ -42,7 +42,7 @@ class FusedLayer(Fusion):
         if self.layer.training or any(a is not None for a in args):
             return None
         p = self.prepared()
-        if not (unobserved(p.skipped) and self.attention.check(p.attention, hidden_states, attention_mask, extra)
+        if not (self.free(p) and self.attention.check(p.attention, hidden_states, attention_mask, extra)
                 and self.feed_forward.check(p.feed_forward, hidden_states)):
             return None
         module = csr_kernel(hidden_states, self.op, p.layers, p.formats)

@@ -36,7 +36,9 @@ original computation run on a random probe in eval mode and must agree, so a mod
 (another activation, a pre-LayerNorm block) stays as it is. A call the kernel cannot run (gradient needed,
 training mode, not the CPU, another format than ``csr`` for this token count, no kernel) takes the original path.
 The kernels' arguments are prepared once and rebuilt when a module's tensors change (``to()``, a replaced
-module); the token counts each layer runs as csr are remembered with them.
+module); the token counts each layer runs as csr are remembered with them. A submodule replaced after fusing by
+one of another type than the probe saw (an activation, an attention module), or an activation of the same type
+computing another function, sends its block down the original path (``fusion.fuse`` probes again).
 """
 
 from __future__ import annotations
