@@ -93,6 +93,19 @@ def unobserved(modules: tuple[nn.Module, ...]) -> bool:
     return all(silent_hooks(m, now) for m in hooked)
 
 
+#: submodule assignments anywhere in this process so far (``module.x = ...``, ``add_module``): a fusion's prepared
+#: arguments are rebuilt when this moved, so a replaced submodule is seen without walking the modules on every call
+registrations = 0
+
+
+def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    global registrations
+    registrations += 1
+
+
+torch_module.register_module_module_registration_hook(_count_registration)
+
+
 def below(*modules: nn.Module | None) -> list[nn.Module]:
     """``modules`` and every module under them, through the ``_modules`` dicts (no generator per module: this runs
     on every fused call, to notice a replaced submodule)."""
@@ -184,11 +197,13 @@ class Fusion:
         return p.same_tree and unobserved(p.skipped)
 
     def prepared(self) -> SimpleNamespace:
-        """:meth:`prepare`'s arguments, built again when a skipped module is another one or a layer or the norm has
-        other tensors than last time (``to()``, a replaced module): a fused call costs one tuple comparison, not
-        rebuilding them on every forward (at batch 1 that Python was a tenth of the model's time)."""
-        layers, norms = self.layers(), self.norms()
-        items = [*layers, *norms, *self.skipped()]  # a replaced submodule of any kind: prepared again
+        """:meth:`prepare`'s arguments, built again when a module was assigned anywhere since (a replaced
+        submodule: :data:`registrations`) or a layer or the norm has other tensors than last time (``to()``): a
+        fused call costs one tuple comparison, not rebuilding them on every forward (at batch 1 that Python was a
+        tenth of the model's time)."""
+        cached = self.__dict__.get("_prepared")
+        layers, norms = cached[3] if cached is not None and cached[0] == registrations else (self.layers(), self.norms())
+        items = []
         for m in layers:
             if m is not None:
                 items.extend(m._buffers.values())
@@ -196,10 +211,9 @@ class Fusion:
             if m is not None:
                 items.extend(m._parameters.values())
         key = tuple(map(id, items))  # the items are kept with the key, so no id is reused while it is cached
-        cached = self.__dict__.get("_prepared")
-        if cached is None or cached[0] != key:
-            cached = self._prepared = (key, self.prepare(), items)
-        return cached[1]
+        if cached is None or cached[0] != registrations or cached[1] != key:
+            cached = self._prepared = (registrations, key, self.prepare(), (layers, norms), items)
+        return cached[2]
 
     def install(self) -> None:
         setattr(self.module, self.method, self)
