@@ -12,6 +12,11 @@ from cap_ds.sparse.fusion import describe
 BF16_REFERENCE = "ref:dense_bf16"
 
 
+def largest_class(times: dict[str, dict[str, float]]) -> str:
+    """The batch class of a row's ``times_ms`` measured at the most tokens (``large``, else the only one)."""
+    return "large" if "large" in times else next(reversed(times))
+
+
 @dataclass
 class SparsifySummary:
     """One row per considered linear (``name``, ``shape``, ``numel``, ``sparsity``, ``is_2to4``, ``format``; with
@@ -78,7 +83,7 @@ class SparsifySummary:
             times = row.get("times_ms") or {}
             if row["format"] != "dense" or not times:
                 continue
-            t = times["large" if "large" in times else next(reversed(times))]
+            t = times[largest_class(times)]
             candidates = [v for k, v in t.items() if k != "dense" and k != BF16_REFERENCE]
             if "dense" not in t or not candidates:
                 continue
@@ -104,8 +109,7 @@ class SparsifySummary:
             times = row.get("times_ms") or {}
             if not times:
                 continue
-            cls = "large" if "large" in times else next(reversed(times))
-            t = times[cls]
+            t = times[largest_class(times)]
             if BF16_REFERENCE not in t:
                 continue
             fmt = row["format"].split("|")[-1]
