@@ -107,8 +107,20 @@ class FusedResidualOutput(Fusion):
         super().__init__(block)
         self.block = block
 
-    def kernel(self, x: torch.Tensor, residual: torch.Tensor):
-        """The op module this call runs on, or None (the original path)."""
+    def norm(self) -> nn.Module:
+        return submodule(self.block, "LayerNorm")
+
+    def prepare(self) -> SimpleNamespace:
+        p = super().prepare()
+        (dense,) = p.layers
+        p.fits = isinstance(dense, SparseLinear)  # a replaced dense layer: the original path
+        if p.fits:
+            p.weight = (dense.row_ptr, dense.col_idx, dense.values, dense.bias, dense.out_features)
+            p.ln = layer_norm_args(self.norm(), dense.out_features)
+        return p
+
+    def plan(self, x: torch.Tensor, residual: torch.Tensor) -> tuple | None:
+        """(op module, prepared arguments) this call runs on, or None (the original path)."""
         block = self.block
         dense = block.dense
         if (block.training or x.shape[-1] != dense.in_features or residual.dtype != x.dtype
@@ -116,21 +128,21 @@ class FusedResidualOutput(Fusion):
                 or (torch.is_grad_enabled() and residual.requires_grad)):
             return None
         p = self.prepared()
-        return csr_kernel(x, self.op, p.layers, p.formats) if self.free(p) else None
+        module = csr_kernel(x, self.op, p.layers, p.formats) if p.fits and self.free(p) else None
+        return None if module is None else (module, p)
 
     def applies(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        return self.kernel(x, residual) is not None
+        return self.plan(x, residual) is not None
 
     def __call__(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        module = self.kernel(hidden_states, input_tensor)
-        if module is None:
+        plan = self.plan(hidden_states, input_tensor)
+        if plan is None:
             return self.original(hidden_states, input_tensor)
-        dense, norm = self.block.dense, self.block.LayerNorm
-        x2 = hidden_states.reshape(-1, dense.in_features)
-        ln = layer_norm_args(norm, dense.out_features)
-        y = module.csr_linear(x2, dense.row_ptr, dense.col_idx, dense.values, dense.bias, dense.out_features,
-                              input_tensor.reshape(-1, dense.out_features), **(ln or {}))
-        return normalized(y, input_tensor.shape, norm, ln is not None)
+        module, p = plan
+        out_features = p.weight[-1]
+        y = module.csr_linear(hidden_states.reshape(-1, hidden_states.shape[-1]), *p.weight,
+                              input_tensor.reshape(-1, out_features), **(p.ln or {}))
+        return normalized(y, input_tensor.shape, self.norm(), p.ln is not None)
 
     def probe_inputs(self, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         dense = self.block.dense
